@@ -1,0 +1,98 @@
+//! PostgreSQL: pools, database creation and per-schema migrations.
+//!
+//! Each component owns a PostgreSQL schema (`orders`, `outbox`, `registry`, `consumers`,
+//! `inventory`, …) and its migrations. [`migrate`] runs a component's migrations with that schema
+//! first on the `search_path`, so each component's `_sqlx_migrations` history lives in its own
+//! schema and components version their migrations independently.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+/// A pool with bounded waits, so an unreachable database shows up as an error, not a hang.
+pub async fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?)
+}
+
+/// Creates the database named in `url` if it does not exist yet.
+pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        // Two processes may race here; the loser's "already exists" is fine.
+        let created = sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&name)))
+            .execute(&mut admin)
+            .await;
+        if let Err(e) = created {
+            let duplicate = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04");
+            if !duplicate {
+                return Err(e.into());
+            }
+        }
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// Drops the database named in `url`, disconnecting its sessions. For tests.
+pub async fn drop_database(url: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(url)?;
+    let name = options.get_database().unwrap_or_default().to_owned();
+    anyhow::ensure!(!name.is_empty() && name != "postgres", "refusing to drop {name:?}");
+    let mut admin = options.database("postgres").connect().await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name)))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    Ok(())
+}
+
+/// Runs `migrator` for the component owning `schema` (created if missing).
+pub async fn migrate(url: &str, schema: &str, migrator: &Migrator) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(url)?;
+    let mut conn = PgConnection::connect_with(&options).await?;
+    let ident = quote_ident(schema);
+    // Concurrent start-ups may both try to create the schema; serialise on a lock keyed by it.
+    sqlx::query("SELECT pg_advisory_lock(hashtext('keel.migrate.' || $1))")
+        .bind(schema)
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {ident}")).execute(&mut conn).await?;
+    sqlx::query(&format!("SET search_path TO {ident}")).execute(&mut conn).await?;
+    migrator
+        .run(&mut conn)
+        .await
+        .map_err(|e| anyhow::anyhow!("migrating schema {schema}: {e}"))?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// Quotes a PostgreSQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// True when the error says the database could not be reached at all (as opposed to a query
+/// that failed): callers map it to 503 or retry.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+        || e.as_database_error()
+            .and_then(|d| d.code())
+            // 57P01..03: admin shutdown, crash shutdown, cannot connect now; 08xxx: connection.
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+}

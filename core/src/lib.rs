@@ -1,0 +1,19 @@
+//! Plumbing shared by every keel service, kept in one place so the services cannot drift apart.
+//!
+//! # Layout
+//! - [`settings`]: typed settings from `KEEL_*` environment variables, validated at start-up.
+//! - [`kafka`]: librdkafka client configuration (idempotent producer, at-least-once consumer) and
+//!   topic administration.
+//! - [`db`]: PostgreSQL pools, databases and per-schema migrations.
+//! - [`shutdown`]: the SIGTERM/Ctrl-C future every `main` hands to its service.
+//! - [`telemetry`]: tracing subscriber and W3C trace-context propagation.
+//! - [`backoff`]: bounded exponential backoff with jitter for retry loops.
+
+pub mod backoff;
+pub mod db;
+pub mod kafka;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use settings::Settings;

@@ -1,0 +1,200 @@
+//! Typed settings, read once at start-up from `KEEL_*` environment variables.
+//!
+//! Every key has a default that matches the local stack (`make up-kafka`), so a developer sets
+//! nothing; compose and production set the same keys. A value that does not parse, and any
+//! `KEEL_*` variable that is not a known key (a typo would otherwise be silently ignored), fail
+//! start-up with an error naming the key.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A setting that is present but unusable. The message always starts with the key's name.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{key}: {message} (got {value:?})")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error("{key}: unknown setting; known settings are: {known}")]
+    Unknown { key: String, known: String },
+}
+
+/// Every key keel reads, with its default and what it means. `keel settings` prints this table.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("KEEL_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keel", "PostgreSQL database holding orders, the outbox, the registry and consumer state"),
+    ("KEEL_KAFKA_BROKERS", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated"),
+    ("KEEL_SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081", "Confluent-compatible Schema Registry base URL"),
+    ("KEEL_TOPIC_ORDERS", "orders", "Topic carrying every order event, keyed by order id"),
+    ("KEEL_ORDER_SERVICE_ADDR", "127.0.0.1:8080", "Listen address of the order service's HTTP API"),
+    ("KEEL_REGISTRY_ADDR", "127.0.0.1:8081", "Listen address of keel's own schema registry"),
+    ("KEEL_RELAY_BATCH_SIZE", "500", "Outbox rows the relay claims, publishes and marks per transaction"),
+    ("KEEL_RELAY_POLL_INTERVAL_MS", "1000", "Relay's polling fallback when no NOTIFY arrives"),
+    ("KEEL_OUTBOX_RETENTION_SECS", "86400", "How long published outbox rows are kept before deletion"),
+    ("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "30000", "Upper bound of a consumer's backoff between retries of a transient failure"),
+    ("KEEL_RUN_DIR", ".run", "Where `make up-kafka` keeps logs and pid files (scripts only)"),
+    ("KEEL_STACK", "local", "Which stack `make up-kafka` starts (scripts only)"),
+    ("KEEL_TANSU", "", "Path of the tansu binary (scripts only)"),
+];
+
+/// All of keel's settings. Tests build one with [`Settings::local`] and override fields.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database_url: String,
+    pub kafka_brokers: String,
+    pub schema_registry_url: String,
+    pub topics: Topics,
+    pub order_service_addr: SocketAddr,
+    pub registry_addr: SocketAddr,
+    pub relay: RelaySettings,
+    pub consumer: ConsumerSettings,
+}
+
+/// Topic names. Configurable so that tests (and tenants sharing a cluster) get their own.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub orders: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub retention: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    pub max_retry_backoff: Duration,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// The defaults: the local stack on loopback.
+    pub fn local() -> Self {
+        Self::from_vars(std::iter::empty()).unwrap_or_else(|e| unreachable!("defaults parse: {e}"))
+    }
+
+    /// Reads settings from `(key, value)` pairs; non-`KEEL_` keys are ignored.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, SettingsError> {
+        let vars: BTreeMap<String, String> =
+            vars.into_iter().filter(|(k, _)| k.starts_with("KEEL_")).collect();
+        if let Some(key) = vars.keys().find(|k| !KEYS.iter().any(|(known, _, _)| known == k)) {
+            return Err(SettingsError::Unknown {
+                key: key.clone(),
+                known: KEYS.iter().map(|(k, _, _)| *k).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let source = Source(vars);
+        let relay_batch_size: usize = source.parse("KEEL_RELAY_BATCH_SIZE")?;
+        if relay_batch_size == 0 {
+            return Err(source.invalid("KEEL_RELAY_BATCH_SIZE", "must be at least 1"));
+        }
+        Ok(Settings {
+            database_url: source.parse("KEEL_DATABASE_URL")?,
+            kafka_brokers: source.parse("KEEL_KAFKA_BROKERS")?,
+            schema_registry_url: source
+                .parse::<String>("KEEL_SCHEMA_REGISTRY_URL")?
+                .trim_end_matches('/')
+                .to_owned(),
+            topics: Topics { orders: source.parse("KEEL_TOPIC_ORDERS")? },
+            order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
+            registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
+            relay: RelaySettings {
+                batch_size: relay_batch_size,
+                poll_interval: Duration::from_millis(source.parse("KEEL_RELAY_POLL_INTERVAL_MS")?),
+                retention: Duration::from_secs(source.parse("KEEL_OUTBOX_RETENTION_SECS")?),
+            },
+            consumer: ConsumerSettings {
+                max_retry_backoff: Duration::from_millis(
+                    source.parse("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS")?,
+                ),
+            },
+        })
+    }
+}
+
+struct Source(BTreeMap<String, String>);
+
+impl Source {
+    fn raw(&self, key: &'static str) -> String {
+        match self.0.get(key) {
+            Some(v) => v.clone(),
+            None => KEYS
+                .iter()
+                .find(|(k, _, _)| *k == key)
+                .map(|(_, default, _)| (*default).to_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn parse<T>(&self, key: &'static str) -> Result<T, SettingsError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        let value = self.raw(key);
+        if value.trim().is_empty() {
+            return Err(self.invalid(key, "must not be empty"));
+        }
+        value.trim().parse().map_err(|e: T::Err| self.invalid(key, &e.to_string()))
+    }
+
+    fn invalid(&self, key: &'static str, message: &str) -> SettingsError {
+        SettingsError::Invalid { key, value: self.raw(key), message: message.to_owned() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_describe_the_local_stack() {
+        let s = Settings::local();
+        assert_eq!(s.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(s.order_service_addr.port(), 8080);
+        assert_eq!(s.registry_addr.port(), 8081);
+        assert_eq!(s.topics.orders, "orders");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let err = Settings::from_vars(vars(&[("KEEL_RELAY_BATCH_SIZE", "many")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEEL_RELAY_BATCH_SIZE:"), "{err}");
+        let err = Settings::from_vars(vars(&[("KEEL_RELAY_BATCH_SIZE", "0")])).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        let err = Settings::from_vars(vars(&[("KEEL_ORDER_SERVICE_ADDR", "localhost")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEEL_ORDER_SERVICE_ADDR:"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_keel_variable_is_a_typo_and_fails() {
+        let err = Settings::from_vars(vars(&[("KEEL_KAFKA_BROKER", "x:1")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEEL_KAFKA_BROKER: unknown setting"), "{err}");
+    }
+
+    #[test]
+    fn values_override_defaults_and_other_variables_are_ignored() {
+        let s = Settings::from_vars(vars(&[
+            ("KEEL_TOPIC_ORDERS", "orders-eu"),
+            ("KEEL_SCHEMA_REGISTRY_URL", "http://registry:8081/"),
+            ("PATH", "/bin"),
+        ]))
+        .unwrap();
+        assert_eq!(s.topics.orders, "orders-eu");
+        assert_eq!(s.schema_registry_url, "http://registry:8081");
+    }
+}

@@ -1,0 +1,167 @@
+//! Confluent wire format through a Confluent-compatible registry.
+//!
+//! [`Encoder`] registers each contract under its subject the first time it is used (or at
+//! start-up through [`Encoder::prepare`]) and caches the id; [`Decoder`] fetches writer schemas by
+//! id and caches them, so a running consumer keeps decoding while the registry is briefly away.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+
+use crate::events::{Event, OrderCancelled, OrderCreated, OrderPaid, Payload, Contract};
+
+/// Encoding failed. `transient` errors (registry unreachable) are worth retrying; the others
+/// (registry refused the schema, value does not fit it) are not.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode {record} for topic {topic}: {message}")]
+pub struct EncodeError {
+    pub record: &'static str,
+    pub topic: String,
+    pub message: String,
+    pub transient: bool,
+}
+
+/// Decoding failed. The consumer branches on the variant: retry a transient error, dead-letter a
+/// permanent one.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The registry could not be reached; the same bytes may decode later.
+    #[error("schema registry unavailable: {0}")]
+    Transient(String),
+    /// The bytes will never decode: not the wire format, unknown schema id, unknown record, or a
+    /// body that does not match its schema.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+fn settings(registry_url: &str) -> Result<SrSettings, SRCError> {
+    SrSettings::new_builder(registry_url.trim_end_matches('/').to_owned())
+        .no_proxy()
+        .set_timeout(Duration::from_secs(5))
+        .build()
+}
+
+fn describe(e: &SRCError) -> String {
+    match &e.cause {
+        Some(cause) => format!("{}: {cause}", e.error),
+        None => e.error.clone(),
+    }
+}
+
+/// Encodes events in the Confluent wire format, registering their schemas as needed.
+pub struct Encoder {
+    inner: AvroEncoder,
+    strategies: RwLock<HashMap<(String, &'static str), SubjectNameStrategy>>,
+}
+
+impl Encoder {
+    pub fn new(registry_url: &str) -> anyhow::Result<Self> {
+        let settings = settings(registry_url).map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
+        Ok(Self { inner: AvroEncoder::new(settings), strategies: RwLock::default() })
+    }
+
+    fn strategy(&self, topic: &str, name: &'static str, schema: &'static str) -> SubjectNameStrategy {
+        let key = (topic.to_owned(), name);
+        if let Some(s) = self.strategies.read().ok().and_then(|m| m.get(&key).cloned()) {
+            return s;
+        }
+        let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+            topic.to_owned(),
+            SuppliedSchema::new(Some(name.to_owned()), SchemaType::Avro, schema.to_owned()),
+        );
+        if let Ok(mut m) = self.strategies.write() {
+            m.insert(key, strategy.clone());
+        }
+        strategy
+    }
+
+    /// Registers (or finds) every contract under its subject on `topic`, so that a registry that
+    /// refuses a schema stops the service at start-up rather than at the first event.
+    pub async fn prepare(&self, topic: &str) -> Result<(), EncodeError> {
+        for (name, schema) in [
+            (OrderCreated::NAME, OrderCreated::SCHEMA),
+            (OrderPaid::NAME, OrderPaid::SCHEMA),
+            (OrderCancelled::NAME, OrderCancelled::SCHEMA),
+        ] {
+            let strategy = self.strategy(topic, name, schema);
+            let subject = crate::subject(topic, name);
+            self.inner.get_schema_and_id(&subject, strategy).await.map_err(|e| EncodeError {
+                record: name,
+                topic: topic.to_owned(),
+                message: describe(&e),
+                transient: e.retriable,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The event's value bytes: magic byte, schema id, Avro body.
+    pub async fn encode(&self, topic: &str, event: &Event) -> Result<Vec<u8>, EncodeError> {
+        let strategy = self.strategy(topic, event.name(), event.schema());
+        self.inner.encode_struct(Payload(event), &strategy).await.map_err(|e| EncodeError {
+            record: event.name(),
+            topic: topic.to_owned(),
+            message: describe(&e),
+            transient: e.retriable,
+        })
+    }
+}
+
+/// Decodes Confluent wire-format values into [`Event`]s.
+pub struct Decoder {
+    inner: AvroDecoder,
+}
+
+impl Decoder {
+    pub fn new(registry_url: &str) -> anyhow::Result<Self> {
+        let settings = settings(registry_url).map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
+        Ok(Self { inner: AvroDecoder::new(settings) })
+    }
+
+    pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Event, DecodeError> {
+        let Some(bytes) = payload else {
+            return Err(DecodeError::Permanent("record has no value (tombstone)".into()));
+        };
+        if bytes.len() < 5 || bytes[0] != 0 {
+            return Err(DecodeError::Permanent(format!(
+                "not Confluent wire format: expected magic byte 0 and a 4-byte schema id, got {} bytes starting {:02x?}",
+                bytes.len(),
+                &bytes[..bytes.len().min(5)]
+            )));
+        }
+        let decoded = self.inner.decode(Some(bytes)).await.map_err(|e| {
+            if e.retriable {
+                // A failed fetch must not stay cached: the next attempt asks the registry again.
+                self.inner.remove_errors_from_cache();
+                DecodeError::Transient(describe(&e))
+            } else {
+                DecodeError::Permanent(describe(&e))
+            }
+        })?;
+        let name = decoded
+            .name
+            .map(|n| n.fullname(None))
+            .ok_or_else(|| DecodeError::Permanent("writer schema is not a named record".into()))?;
+        event_from_value(&name, &decoded.value)
+    }
+}
+
+/// Builds the [`Event`] for a decoded record named `name`.
+pub fn event_from_value(name: &str, value: &Value) -> Result<Event, DecodeError> {
+    fn read<T: Contract>(value: &Value) -> Result<T, DecodeError> {
+        apache_avro::from_value::<T>(value)
+            .map_err(|e| DecodeError::Permanent(format!("{} does not match its contract: {e}", T::NAME)))
+    }
+    match name {
+        OrderCreated::NAME => read(value).map(Event::OrderCreated),
+        OrderPaid::NAME => read(value).map(Event::OrderPaid),
+        OrderCancelled::NAME => read(value).map(Event::OrderCancelled),
+        other => Err(DecodeError::Permanent(format!("unknown record type {other}"))),
+    }
+}
