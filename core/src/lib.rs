@@ -7,6 +7,7 @@
 //! - [`db`]: PostgreSQL pools, databases and per-schema migrations.
 //! - [`shutdown`]: the SIGTERM/Ctrl-C future every `main` hands to its service.
 //! - [`telemetry`]: tracing subscriber and W3C trace-context propagation.
+//! - `testkit` (feature `testkit`): what integration tests share.
 //! - [`backoff`]: bounded exponential backoff with jitter for retry loops.
 
 pub mod backoff;
@@ -15,5 +16,7 @@ pub mod kafka;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use settings::Settings;

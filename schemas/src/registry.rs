@@ -1,1 +1,39 @@
+//! keel's Confluent-compatible Schema Registry.
+//!
+//! The REST API follows Confluent's documentation: the same paths, JSON shapes, content type
+//! (`application/vnd.schemaregistry.v1+json`) and error codes, so any client written for
+//! Confluent Schema Registry works against it unchanged. Schemas live in PostgreSQL (schema
+//! `registry`); only Avro is supported.
+//!
+//! # Layout
+//! - [`api`]: the HTTP routes and Confluent's error bodies.
+//! - [`store`]: registration, lookup and deletion in PostgreSQL.
+//! - [`compat`]: compatibility levels over Avro's schema-resolution rules.
+
 pub mod api;
+pub mod compat;
+pub mod store;
+
+pub use api::{router, serve};
+
+/// The registry's migrations, applied to PostgreSQL schema `registry`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The PostgreSQL schema the registry owns.
+pub const DB_SCHEMA: &str = "registry";
+
+/// Migrates `database_url`, binds `addr` (port 0 picks one) and serves until `shutdown`.
+/// Returns the bound address and the server task.
+pub async fn spawn(
+    database_url: &str,
+    addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    keel_core::db::migrate(database_url, DB_SCHEMA, &MIGRATOR).await?;
+    let pool = keel_core::db::pool(database_url, 10).await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("KEEL_REGISTRY_ADDR: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    Ok((bound, tokio::spawn(serve(listener, pool, shutdown))))
+}

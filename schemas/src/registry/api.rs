@@ -1,1 +1,304 @@
+//! The registry's REST API, as Confluent documents it.
 
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::compat::Level;
+use super::store::{Store, VersionRef};
+
+/// Confluent's content type; every response carries it.
+pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// Every way a request can fail, with Confluent's HTTP status and `error_code`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Subject '{0}' not found.")]
+    SubjectNotFound(String),
+    #[error("Version not found.")]
+    VersionNotFound,
+    #[error("Schema not found")]
+    SchemaNotFound,
+    #[error("Subject '{0}' was soft deleted. Set permanent=true to delete permanently")]
+    SubjectSoftDeleted(String),
+    #[error("Subject '{0}' was not deleted first before being permanently deleted")]
+    SubjectNotSoftDeleted(String),
+    #[error("Version {0} was not deleted first before being permanently deleted")]
+    VersionNotSoftDeleted(i32),
+    #[error("Subject '{0}' does not have subject-level compatibility configured")]
+    SubjectLevelNotConfigured(String),
+    #[error("Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]", messages.join("; "))]
+    Incompatible { subject: String, messages: Vec<String> },
+    #[error("{0}")]
+    InvalidSchema(String),
+    #[error("The specified version '{0}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\"")]
+    InvalidVersion(String),
+    #[error("{0}")]
+    InvalidLevel(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Error in the backend datastore: database unreachable")]
+    Unavailable,
+    #[error("Error in the backend datastore: {0}")]
+    Store(String),
+}
+
+impl Error {
+    fn status_and_code(&self) -> (StatusCode, u32) {
+        match self {
+            Error::SubjectNotFound(_) => (StatusCode::NOT_FOUND, 40401),
+            Error::VersionNotFound => (StatusCode::NOT_FOUND, 40402),
+            Error::SchemaNotFound => (StatusCode::NOT_FOUND, 40403),
+            Error::SubjectSoftDeleted(_) => (StatusCode::NOT_FOUND, 40404),
+            Error::SubjectNotSoftDeleted(_) => (StatusCode::NOT_FOUND, 40405),
+            Error::VersionNotSoftDeleted(_) => (StatusCode::NOT_FOUND, 40407),
+            Error::SubjectLevelNotConfigured(_) => (StatusCode::NOT_FOUND, 40408),
+            Error::Incompatible { .. } => (StatusCode::CONFLICT, 409),
+            Error::InvalidSchema(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42201),
+            Error::InvalidVersion(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42202),
+            Error::InvalidLevel(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42203),
+            Error::BadRequest(_) => (StatusCode::BAD_REQUEST, 400),
+            // 503, not 500: clients (schema_registry_converter among them) retry a 503 and cache
+            // anything else as permanent.
+            Error::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, 50001),
+            Error::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, 50001),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        if keel_core::db::is_unavailable(&e) {
+            Error::Unavailable
+        } else {
+            tracing::error!(error = %e, "Registry query failed");
+            Error::Store(e.to_string())
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        respond(status, json!({ "error_code": code, "message": self.to_string() }))
+    }
+}
+
+fn respond(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+}
+
+fn ok(body: Value) -> Result<Response, Error> {
+    Ok(respond(StatusCode::OK, body))
+}
+
+type Flags = Query<HashMap<String, String>>;
+
+fn flag(q: &Flags, name: &str) -> bool {
+    q.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// The body of register, lookup and compatibility requests.
+#[derive(Deserialize)]
+struct SchemaRequest {
+    schema: Option<String>,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Value>,
+}
+
+impl SchemaRequest {
+    /// Accepts any content type, as Confluent's registry does.
+    fn parse(body: &Bytes) -> Result<(String, Option<String>), Error> {
+        let req: SchemaRequest = serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+        if !req.references.is_empty() {
+            return Err(Error::InvalidSchema("Invalid schema: schema references are not supported by this registry".into()));
+        }
+        let schema = req.schema.ok_or_else(|| Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into()))?;
+        Ok((schema, req.schema_type))
+    }
+}
+
+#[derive(Deserialize)]
+struct LevelRequest {
+    compatibility: Option<String>,
+}
+
+fn version_body(r: &super::store::Registered) -> Value {
+    let mut body = json!({ "subject": r.subject, "version": r.version, "id": r.id, "schema": r.schema });
+    if r.schema_type != "AVRO" {
+        body["schemaType"] = json!(r.schema_type);
+    }
+    body
+}
+
+/// The API's routes over `pool` (which must hold the `registry` schema's migrations).
+pub fn router(pool: PgPool) -> Router {
+    Router::new()
+        .route("/", get(|| async { ok(json!({})) }))
+        .route("/health", get(|| async { ok(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/schemas/types", get(|| async { ok(json!(["AVRO"])) }))
+        .route("/schemas/ids/{id}", get(schema_by_id))
+        .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
+        .route("/schemas/ids/{id}/versions", get(versions_of_id))
+        .route("/subjects", get(subjects))
+        .route("/subjects/{subject}", post(lookup).delete(delete_subject))
+        .route("/subjects/{subject}/versions", get(versions).post(register))
+        .route("/subjects/{subject}/versions/{version}", get(version).delete(delete_version))
+        .route("/subjects/{subject}/versions/{version}/schema", get(raw_version))
+        .route("/compatibility/subjects/{subject}/versions", post(check_all))
+        .route("/compatibility/subjects/{subject}/versions/{version}", post(check_version))
+        .route("/config", get(global_config).put(set_global_config))
+        .route("/config/{subject}", get(subject_config).put(set_subject_config).delete(delete_subject_config))
+        .with_state(Store::new(pool))
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "Schema registry listening");
+    axum::serve(listener, router(pool)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+async fn ready(State(store): State<Store>) -> Response {
+    match sqlx::query("SELECT 1").execute(store.pool()).await {
+        Ok(_) => respond(StatusCode::OK, json!({"status": "ready"})),
+        Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "unavailable", "database": e.to_string()})),
+    }
+}
+
+async fn schema_by_id(State(store): State<Store>, Path(id): Path<i32>) -> Result<Response, Error> {
+    let (schema, schema_type) = store.schema_by_id(id).await?;
+    let mut body = json!({ "schema": schema });
+    if schema_type != "AVRO" {
+        body["schemaType"] = json!(schema_type);
+    }
+    ok(body)
+}
+
+async fn raw_schema_by_id(State(store): State<Store>, Path(id): Path<i32>) -> Result<Response, Error> {
+    let (schema, _) = store.schema_by_id(id).await?;
+    ok(serde_json::from_str(&schema).map_err(|e| Error::Store(e.to_string()))?)
+}
+
+async fn versions_of_id(State(store): State<Store>, Path(id): Path<i32>) -> Result<Response, Error> {
+    let pairs = store.versions_of_id(id).await?;
+    ok(json!(pairs.iter().map(|(s, v)| json!({"subject": s, "version": v})).collect::<Vec<_>>()))
+}
+
+async fn subjects(State(store): State<Store>, q: Flags) -> Result<Response, Error> {
+    ok(json!(store.subjects(flag(&q, "deleted")).await?))
+}
+
+async fn versions(State(store): State<Store>, Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
+    ok(json!(store.versions(&subject, flag(&q, "deleted")).await?))
+}
+
+async fn register(State(store): State<Store>, Path(subject): Path<String>, body: Bytes) -> Result<Response, Error> {
+    let (schema, schema_type) = SchemaRequest::parse(&body)?;
+    let id = store.register(&subject, &schema, schema_type.as_deref()).await?;
+    ok(json!({ "id": id }))
+}
+
+async fn lookup(State(store): State<Store>, Path(subject): Path<String>, q: Flags, body: Bytes) -> Result<Response, Error> {
+    let (schema, schema_type) = SchemaRequest::parse(&body)?;
+    super::store::parse(&schema, schema_type.as_deref())?;
+    ok(version_body(&store.lookup(&subject, &schema, flag(&q, "deleted")).await?))
+}
+
+async fn version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>, q: Flags) -> Result<Response, Error> {
+    let v = VersionRef::parse(&version)?;
+    ok(version_body(&store.version(&subject, v, flag(&q, "deleted")).await?))
+}
+
+async fn raw_version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>) -> Result<Response, Error> {
+    let r = store.version(&subject, VersionRef::parse(&version)?, false).await?;
+    ok(serde_json::from_str(&r.schema).map_err(|e| Error::Store(e.to_string()))?)
+}
+
+async fn delete_subject(State(store): State<Store>, Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
+    ok(json!(store.delete_subject(&subject, flag(&q, "permanent")).await?))
+}
+
+async fn delete_version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>, q: Flags) -> Result<Response, Error> {
+    let v = VersionRef::parse(&version)?;
+    ok(json!(store.delete_version(&subject, v, flag(&q, "permanent")).await?))
+}
+
+fn compat_body(messages: Vec<String>, verbose: bool) -> Value {
+    let mut body = json!({ "is_compatible": messages.is_empty() });
+    if verbose {
+        body["messages"] = json!(messages);
+    }
+    body
+}
+
+async fn check_version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>, q: Flags, body: Bytes) -> Result<Response, Error> {
+    let v = VersionRef::parse(&version)?;
+    let (schema, schema_type) = SchemaRequest::parse(&body)?;
+    super::store::parse(&schema, schema_type.as_deref())?;
+    let messages = match store.check(&subject, Some(v), &schema).await {
+        // Anything is compatible with the latest version of a subject that has none.
+        Err(Error::SubjectNotFound(_)) if matches!(v, VersionRef::Latest) => vec![],
+        other => other?,
+    };
+    ok(compat_body(messages, flag(&q, "verbose")))
+}
+
+async fn check_all(State(store): State<Store>, Path(subject): Path<String>, q: Flags, body: Bytes) -> Result<Response, Error> {
+    let (schema, schema_type) = SchemaRequest::parse(&body)?;
+    super::store::parse(&schema, schema_type.as_deref())?;
+    ok(compat_body(store.check(&subject, None, &schema).await?, flag(&q, "verbose")))
+}
+
+fn parse_level(body: &Bytes) -> Result<Level, Error> {
+    let req: LevelRequest = serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let level = req.compatibility.ok_or_else(|| Error::InvalidLevel("the request has no \"compatibility\" field".into()))?;
+    level.parse().map_err(Error::InvalidLevel)
+}
+
+async fn global_config(State(store): State<Store>) -> Result<Response, Error> {
+    ok(json!({ "compatibilityLevel": store.global_level().await?.as_str() }))
+}
+
+async fn set_global_config(State(store): State<Store>, body: Bytes) -> Result<Response, Error> {
+    let level = parse_level(&body)?;
+    store.set_level("", level).await?;
+    ok(json!({ "compatibility": level.as_str() }))
+}
+
+async fn subject_config(State(store): State<Store>, Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
+    match store.subject_level(&subject).await? {
+        Some(level) => ok(json!({ "compatibilityLevel": level.as_str() })),
+        None if flag(&q, "defaultToGlobal") => global_config(State(store)).await,
+        None => Err(Error::SubjectLevelNotConfigured(subject)),
+    }
+}
+
+async fn set_subject_config(State(store): State<Store>, Path(subject): Path<String>, body: Bytes) -> Result<Response, Error> {
+    let level = parse_level(&body)?;
+    if subject.is_empty() {
+        return Err(Error::BadRequest("subject must not be empty".into()));
+    }
+    store.set_level(&subject, level).await?;
+    ok(json!({ "compatibility": level.as_str() }))
+}
+
+async fn delete_subject_config(State(store): State<Store>, Path(subject): Path<String>) -> Result<Response, Error> {
+    let old = store.delete_subject_level(&subject).await?;
+    ok(json!({ "compatibilityLevel": old.as_str() }))
+}

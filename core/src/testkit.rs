@@ -1,0 +1,100 @@
+//! What integration tests share. Each test gets its own database and its own topics, so tests run
+//! in parallel and leave nothing behind; the real PostgreSQL and broker are found through
+//! `TEST_DATABASE_URL` and `TEST_KAFKA_BROKERS` (set by `make test`).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::kafka::{self, TopicSpec};
+
+/// The PostgreSQL server tests create their databases on.
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The broker tests use. `make test` starts a dedicated one.
+pub fn brokers() -> String {
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A fresh database, dropped when the value is dropped.
+pub struct TestDb {
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let url = format!("{}/{}", server_url().trim_end_matches('/'), unique("keel_test"));
+        crate::db::ensure_database(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {} is not usable ({e}); is it running?", server_url()));
+        Self { url }
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        crate::db::pool(&self.url, 10).await.unwrap_or_else(|e| panic!("connect {}: {e}", self.url))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        // Drop runs outside async context; a thread with its own runtime does the async work.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(crate::db::drop_database(&url)))
+        })
+        .join();
+    }
+}
+
+/// A topic with a unique name, deleted when dropped.
+pub struct TestTopic {
+    pub name: String,
+}
+
+impl TestTopic {
+    pub async fn new(prefix: &str, partitions: i32) -> Self {
+        let name = unique(prefix);
+        kafka::create_topics(&brokers(), &[TopicSpec::new(&name, partitions)])
+            .await
+            .unwrap_or_else(|e| panic!("create topic {name} on {} ({e}); is the broker running? `make test` starts one", brokers()));
+        Self { name }
+    }
+}
+
+impl Drop for TestTopic {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(kafka::delete_topics(&brokers(), &[&name])))
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,441 @@
+//! The registry's state in PostgreSQL.
+//!
+//! Registration takes a transaction-scoped advisory lock on the subject, so concurrent
+//! registrations to one subject are serialised (one version each, no gaps) and concurrent
+//! registrations of one schema get one id (the `fingerprint` unique index decides).
+
+use apache_avro::Schema;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::api::Error;
+use super::compat::{self, Level};
+
+/// A version of a subject, as the API returns it.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub subject: String,
+    pub version: i32,
+    pub id: i32,
+    pub schema: String,
+    pub schema_type: String,
+}
+
+/// `latest` (or `-1`) or a version number.
+#[derive(Debug, Clone, Copy)]
+pub enum VersionRef {
+    Latest,
+    Number(i32),
+}
+
+impl VersionRef {
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match s {
+            "latest" | "-1" => Ok(VersionRef::Latest),
+            _ => match s.parse::<i32>() {
+                Ok(n) if n > 0 => Ok(VersionRef::Number(n)),
+                _ => Err(Error::InvalidVersion(s.to_owned())),
+            },
+        }
+    }
+}
+
+/// A parsed, validated schema and its identity.
+pub struct Parsed {
+    pub schema: Schema,
+    pub normalized: String,
+}
+
+/// Validates `text` as an Avro schema. Other schema types are refused: keel speaks Avro only.
+pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
+    if let Some(t) = schema_type {
+        if !t.eq_ignore_ascii_case("AVRO") {
+            return Err(Error::InvalidSchema(format!("schemaType {t} is not supported by this registry; only AVRO is")));
+        }
+    }
+    let json: Value = serde_json::from_str(text)
+        .map_err(|e| Error::InvalidSchema(format!("Invalid schema: not JSON: {e}")))?;
+    let schema = Schema::parse(&json).map_err(|e| Error::InvalidSchema(format!("Invalid schema: {e}")))?;
+    let mut normalized = String::with_capacity(text.len());
+    write_sorted(&json, &mut normalized);
+    Ok(Parsed { schema, normalized })
+}
+
+/// Compact JSON with object keys sorted at every depth: equal for schemas that differ only in
+/// whitespace or key order. Written by hand so it does not depend on serde_json's map features.
+fn write_sorted(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_sorted(&map[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_sorted(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+fn registered(row: &sqlx::postgres::PgRow) -> Registered {
+    Registered {
+        subject: row.get("subject"),
+        version: row.get("version"),
+        id: row.get("schema_id"),
+        schema: row.get("schema"),
+        schema_type: row.get("schema_type"),
+    }
+}
+
+const VERSION_COLUMNS: &str = "v.subject, v.version, v.schema_id, s.schema, s.schema_type";
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Registers `text` under `subject`; returns the schema id. Registering a schema the subject
+    /// already has returns its id and creates no version.
+    pub async fn register(&self, subject: &str, text: &str, schema_type: Option<&str>) -> Result<i32, Error> {
+        let parsed = parse(text, schema_type)?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.' || $1))")
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+        let existing: Option<i32> = sqlx::query_scalar(
+            "SELECT v.schema_id FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+             WHERE v.subject = $1 AND NOT v.deleted AND s.fingerprint = sha256(convert_to($2, 'UTF8')) ORDER BY v.version LIMIT 1",
+        )
+        .bind(subject)
+        .bind(&parsed.normalized)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = existing {
+            tx.commit().await?;
+            return Ok(id);
+        }
+        let level = level_for(&mut tx, subject).await?;
+        let previous = live_versions(&mut tx, subject).await?;
+        let violations = compat::check(level, &parsed.schema, &previous);
+        if !violations.is_empty() {
+            return Err(Error::Incompatible { subject: subject.to_owned(), messages: violations });
+        }
+        let id: i32 = sqlx::query_scalar(
+            "INSERT INTO registry.schemas (schema, normalized, fingerprint) VALUES ($1, $2, sha256(convert_to($2, 'UTF8')))
+             ON CONFLICT (fingerprint) DO UPDATE SET normalized = EXCLUDED.normalized
+             RETURNING id",
+        )
+        .bind(text)
+        .bind(&parsed.normalized)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO registry.subject_versions (subject, version, schema_id)
+             SELECT $1, COALESCE(MAX(version), 0) + 1, $2 FROM registry.subject_versions WHERE subject = $1",
+        )
+        .bind(subject)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(subject, id, "Registered schema");
+        Ok(id)
+    }
+
+    /// Finds the version of `subject` holding `text`.
+    pub async fn lookup(&self, subject: &str, text: &str, deleted: bool) -> Result<Registered, Error> {
+        let parsed = parse(text, None)?;
+        let row = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+             WHERE v.subject = $1 AND s.fingerprint = sha256(convert_to($2, 'UTF8')) AND ($3 OR NOT v.deleted) ORDER BY v.version LIMIT 1"
+        ))
+        .bind(subject)
+        .bind(&parsed.normalized)
+        .bind(deleted)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(registered(&row)),
+            None if self.subject_exists(subject, deleted).await? => Err(Error::SchemaNotFound),
+            None => Err(Error::SubjectNotFound(subject.to_owned())),
+        }
+    }
+
+    pub async fn schema_by_id(&self, id: i32) -> Result<(String, String), Error> {
+        let row = sqlx::query("SELECT schema, schema_type FROM registry.schemas WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::SchemaNotFound)?;
+        Ok((row.get("schema"), row.get("schema_type")))
+    }
+
+    /// The subject/version pairs that use schema `id`.
+    pub async fn versions_of_id(&self, id: i32) -> Result<Vec<(String, i32)>, Error> {
+        self.schema_by_id(id).await?;
+        let rows = sqlx::query("SELECT subject, version FROM registry.subject_versions WHERE schema_id = $1 AND NOT deleted ORDER BY subject, version")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get("subject"), r.get("version"))).collect())
+    }
+
+    pub async fn subjects(&self, deleted: bool) -> Result<Vec<String>, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT subject FROM registry.subject_versions GROUP BY subject HAVING $1 OR bool_or(NOT deleted) ORDER BY subject",
+        )
+        .bind(deleted)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn subject_exists(&self, subject: &str, deleted: bool) -> Result<bool, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM registry.subject_versions WHERE subject = $1 AND ($2 OR NOT deleted))",
+        )
+        .bind(subject)
+        .bind(deleted)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn versions(&self, subject: &str, deleted: bool) -> Result<Vec<i32>, Error> {
+        let versions: Vec<i32> = sqlx::query_scalar(
+            "SELECT version FROM registry.subject_versions WHERE subject = $1 AND ($2 OR NOT deleted) ORDER BY version",
+        )
+        .bind(subject)
+        .bind(deleted)
+        .fetch_all(&self.pool)
+        .await?;
+        if versions.is_empty() {
+            return Err(Error::SubjectNotFound(subject.to_owned()));
+        }
+        Ok(versions)
+    }
+
+    pub async fn version(&self, subject: &str, version: VersionRef, deleted: bool) -> Result<Registered, Error> {
+        let row = match version {
+            VersionRef::Latest => sqlx::query(&format!(
+                "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+                 WHERE v.subject = $1 AND ($2 OR NOT v.deleted) ORDER BY v.version DESC LIMIT 1"
+            ))
+            .bind(subject)
+            .bind(deleted)
+            .fetch_optional(&self.pool)
+            .await?,
+            VersionRef::Number(n) => sqlx::query(&format!(
+                "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+                 WHERE v.subject = $1 AND v.version = $3 AND ($2 OR NOT v.deleted)"
+            ))
+            .bind(subject)
+            .bind(deleted)
+            .bind(n)
+            .fetch_optional(&self.pool)
+            .await?,
+        };
+        match row {
+            Some(row) => Ok(registered(&row)),
+            None if self.subject_exists(subject, false).await? => Err(Error::VersionNotFound),
+            None => Err(Error::SubjectNotFound(subject.to_owned())),
+        }
+    }
+
+    /// Violations of the subject's level if `text` were registered, checked against `version`
+    /// (or, with `None`, against every live version).
+    pub async fn check(&self, subject: &str, version: Option<VersionRef>, text: &str) -> Result<Vec<String>, Error> {
+        let parsed = parse(text, None)?;
+        let mut tx = self.pool.begin().await?;
+        let level = level_for(&mut tx, subject).await?;
+        let existing = match version {
+            None => {
+                let all = live_versions(&mut tx, subject).await?;
+                // Checking "against all versions" means each of them, whatever the level says.
+                return Ok(all.iter().flat_map(|one| compat::check(level, &parsed.schema, std::slice::from_ref(one))).collect());
+            }
+            Some(v) => {
+                let found = self.version(subject, v, false).await?;
+                let schema = Schema::parse_str(&found.schema).map_err(|e| Error::Store(e.to_string()))?;
+                vec![(found.version, schema)]
+            }
+        };
+        Ok(compat::check(level, &parsed.schema, &existing))
+    }
+
+    pub async fn global_level(&self) -> Result<Level, Error> {
+        let mut tx = self.pool.begin().await?;
+        level_for(&mut tx, "").await
+    }
+
+    /// The subject's own level, if one was set.
+    pub async fn subject_level(&self, subject: &str) -> Result<Option<Level>, Error> {
+        let level: Option<String> = sqlx::query_scalar("SELECT compatibility FROM registry.config WHERE subject = $1")
+            .bind(subject)
+            .fetch_optional(&self.pool)
+            .await?;
+        level.map(|l| l.parse().map_err(Error::Store)).transpose()
+    }
+
+    /// Sets the level of `subject` (`""` for the global default).
+    pub async fn set_level(&self, subject: &str, level: Level) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO registry.config (subject, compatibility) VALUES ($1, $2)
+             ON CONFLICT (subject) DO UPDATE SET compatibility = EXCLUDED.compatibility",
+        )
+        .bind(subject)
+        .bind(level.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the subject's own level; returns what it was.
+    pub async fn delete_subject_level(&self, subject: &str) -> Result<Level, Error> {
+        let old: Option<String> = sqlx::query_scalar("DELETE FROM registry.config WHERE subject = $1 AND subject <> '' RETURNING compatibility")
+            .bind(subject)
+            .fetch_optional(&self.pool)
+            .await?;
+        match old {
+            Some(l) => l.parse().map_err(Error::Store),
+            None => Err(Error::SubjectLevelNotConfigured(subject.to_owned())),
+        }
+    }
+
+    /// Soft-deletes every live version of `subject`, or with `permanent` removes a subject that
+    /// was soft-deleted first (Confluent's two-step delete). Returns the versions deleted.
+    pub async fn delete_subject(&self, subject: &str, permanent: bool) -> Result<Vec<i32>, Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query("SELECT version, deleted FROM registry.subject_versions WHERE subject = $1 ORDER BY version FOR UPDATE")
+            .bind(subject)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            return Err(Error::SubjectNotFound(subject.to_owned()));
+        }
+        let live = rows.iter().filter(|r| !r.get::<bool, _>("deleted")).count();
+        let versions: Vec<i32> = rows.iter().map(|r| r.get("version")).collect();
+        if permanent {
+            if live > 0 {
+                return Err(Error::SubjectNotSoftDeleted(subject.to_owned()));
+            }
+            sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1").bind(subject).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM registry.config WHERE subject = $1 AND subject <> ''").bind(subject).execute(&mut *tx).await?;
+            tx.commit().await?;
+            return Ok(versions);
+        }
+        if live == 0 {
+            return Err(Error::SubjectSoftDeleted(subject.to_owned()));
+        }
+        let deleted: Vec<i32> = sqlx::query_scalar(
+            "UPDATE registry.subject_versions SET deleted = true WHERE subject = $1 AND NOT deleted RETURNING version",
+        )
+        .bind(subject)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut deleted = deleted;
+        deleted.sort_unstable();
+        Ok(deleted)
+    }
+
+    /// Soft-deletes one version (or with `permanent`, removes a soft-deleted one).
+    pub async fn delete_version(&self, subject: &str, version: VersionRef, permanent: bool) -> Result<i32, Error> {
+        let found = self.version(subject, version, permanent).await?;
+        if permanent {
+            let removed = sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1 AND version = $2 AND deleted")
+                .bind(subject)
+                .bind(found.version)
+                .execute(&self.pool)
+                .await?;
+            if removed.rows_affected() == 0 {
+                return Err(Error::VersionNotSoftDeleted(found.version));
+            }
+        } else {
+            sqlx::query("UPDATE registry.subject_versions SET deleted = true WHERE subject = $1 AND version = $2")
+                .bind(subject)
+                .bind(found.version)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(found.version)
+    }
+}
+
+/// The level in force for `subject`: its own, else the global one.
+async fn level_for(tx: &mut Transaction<'_, Postgres>, subject: &str) -> Result<Level, Error> {
+    let level: String = sqlx::query_scalar(
+        "SELECT compatibility FROM registry.config WHERE subject IN ($1, '') ORDER BY subject DESC LIMIT 1",
+    )
+    .bind(subject)
+    .fetch_one(&mut **tx)
+    .await?;
+    level.parse().map_err(Error::Store)
+}
+
+/// The live versions of `subject`, oldest first, parsed.
+async fn live_versions(tx: &mut Transaction<'_, Postgres>, subject: &str) -> Result<Vec<(i32, Schema)>, Error> {
+    let rows = sqlx::query(
+        "SELECT v.version, s.schema FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+         WHERE v.subject = $1 AND NOT v.deleted ORDER BY v.version",
+    )
+    .bind(subject)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let text: String = r.get("schema");
+            Schema::parse_str(&text)
+                .map(|s| (r.get("version"), s))
+                .map_err(|e| Error::Store(format!("stored schema no longer parses: {e}")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation_ignores_whitespace_and_key_order_but_not_field_order() {
+        let a = parse(r#"{"type":"record","name":"R","fields":[{"name":"a","type":"int"},{"name":"b","type":"int"}]}"#, None).unwrap();
+        let b = parse("{ \"name\": \"R\",\n \"fields\": [{\"type\": \"int\", \"name\": \"a\"}, {\"name\":\"b\",\"type\":\"int\"}], \"type\": \"record\" }", None).unwrap();
+        let c = parse(r#"{"type":"record","name":"R","fields":[{"name":"b","type":"int"},{"name":"a","type":"int"}]}"#, None).unwrap();
+        assert_eq!(a.normalized, b.normalized);
+        assert_ne!(a.normalized, c.normalized);
+    }
+
+    #[test]
+    fn invalid_schemas_carry_the_parser_message() {
+        let Err(Error::InvalidSchema(m)) = parse(r#"{"type":"record","name":"R"}"#, None) else { panic!() };
+        assert!(m.starts_with("Invalid schema:"), "{m}");
+        let Err(Error::InvalidSchema(m)) = parse("{not json", None) else { panic!() };
+        assert!(m.contains("not JSON"), "{m}");
+        let Err(Error::InvalidSchema(m)) = parse(r#""string""#, Some("PROTOBUF")) else { panic!() };
+        assert!(m.contains("PROTOBUF"), "{m}");
+    }
+}
