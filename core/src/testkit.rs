@@ -98,3 +98,28 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Reads `topic` from the beginning with a throwaway group until `until` says the records read
+/// so far are enough, or panics after `timeout`.
+pub async fn read_topic(
+    topic: &str,
+    timeout: Duration,
+    until: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = kafka::consumer_config(&brokers(), &unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + timeout;
+    let mut read = Vec::new();
+    while !until(&read) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out after {timeout:?} reading {topic}; read {} records", read.len());
+        if let Ok(Ok(m)) = tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
+            read.push(m.detach());
+        }
+    }
+    read
+}

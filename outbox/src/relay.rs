@@ -1,0 +1,308 @@
+//! The relay: publishes committed outbox rows to Kafka.
+//!
+//! One [`Relay::step`] is one transaction: take the relay lock, claim the oldest pending rows
+//! (`FOR UPDATE`), encode them (Confluent wire format), hand them all to the idempotent producer,
+//! await every acknowledgement, then mark them published and commit. If anything fails before the
+//! commit, the transaction rolls back and the rows are published again later.
+//!
+//! # Several relays
+//! The lock is `pg_try_advisory_xact_lock`, held for the step's transaction. A relay that does not
+//! get it skips the step, so batches never overlap: the next batch is claimed only after the
+//! previous one is marked, and an aggregate's events leave in id order whichever relay sends them.
+//! A crashed relay's lock goes with its connection. Throughput is that of one relay, which the
+//! producer, not the claim, bounds; extra instances are for availability.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use keel_core::backoff::Backoff;
+use keel_core::telemetry::TraceHeaders;
+use keel_schemas::{EncodeError, Encoder, Event};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio_util::sync::CancellationToken;
+
+/// Key of the advisory lock that serialises relay batches (`hashtext('keel.outbox.relay')` would
+/// do as well; a constant is easier to find in `pg_locks`).
+pub const RELAY_LOCK: i64 = 0x6b65_656c_0001;
+
+/// The relay's knobs; see [`keel_core::settings::RelaySettings`].
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub brokers: String,
+    pub registry_url: String,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub retention: Duration,
+}
+
+impl RelayConfig {
+    pub fn from_settings(s: &keel_core::Settings) -> Self {
+        Self {
+            brokers: s.kafka_brokers.clone(),
+            registry_url: s.schema_registry_url.clone(),
+            batch_size: s.relay.batch_size,
+            poll_interval: s.relay.poll_interval,
+            retention: s.relay.retention,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("{failed} of {total} records were not acknowledged by Kafka; first error: {first}")]
+    Delivery { failed: usize, total: usize, first: String },
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Another relay holds the lock.
+    NotLeader,
+    /// Rows published and marked (0 when nothing was pending).
+    Published(usize),
+}
+
+/// A claimed batch: the open transaction holding the relay lock and the rows' locks.
+pub struct Claim {
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<Pending>,
+}
+
+impl Claim {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+struct Pending {
+    id: i64,
+    topic: String,
+    key: String,
+    event: Event,
+    headers: TraceHeaders,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer,
+    encoder: Encoder,
+    config: RelayConfig,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, config: RelayConfig) -> anyhow::Result<Self> {
+        let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
+            .create()
+            .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
+        let encoder = Encoder::new(&config.registry_url)?;
+        Ok(Self { pool, producer, encoder, config })
+    }
+
+    /// Registers every contract for `topics` with the registry, so that a registry that refuses
+    /// one stops the relay at start-up with the reason.
+    pub async fn prepare(&self, topics: &[&str]) -> Result<(), EncodeError> {
+        for topic in topics {
+            self.encoder.prepare(topic).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the relay lock and claims the oldest pending rows. `None` when another relay holds
+    /// the lock. Rows whose payload cannot be read are set aside (marked failed) in the same
+    /// transaction, with an error log: they would otherwise block every row behind them.
+    pub async fn claim(&self) -> Result<Option<Claim>, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !leader {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers
+             FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL
+             ORDER BY id LIMIT $1 FOR UPDATE",
+        )
+        .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.get("id");
+            let payload: String = row.get("payload");
+            let headers: String = row.get("headers");
+            let parsed = serde_json::from_str::<Event>(&payload)
+                .map_err(|e| format!("payload is not a known event: {e}"))
+                .and_then(|event| {
+                    serde_json::from_str::<TraceHeaders>(&headers)
+                        .map(|h| (event, h))
+                        .map_err(|e| format!("headers are not a string map: {e}"))
+                });
+            match parsed {
+                Ok((event, headers)) => pending.push(Pending { id, topic: row.get("topic"), key: row.get("message_key"), event, headers }),
+                Err(reason) => {
+                    tracing::error!(outbox_id = id, reason, "Outbox row can never be published; set aside as failed");
+                    sqlx::query("UPDATE outbox.events SET failed_at = now(), error = $2 WHERE id = $1")
+                        .bind(id)
+                        .bind(&reason)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        Ok(Some(Claim { tx, rows: pending }))
+    }
+
+    /// Encodes and produces every claimed row, and waits until Kafka acknowledged all of them.
+    pub async fn produce(&self, claim: &Claim) -> Result<(), RelayError> {
+        let mut deliveries = Vec::with_capacity(claim.rows.len());
+        for row in &claim.rows {
+            let value = self.encoder.encode(&row.topic, &row.event).await?;
+            let event_id = row.event.event_id().to_string();
+            let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
+                .insert(Header { key: "keel-event-type", value: Some(row.event.name()) })
+                .insert(Header { key: "keel-event-id", value: Some(event_id.as_str()) });
+            for (k, v) in &row.headers {
+                headers = headers.insert(Header { key: k, value: Some(v.as_str()) });
+            }
+            let mut record = FutureRecord::to(&row.topic).key(&row.key).payload(&value).headers(headers);
+            // Enqueue without awaiting each delivery: the whole batch is in flight at once.
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        return Err(RelayError::Delivery { failed: 1, total: claim.rows.len(), first: e.to_string() });
+                    }
+                }
+            }
+        }
+        let total = deliveries.len();
+        let mut failed = 0;
+        let mut first = None;
+        for outcome in join_all(deliveries).await {
+            let error = match outcome {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => e.to_string(),
+                Err(_) => "delivery future cancelled (producer dropped)".to_owned(),
+            };
+            failed += 1;
+            first.get_or_insert(error);
+        }
+        match first {
+            None => Ok(()),
+            Some(first) => Err(RelayError::Delivery { failed, total, first }),
+        }
+    }
+
+    /// Marks the claimed rows published and commits, releasing the relay lock.
+    pub async fn mark(&self, claim: Claim) -> Result<usize, RelayError> {
+        let Claim { mut tx, rows } = claim;
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        sqlx::query("UPDATE outbox.events SET published_at = now() WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ids.len())
+    }
+
+    /// Claim, produce, mark.
+    pub async fn step(&self) -> Result<Step, RelayError> {
+        let Some(claim) = self.claim().await? else {
+            return Ok(Step::NotLeader);
+        };
+        if !claim.is_empty() {
+            self.produce(&claim).await?;
+        }
+        Ok(Step::Published(self.mark(claim).await?))
+    }
+
+    /// Deletes published rows older than the retention, a bounded number at a time.
+    pub async fn delete_expired(&self) -> Result<u64, sqlx::Error> {
+        let retention_secs = self.config.retention.as_secs_f64();
+        let deleted = sqlx::query(
+            "DELETE FROM outbox.events WHERE id IN (
+                SELECT id FROM outbox.events WHERE published_at < now() - make_interval(secs => $1) LIMIT 10000)",
+        )
+        .bind(retention_secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
+    /// Relays until `shutdown`: drains while full batches come back, then waits for a NOTIFY or
+    /// the polling interval. A failing step is retried with backoff. On shutdown the batch in
+    /// progress finishes (or rolls back) and the producer is flushed.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("keel_outbox").await?;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut last_cleanup: Option<Instant> = None;
+        tracing::info!(batch_size = self.config.batch_size, "Relay started");
+        while !shutdown.is_cancelled() {
+            let idle = match self.step().await {
+                Ok(Step::Published(n)) => {
+                    backoff.reset();
+                    if n > 0 {
+                        tracing::debug!(rows = n, "Published outbox batch");
+                    }
+                    n < self.config.batch_size
+                }
+                Ok(Step::NotLeader) => true,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, attempt = backoff.attempts(), "Relay step failed; will retry");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            };
+            if !idle {
+                continue;
+            }
+            if last_cleanup.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                last_cleanup = Some(Instant::now());
+                match self.delete_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "Deleted published outbox rows past retention"),
+                    Err(e) => tracing::warn!(error = %e, "Outbox cleanup failed"),
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                n = listener.recv() => if let Err(e) = n {
+                    tracing::warn!(error = %e, "Outbox LISTEN connection lost; polling until it is back");
+                    tokio::time::sleep(self.config.poll_interval).await;
+                },
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
+        tracing::info!("Relay stopped");
+        Ok(())
+    }
+}
