@@ -1,0 +1,53 @@
+//! Building and running the order service: what `keel order-service` and the tests both start.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::routes::{AppState, router};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub addr: SocketAddr,
+    pub orders_topic: String,
+}
+
+impl Config {
+    pub fn from_settings(s: &keel_core::Settings) -> Self {
+        Self { database_url: s.database_url.clone(), addr: s.order_service_addr, orders_topic: s.topics.orders.clone() }
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+}
+
+impl Application {
+    /// Applies the order service's and the outbox's migrations, connects, and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        keel_core::db::migrate(&config.database_url, crate::DB_SCHEMA, &crate::MIGRATOR).await?;
+        keel_core::db::migrate(&config.database_url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR).await?;
+        let pool = keel_core::db::pool(&config.database_url, 20).await?;
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("KEEL_ORDER_SERVICE_ADDR: cannot listen on {}: {e}", config.addr))?;
+        let state = AppState { pool, topic: Arc::from(config.orders_topic.as_str()) };
+        Ok(Self { listener, router: router(state).layer(TraceLayer::new_for_http()) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown`; requests in progress are finished first.
+    pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "Order service listening");
+        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        Ok(())
+    }
+}

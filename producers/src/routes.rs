@@ -1,0 +1,281 @@
+//! The order API's handlers. Each write is one transaction: lock the order row, change it,
+//! enqueue its event, commit. Holding the row lock while enqueueing is what makes outbox id order
+//! equal to the order's event order (see `keel_outbox`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, SubsecRound, Utc};
+use keel_core::telemetry::{self, TraceHeaders};
+use keel_schemas::{Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool, Row};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
+
+use crate::domain::{self, Cancellation, NewOrder, Order, Payment, Status};
+use crate::error::ApiError;
+use crate::extract::{JsonBody, OptionalJsonBody};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    /// Topic of order events.
+    pub topic: Arc<str>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/pay", post(pay_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .with_state(state)
+}
+
+/// Joins the caller's trace (if it sent `traceparent`) and returns the context to store with the
+/// event.
+fn trace_context(headers: &HeaderMap) -> TraceHeaders {
+    let parent = telemetry::extract(|k| headers.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned));
+    // Ignored when tracing is off: the caller's context is then forwarded as it came.
+    let _ = tracing::Span::current().set_parent(parent.clone());
+    telemetry::headers_for_current(&parent)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?;
+    Ok(Some(key.to_owned()))
+}
+
+/// Event timestamps have millisecond precision; so do the rows, so that both say the same.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+async fn create_order(State(state): State<AppState>, headers: HeaderMap, JsonBody(new): JsonBody<NewOrder>) -> Result<Response, ApiError> {
+    let valid = domain::validate(&new).map_err(ApiError::Invalid)?;
+    let key = idempotency_key(&headers)?;
+    let trace = trace_context(&headers);
+    let request = serde_json::to_value(&new).map_err(|e| ApiError::Unexpected(e.into()))?;
+
+    let mut tx = state.pool.begin().await?;
+    if let Some(key) = &key {
+        // Requests with one key queue here until the first commits; then they find its answer.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.idempotency.' || $1))").bind(key).execute(&mut *tx).await?;
+        let stored = sqlx::query("SELECT request, status_code, response FROM orders.idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = stored {
+            let first: Value = row.get("request");
+            if first != request {
+                return Err(ApiError::field("Idempotency-Key", "was already used with a different request body"));
+            }
+            let status = StatusCode::from_u16(row.get::<i16, _>("status_code") as u16).unwrap_or(StatusCode::OK);
+            let body: Value = row.get("response");
+            let location = body["id"].as_str().map(|id| format!("/orders/{id}")).unwrap_or_default();
+            return Ok((status, [(header::LOCATION, location), (header::HeaderName::from_static("idempotent-replayed"), "true".into())], Json(body)).into_response());
+        }
+    }
+
+    let id = Uuid::now_v7();
+    let at = now();
+    sqlx::query(
+        "INSERT INTO orders.orders (id, customer_id, customer_email, customer_name, currency, status, total_minor, version, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, 'created', $6, 1, $7, $7)",
+    )
+    .bind(id)
+    .bind(&valid.customer.id)
+    .bind(&valid.customer.email)
+    .bind(&valid.customer.name)
+    .bind(&valid.currency)
+    .bind(valid.total_minor)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
+    let line_no: Vec<i32> = (1..=valid.lines.len() as i32).collect();
+    let skus: Vec<&str> = valid.lines.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i32> = valid.lines.iter().map(|l| l.quantity).collect();
+    let prices: Vec<i64> = valid.lines.iter().map(|l| l.unit_price_minor).collect();
+    sqlx::query(
+        "INSERT INTO orders.order_lines (order_id, line_no, sku, quantity, unit_price_minor)
+         SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::int[], $5::bigint[])",
+    )
+    .bind(id)
+    .bind(&line_no)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(&mut *tx)
+    .await?;
+    let event = Event::OrderCreated(OrderCreated {
+        event_id: Uuid::new_v4(),
+        occurred_at: at.timestamp_millis(),
+        order_id: id,
+        order_version: 1,
+        customer: valid.customer.clone(),
+        currency: valid.currency.clone(),
+        lines: valid.lines.clone(),
+        total_minor: valid.total_minor,
+    });
+    keel_outbox::enqueue(&mut tx, &state.topic, &event, &trace).await?;
+    let order = Order {
+        id,
+        status: Status::Created,
+        version: 1,
+        customer: valid.customer,
+        currency: valid.currency,
+        lines: valid.lines,
+        total_minor: valid.total_minor,
+        payment_reference: None,
+        cancel_reason: None,
+        created_at: at,
+        updated_at: at,
+    };
+    let body = serde_json::to_value(&order).map_err(|e| ApiError::Unexpected(e.into()))?;
+    if let Some(key) = &key {
+        sqlx::query("INSERT INTO orders.idempotency_keys (key, request, status_code, response) VALUES ($1, $2, 201, $3)")
+            .bind(key)
+            .bind(&request)
+            .bind(&body)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(order_id = %id, total_minor = order.total_minor, "Order created");
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/orders/{id}"))], Json(body)).into_response())
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound(id.to_owned()))
+}
+
+/// Loads an order; with `lock`, holds its row lock until the transaction ends.
+pub async fn load_order(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Option<Order>, sqlx::Error> {
+    let sql = format!(
+        "SELECT id, customer_id, customer_email, customer_name, currency, status, total_minor, version,
+                payment_reference, cancel_reason, created_at, updated_at
+         FROM orders.orders WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&mut *conn).await? else {
+        return Ok(None);
+    };
+    let lines = sqlx::query("SELECT sku, quantity, unit_price_minor FROM orders.order_lines WHERE order_id = $1 ORDER BY line_no")
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|l| OrderLine { sku: l.get("sku"), quantity: l.get("quantity"), unit_price_minor: l.get("unit_price_minor") })
+        .collect();
+    let status: String = row.get("status");
+    Ok(Some(Order {
+        id,
+        status: Status::parse(&status).ok_or_else(|| sqlx::Error::Decode(format!("unknown order status {status:?}").into()))?,
+        version: row.get("version"),
+        customer: keel_schemas::Customer { id: row.get("customer_id"), email: row.get("customer_email"), name: row.get("customer_name") },
+        currency: row.get("currency"),
+        lines,
+        total_minor: row.get("total_minor"),
+        payment_reference: row.get("payment_reference"),
+        cancel_reason: row.get("cancel_reason"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+    }))
+}
+
+async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Order>, ApiError> {
+    let uuid = parse_id(&id)?;
+    let mut conn = state.pool.acquire().await?;
+    load_order(&mut conn, uuid, false).await?.map(Json).ok_or(ApiError::NotFound(id))
+}
+
+async fn pay_order(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, OptionalJsonBody(body): OptionalJsonBody<Payment>) -> Result<Json<Order>, ApiError> {
+    let reference = domain::optional_text("payment_reference", body.unwrap_or_default().payment_reference.as_deref(), 100)
+        .map_err(ApiError::Invalid)?
+        .unwrap_or_else(|| format!("pay-{}", Uuid::new_v4().simple()));
+    transition(&state, &id, &headers, Status::Paid, |order| {
+        order.payment_reference = Some(reference.clone());
+        Event::OrderPaid(OrderPaid {
+            event_id: Uuid::new_v4(),
+            occurred_at: order.updated_at.timestamp_millis(),
+            order_id: order.id,
+            order_version: order.version,
+            customer_id: order.customer.id.clone(),
+            currency: order.currency.clone(),
+            amount_minor: order.total_minor,
+            payment_reference: reference.clone(),
+        })
+    })
+    .await
+}
+
+async fn cancel_order(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, OptionalJsonBody(body): OptionalJsonBody<Cancellation>) -> Result<Json<Order>, ApiError> {
+    let reason = domain::optional_text("reason", body.unwrap_or_default().reason.as_deref(), 500).map_err(ApiError::Invalid)?;
+    transition(&state, &id, &headers, Status::Cancelled, |order| {
+        order.cancel_reason = reason.clone();
+        Event::OrderCancelled(OrderCancelled {
+            event_id: Uuid::new_v4(),
+            occurred_at: order.updated_at.timestamp_millis(),
+            order_id: order.id,
+            order_version: order.version,
+            customer_id: order.customer.id.clone(),
+            reason: reason.clone(),
+            lines: order.lines.clone(),
+        })
+    })
+    .await
+}
+
+/// Moves an order to `to` under its row lock, bumping its version, with the event `make` builds
+/// from the updated order, in one transaction.
+async fn transition(state: &AppState, id: &str, headers: &HeaderMap, to: Status, make: impl FnOnce(&mut Order) -> Event) -> Result<Json<Order>, ApiError> {
+    let uuid = parse_id(id)?;
+    let trace = trace_context(headers);
+    let mut tx = state.pool.begin().await?;
+    let mut order = load_order(&mut tx, uuid, true).await?.ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+    order.status.check_transition(to).map_err(ApiError::Conflict)?;
+    order.status = to;
+    order.version += 1;
+    order.updated_at = now();
+    let event = make(&mut order);
+    sqlx::query(
+        "UPDATE orders.orders SET status = $2, version = $3, updated_at = $4, payment_reference = $5, cancel_reason = $6 WHERE id = $1",
+    )
+    .bind(uuid)
+    .bind(to.as_str())
+    .bind(order.version)
+    .bind(order.updated_at)
+    .bind(&order.payment_reference)
+    .bind(&order.cancel_reason)
+    .execute(&mut *tx)
+    .await?;
+    keel_outbox::enqueue(&mut tx, &state.topic, &event, &trace).await?;
+    tx.commit().await?;
+    tracing::info!(order_id = %uuid, status = to.as_str(), version = order.version, "Order updated");
+    Ok(Json(order))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let check = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool)).await;
+    match check {
+        Ok(Ok(_)) => Json(json!({"status": "ready"})).into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": e.to_string()}))).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": "timed out"}))).into_response(),
+    }
+}
