@@ -1,0 +1,72 @@
+//! `keel`: one binary, one subcommand per service or tool. `main` only parses, reads settings,
+//! starts telemetry and hands a shutdown token to the service.
+
+use clap::{Parser, Subcommand};
+use keel_core::Settings;
+
+mod commands;
+
+#[derive(Parser)]
+#[command(name = "keel", version, about = "keel: an event-streaming backbone on Apache Kafka")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the database if needed and apply every component's migrations.
+    Migrate,
+    /// Run keel's Confluent-compatible schema registry (KEEL_REGISTRY_ADDR).
+    Registry,
+    /// Run the order service's HTTP API (KEEL_ORDER_SERVICE_ADDR).
+    OrderService,
+    /// Run the outbox relay: publish committed outbox rows to Kafka.
+    Relay,
+    /// Run a consumer group.
+    Consume {
+        /// The group: inventory.
+        group: String,
+    },
+    /// Manage topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Print every setting keel reads, its default and its current value.
+    Settings,
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create keel's topics with their partition counts (existing ones are left alone).
+    Create,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keel: configuration error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    keel_core::telemetry::init("keel");
+    let result = match cli.command {
+        Command::Migrate => commands::migrate(&settings).await,
+        Command::Registry => commands::registry(&settings).await,
+        Command::OrderService => commands::order_service(&settings).await,
+        Command::Relay => commands::relay(&settings).await,
+        Command::Consume { group } => commands::consume(&settings, &group).await,
+        Command::Topics(TopicsCommand::Create) => commands::create_topics(&settings).await,
+        Command::Settings => commands::print_settings(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "keel failed");
+            eprintln!("keel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
