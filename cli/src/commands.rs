@@ -10,17 +10,30 @@ pub const ORDERS_PARTITIONS: i32 = 6;
 
 pub async fn migrate(s: &Settings) -> anyhow::Result<()> {
     let url = &s.database_url;
-    keel_core::db::ensure_database(url).await.context("KEEL_DATABASE_URL: cannot create or reach the database")?;
-    keel_core::db::migrate(url, keel_schemas::registry::DB_SCHEMA, &keel_schemas::registry::MIGRATOR).await?;
+    keel_core::db::ensure_database(url)
+        .await
+        .context("KEEL_DATABASE_URL: cannot create or reach the database")?;
+    keel_core::db::migrate(
+        url,
+        keel_schemas::registry::DB_SCHEMA,
+        &keel_schemas::registry::MIGRATOR,
+    )
+    .await?;
     keel_core::db::migrate(url, keel_producers::DB_SCHEMA, &keel_producers::MIGRATOR).await?;
     keel_core::db::migrate(url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR).await?;
-    keel_consumers::migrate(url, &keel_consumers::inventory::Inventory::new(&s.topics.orders)).await?;
+    keel_consumers::migrate(
+        url,
+        &keel_consumers::inventory::Inventory::new(&s.topics.orders),
+    )
+    .await?;
     tracing::info!("Migrations applied");
     Ok(())
 }
 
 pub async fn registry(s: &Settings) -> anyhow::Result<()> {
-    keel_core::db::ensure_database(&s.database_url).await.context("KEEL_DATABASE_URL")?;
+    keel_core::db::ensure_database(&s.database_url)
+        .await
+        .context("KEEL_DATABASE_URL")?;
     let token = shutdown::on_signal();
     let (_, task) = keel_schemas::registry::spawn(&s.database_url, s.registry_addr, token).await?;
     task.await?
@@ -32,7 +45,12 @@ pub async fn order_service(s: &Settings) -> anyhow::Result<()> {
 }
 
 pub async fn relay(s: &Settings) -> anyhow::Result<()> {
-    keel_core::db::migrate(&s.database_url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR).await?;
+    keel_core::db::migrate(
+        &s.database_url,
+        keel_outbox::DB_SCHEMA,
+        &keel_outbox::MIGRATOR,
+    )
+    .await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
     let relay = keel_outbox::Relay::new(pool, keel_outbox::RelayConfig::from_settings(s))?;
     relay
@@ -48,14 +66,21 @@ pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
             let handler = keel_consumers::inventory::Inventory::new(&s.topics.orders);
             run_group(s, handler).await
         }
-        other => anyhow::bail!("unknown consumer group {other:?}; known groups: {}", keel_consumers::inventory::GROUP),
+        other => anyhow::bail!(
+            "unknown consumer group {other:?}; known groups: {}",
+            keel_consumers::inventory::GROUP
+        ),
     }
 }
 
 async fn run_group<H: keel_consumers::Handler>(s: &Settings, handler: H) -> anyhow::Result<()> {
     keel_consumers::migrate(&s.database_url, &handler).await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
-    let consumer = keel_consumers::Consumer::new(handler, pool, keel_consumers::ConsumerConfig::from_settings(s))?;
+    let consumer = keel_consumers::Consumer::new(
+        handler,
+        pool,
+        keel_consumers::ConsumerConfig::from_settings(s),
+    )?;
     consumer.run(shutdown::on_signal()).await
 }
 
@@ -63,7 +88,12 @@ pub async fn create_topics(s: &Settings) -> anyhow::Result<()> {
     let topics = [TopicSpec::new(&s.topics.orders, ORDERS_PARTITIONS)];
     keel_core::kafka::create_topics(&s.kafka_brokers, &topics)
         .await
-        .with_context(|| format!("KEEL_KAFKA_BROKERS: cannot create topics on {}", s.kafka_brokers))?;
+        .with_context(|| {
+            format!(
+                "KEEL_KAFKA_BROKERS: cannot create topics on {}",
+                s.kafka_brokers
+            )
+        })?;
     for t in &topics {
         println!("topic {} ({} partitions)", t.name, t.partitions);
     }

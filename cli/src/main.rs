@@ -7,7 +7,11 @@ use keel_core::Settings;
 mod commands;
 
 #[derive(Parser)]
-#[command(name = "keel", version, about = "keel: an event-streaming backbone on Apache Kafka")]
+#[command(
+    name = "keel",
+    version,
+    about = "keel: an event-streaming backbone on Apache Kafka"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -36,7 +36,13 @@ impl Stack {
     async fn start() -> Self {
         let db = TestDb::new().await;
         let shutdown = CancellationToken::new();
-        let (registry, _) = keel_schemas::registry::spawn(&db.url, "127.0.0.1:0".parse().unwrap(), shutdown.clone()).await.unwrap();
+        let (registry, _) = keel_schemas::registry::spawn(
+            &db.url,
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
         let topic = TestTopic::new("orders", 6).await;
         let app = keel_producers::Application::build(keel_producers::Config {
             database_url: db.url.clone(),
@@ -48,7 +54,15 @@ impl Stack {
         let api = format!("http://{}", app.local_addr());
         tokio::spawn(app.run_until(shutdown.clone()));
         let pool = db.pool().await;
-        Self { db, pool, registry_url: format!("http://{registry}"), api, topic, shutdown, http: reqwest::Client::new() }
+        Self {
+            db,
+            pool,
+            registry_url: format!("http://{registry}"),
+            api,
+            topic,
+            shutdown,
+            http: reqwest::Client::new(),
+        }
     }
 
     fn relay(&self) -> Relay {
@@ -66,24 +80,47 @@ impl Stack {
     }
 
     async fn inventory(&self, group: &str) -> Consumer<Inventory> {
-        let handler = Inventory { group: group.to_owned(), orders_topic: self.topic.name.clone() };
-        keel_consumers::migrate(&self.db.url, &handler).await.unwrap();
-        let config = ConsumerConfig { brokers: brokers(), registry_url: self.registry_url.clone(), max_retry_backoff: Duration::from_secs(1) };
+        let handler = Inventory {
+            group: group.to_owned(),
+            orders_topic: self.topic.name.clone(),
+        };
+        keel_consumers::migrate(&self.db.url, &handler)
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            brokers: brokers(),
+            registry_url: self.registry_url.clone(),
+            max_retry_backoff: Duration::from_secs(1),
+        };
         Consumer::new(handler, self.pool.clone(), config).unwrap()
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
-        let resp = self.http.post(format!("{}{path}", self.api)).json(&body).send().await.unwrap();
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert!(resp.status().is_success(), "{path}: {}", resp.status());
         resp.json().await.unwrap()
     }
 
     async fn stock(&self, sku: &str) -> (i32, i32) {
-        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1").bind(sku).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1")
+            .bind(sku)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     async fn processed(&self, group: &str) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM consumers.processed_events WHERE group_id = $1").bind(group).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM consumers.processed_events WHERE group_id = $1")
+            .bind(group)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 }
 
@@ -92,7 +129,8 @@ fn order(lines: Value) -> Value {
 }
 
 #[tokio::test]
-async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_before_the_offset_commit() {
+async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_before_the_offset_commit()
+ {
     let stack = Stack::start().await;
     let group = unique("inventory");
     let created = stack.post("/orders", order(json!([{"sku": "SKU-1", "quantity": 2, "unit_price_minor": 100}, {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 100}]))).await;
@@ -118,7 +156,10 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
     let second = stack.inventory(&group).await;
     for _ in 0..2 {
         let message = second.next(&never).await.unwrap();
-        assert_eq!(second.apply(&message, &never).await, Some(Outcome::Duplicate));
+        assert_eq!(
+            second.apply(&message, &never).await,
+            Some(Outcome::Duplicate)
+        );
         second.store(&message).unwrap();
     }
     assert_eq!(stack.stock("SKU-1").await, (10000, 2), "reserved once");
@@ -126,16 +167,19 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
     assert_eq!(stack.processed(&group).await, 1);
 
     // Payment takes the stock out, once.
-    stack.post(&format!("/orders/{order_id}/pay"), json!({})).await;
+    stack
+        .post(&format!("/orders/{order_id}/pay"), json!({}))
+        .await;
     assert_eq!(stack.relay().step().await.unwrap(), Step::Published(1));
     let message = second.next(&never).await.unwrap();
     assert_eq!(second.apply(&message, &never).await, Some(Outcome::Applied));
     assert_eq!(stack.stock("SKU-1").await, (9998, 0));
-    let status: String = sqlx::query_scalar("SELECT status FROM inventory.reservations WHERE order_id = $1::uuid")
-        .bind(&order_id)
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap();
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM inventory.reservations WHERE order_id = $1::uuid")
+            .bind(&order_id)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
     assert_eq!(status, "fulfilled");
 }
 
@@ -148,29 +192,75 @@ async fn the_running_services_reserve_and_release_and_skip_undecodable_records()
     let consumer = tokio::spawn(stack.inventory(&group).await.run(stop.clone()));
 
     // A poison record among the events: logged, counted as skipped, and does not block.
-    let producer: rdkafka::producer::FutureProducer = keel_core::kafka::producer_config(&brokers()).create().unwrap();
+    let producer: rdkafka::producer::FutureProducer = keel_core::kafka::producer_config(&brokers())
+        .create()
+        .unwrap();
     producer
-        .send(rdkafka::producer::FutureRecord::to(&stack.topic.name).key("poison").payload(&b"\x00\x00\x00\x00\x07garbage"[..]), Duration::from_secs(10))
+        .send(
+            rdkafka::producer::FutureRecord::to(&stack.topic.name)
+                .key("poison")
+                .payload(&b"\x00\x00\x00\x00\x07garbage"[..]),
+            Duration::from_secs(10),
+        )
         .await
         .unwrap();
 
-    let a = stack.post("/orders", order(json!([{"sku": "SKU-3", "quantity": 5, "unit_price_minor": 100}]))).await;
-    let b = stack.post("/orders", order(json!([{"sku": "SKU-3", "quantity": 4, "unit_price_minor": 100}]))).await;
-    stack.post(&format!("/orders/{}/cancel", b["id"].as_str().unwrap()), json!({"reason": "test"})).await;
-    let huge = stack.post("/orders", order(json!([{"sku": "SKU-4", "quantity": 20000, "unit_price_minor": 1}]))).await;
+    let a = stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-3", "quantity": 5, "unit_price_minor": 100}])),
+        )
+        .await;
+    let b = stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-3", "quantity": 4, "unit_price_minor": 100}])),
+        )
+        .await;
+    stack
+        .post(
+            &format!("/orders/{}/cancel", b["id"].as_str().unwrap()),
+            json!({"reason": "test"}),
+        )
+        .await;
+    let huge = stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-4", "quantity": 20000, "unit_price_minor": 1}])),
+        )
+        .await;
 
-    eventually("inventory to apply four events", Duration::from_secs(60), || async {
-        (stack.processed(&group).await == 4).then_some(())
-    })
+    eventually(
+        "inventory to apply four events",
+        Duration::from_secs(60),
+        || async { (stack.processed(&group).await == 4).then_some(()) },
+    )
     .await;
-    assert_eq!(stack.stock("SKU-3").await, (10000, 5), "a holds 5; b's 4 were released");
-    assert_eq!(stack.stock("SKU-4").await, (10000, 0), "too large an order holds nothing");
-    let statuses: Vec<(String, String)> = sqlx::query_as("SELECT order_id::text, status FROM inventory.reservations ORDER BY status")
-        .fetch_all(&stack.pool)
-        .await
-        .unwrap();
-    let status_of = |o: &Value| statuses.iter().find(|(id, _)| id == o["id"].as_str().unwrap()).map(|(_, s)| s.as_str());
-    assert_eq!((status_of(&a), status_of(&b), status_of(&huge)), (Some("reserved"), Some("released"), Some("rejected")));
+    assert_eq!(
+        stack.stock("SKU-3").await,
+        (10000, 5),
+        "a holds 5; b's 4 were released"
+    );
+    assert_eq!(
+        stack.stock("SKU-4").await,
+        (10000, 0),
+        "too large an order holds nothing"
+    );
+    let statuses: Vec<(String, String)> =
+        sqlx::query_as("SELECT order_id::text, status FROM inventory.reservations ORDER BY status")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap();
+    let status_of = |o: &Value| {
+        statuses
+            .iter()
+            .find(|(id, _)| id == o["id"].as_str().unwrap())
+            .map(|(_, s)| s.as_str())
+    };
+    assert_eq!(
+        (status_of(&a), status_of(&b), status_of(&huge)),
+        (Some("reserved"), Some("released"), Some("rejected"))
+    );
 
     stop.cancel();
     relay.await.unwrap().unwrap();
@@ -204,7 +294,10 @@ fn keel(stack: &Stack, args: &[&str]) -> Proc {
 }
 
 async fn published(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL").fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -224,42 +317,68 @@ async fn killing_the_relay_process_mid_stream_loses_no_event() {
                 reason: None,
                 lines: vec![],
             });
-            keel_outbox::enqueue(&mut tx, &stack.topic.name, &event, &Default::default()).await.unwrap();
+            keel_outbox::enqueue(&mut tx, &stack.topic.name, &event, &Default::default())
+                .await
+                .unwrap();
         }
         tx.commit().await.unwrap();
     }
 
     let mut relay = keel(&stack, &["relay"]);
-    eventually("the relay to publish something", Duration::from_secs(60), || async { (published(&stack.pool).await > 0).then_some(()) }).await;
+    eventually(
+        "the relay to publish something",
+        Duration::from_secs(60),
+        || async { (published(&stack.pool).await > 0).then_some(()) },
+    )
+    .await;
     relay.0.kill().unwrap(); // SIGKILL, mid-stream
     relay.0.wait().unwrap();
     let before = published(&stack.pool).await;
     assert!(before < total, "killed before the end (published {before})");
 
     let mut restarted = keel(&stack, &["relay"]);
-    eventually("the restarted relay to drain the outbox", Duration::from_secs(120), || async {
-        (keel_outbox::pending(&stack.pool).await.ok()? == 0).then_some(())
-    })
+    eventually(
+        "the restarted relay to drain the outbox",
+        Duration::from_secs(120),
+        || async { (keel_outbox::pending(&stack.pool).await.ok()? == 0).then_some(()) },
+    )
     .await;
     // Graceful stop: SIGTERM, exit 0.
-    Command::new("kill").args(["-TERM", &restarted.0.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &restarted.0.id().to_string()])
+        .status()
+        .unwrap();
     assert!(restarted.0.wait().unwrap().success());
 
     let ids = |messages: &[rdkafka::message::OwnedMessage]| -> std::collections::HashSet<String> {
         messages
             .iter()
-            .filter_map(|m| m.headers()?.iter().find(|h| h.key == "keel-event-id").and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()))
+            .filter_map(|m| {
+                m.headers()?
+                    .iter()
+                    .find(|h| h.key == "keel-event-id")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
             .collect()
     };
-    let messages = read_topic(&stack.topic.name, Duration::from_secs(120), |m| ids(m).len() as i64 >= total).await;
-    let expected: std::collections::HashSet<String> = sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox.events")
-        .fetch_all(&stack.pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|u| u.to_string())
-        .collect();
-    assert_eq!(ids(&messages), expected, "every outbox event is on the topic");
+    let messages = read_topic(&stack.topic.name, Duration::from_secs(120), |m| {
+        ids(m).len() as i64 >= total
+    })
+    .await;
+    let expected: std::collections::HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox.events")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    assert_eq!(
+        ids(&messages),
+        expected,
+        "every outbox event is on the topic"
+    );
 }
 
 #[test]

@@ -25,7 +25,10 @@ pub struct Inventory {
 
 impl Inventory {
     pub fn new(orders_topic: &str) -> Self {
-        Self { group: GROUP.to_owned(), orders_topic: orders_topic.to_owned() }
+        Self {
+            group: GROUP.to_owned(),
+            orders_topic: orders_topic.to_owned(),
+        }
     }
 }
 
@@ -45,7 +48,11 @@ async fn status(tx: &mut PgConnection, order_id: Uuid) -> Result<Option<String>,
         .await
 }
 
-async fn set_status(tx: &mut PgConnection, order_id: Uuid, status: &str) -> Result<(), sqlx::Error> {
+async fn set_status(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    status: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO inventory.reservations (order_id, status) VALUES ($1, $2)
          ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now()",
@@ -58,15 +65,25 @@ async fn set_status(tx: &mut PgConnection, order_id: Uuid, status: &str) -> Resu
 }
 
 async fn held(tx: &mut PgConnection, order_id: Uuid) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku")
-        .bind(order_id)
-        .fetch_all(tx)
-        .await?;
-    Ok(rows.iter().map(|r| (r.get("sku"), i64::from(r.get::<i32, _>("quantity")))).collect())
+    let rows = sqlx::query(
+        "SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku",
+    )
+    .bind(order_id)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("sku"), i64::from(r.get::<i32, _>("quantity"))))
+        .collect())
 }
 
 impl Inventory {
-    async fn reserve(&self, tx: &mut PgConnection, order_id: Uuid, lines: &[OrderLine]) -> Result<(), HandlerError> {
+    async fn reserve(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+        lines: &[OrderLine],
+    ) -> Result<(), HandlerError> {
         if status(tx, order_id).await?.is_some() {
             return Ok(()); // cancelled before we saw it, or already handled
         }
@@ -79,7 +96,9 @@ impl Inventory {
             .iter()
             .map(|r| (r.get("sku"), i64::from(r.get::<i32, _>("free"))))
             .collect();
-        let enough = wanted.iter().all(|(sku, q)| available.get(*sku).is_some_and(|free| free >= q));
+        let enough = wanted
+            .iter()
+            .all(|(sku, q)| available.get(*sku).is_some_and(|free| free >= q));
         if !enough {
             tracing::info!(%order_id, "Not enough stock; order rejected by inventory");
             return Ok(set_status(tx, order_id, "rejected").await?);
@@ -88,7 +107,11 @@ impl Inventory {
         for (sku, q) in &wanted {
             sqlx::query("UPDATE inventory.stock SET reserved = reserved + $2 WHERE sku = $1")
                 .bind(sku)
-                .bind(i32::try_from(*q).map_err(|_| HandlerError::Permanent(format!("quantity of {sku} overflows")))?)
+                .bind(
+                    i32::try_from(*q).map_err(|_| {
+                        HandlerError::Permanent(format!("quantity of {sku} overflows"))
+                    })?,
+                )
                 .execute(&mut *tx)
                 .await?;
             sqlx::query("INSERT INTO inventory.reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)")
@@ -102,7 +125,12 @@ impl Inventory {
     }
 
     /// `paid`: the held stock leaves (on_hand and reserved both drop); otherwise it is released.
-    async fn settle(&self, tx: &mut PgConnection, order_id: Uuid, paid: bool) -> Result<(), HandlerError> {
+    async fn settle(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+        paid: bool,
+    ) -> Result<(), HandlerError> {
         match status(tx, order_id).await?.as_deref() {
             Some("reserved") => {
                 for (sku, q) in held(tx, order_id).await? {
@@ -111,7 +139,11 @@ impl Inventory {
                     } else {
                         "UPDATE inventory.stock SET reserved = reserved - $2 WHERE sku = $1"
                     };
-                    sqlx::query(sql).bind(&sku).bind(q as i32).execute(&mut *tx).await?;
+                    sqlx::query(sql)
+                        .bind(&sku)
+                        .bind(q as i32)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 set_status(tx, order_id, if paid { "fulfilled" } else { "released" }).await?;
             }
@@ -136,7 +168,12 @@ impl Handler for Inventory {
         Some((DB_SCHEMA, &MIGRATOR))
     }
 
-    async fn handle(&self, tx: &mut PgConnection, event: &Event, _meta: &Meta) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        _meta: &Meta,
+    ) -> Result<(), HandlerError> {
         match event {
             Event::OrderCreated(e) => self.reserve(tx, e.order_id, &e.lines).await,
             Event::OrderPaid(e) => self.settle(tx, e.order_id, true).await,

@@ -65,7 +65,12 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Applies `event`'s effect in `tx`. Runs at most once per event id per group, in the sense
     /// that only one run ever commits.
-    fn handle(&self, tx: &mut PgConnection, event: &Event, meta: &Meta) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        meta: &Meta,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// What became of one record.
@@ -90,7 +95,11 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     pub fn from_settings(s: &keel_core::Settings) -> Self {
-        Self { brokers: s.kafka_brokers.clone(), registry_url: s.schema_registry_url.clone(), max_retry_backoff: s.consumer.max_retry_backoff }
+        Self {
+            brokers: s.kafka_brokers.clone(),
+            registry_url: s.schema_registry_url.clone(),
+            max_retry_backoff: s.consumer.max_retry_backoff,
+        }
     }
 }
 
@@ -105,14 +114,21 @@ pub struct Consumer<H: Handler> {
 impl<H: Handler> Consumer<H> {
     /// Joins `handler`'s group and subscribes to its topics.
     pub fn new(handler: H, pool: PgPool, config: ConsumerConfig) -> anyhow::Result<Self> {
-        let consumer: StreamConsumer = keel_core::kafka::consumer_config(&config.brokers, handler.group())
-            .create()
-            .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
+        let consumer: StreamConsumer =
+            keel_core::kafka::consumer_config(&config.brokers, handler.group())
+                .create()
+                .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
         let topics = handler.topics();
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let decoder = Decoder::new(&config.registry_url)?;
-        Ok(Self { handler, pool, consumer, decoder, config })
+        Ok(Self {
+            handler,
+            pool,
+            consumer,
+            decoder,
+            config,
+        })
     }
 
     pub fn handler(&self) -> &H {
@@ -139,8 +155,16 @@ impl<H: Handler> Consumer<H> {
     /// Applies one record's effect, retrying transient failures with backoff until it succeeds
     /// or `shutdown` (then `None`: the record was not applied and its offset must not be stored).
     /// Does not store the offset: see [`Consumer::store`].
-    pub async fn apply(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> Option<Outcome> {
-        let meta = Meta { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
+    pub async fn apply(
+        &self,
+        message: &BorrowedMessage<'_>,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
+        let meta = Meta {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
         loop {
             let error = match self.try_apply(message, &meta).await {
@@ -161,7 +185,11 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// One attempt. `Err` is transient (retry); permanent failures are `Ok(Skipped)`.
-    async fn try_apply(&self, message: &BorrowedMessage<'_>, meta: &Meta) -> Result<Outcome, anyhow::Error> {
+    async fn try_apply(
+        &self,
+        message: &BorrowedMessage<'_>,
+        meta: &Meta,
+    ) -> Result<Outcome, anyhow::Error> {
         let event = match self.decoder.decode(message.payload()).await {
             Ok(event) => event,
             Err(DecodeError::Transient(e)) => anyhow::bail!("decoding: {e}"),
@@ -214,10 +242,18 @@ impl<H: Handler> Consumer<H> {
             };
             match &outcome {
                 Outcome::Skipped(reason) => tracing::warn!(
-                    group, topic = message.topic(), partition = message.partition(), offset = message.offset(), reason,
+                    group,
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    reason,
                     "Skipping a record that can never be applied"
                 ),
-                Outcome::Duplicate => tracing::debug!(group, offset = message.offset(), "Duplicate record; effect already applied"),
+                Outcome::Duplicate => tracing::debug!(
+                    group,
+                    offset = message.offset(),
+                    "Duplicate record; effect already applied"
+                ),
                 Outcome::Applied | Outcome::Ignored => {}
             }
             self.store(&message)?;

@@ -14,8 +14,8 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 /// A pool with bounded waits, so an unreachable database shows up as an error, not a hang.
 pub async fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
-        .map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
+    let options =
+        PgConnectOptions::from_str(url).map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
@@ -25,21 +25,25 @@ pub async fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 
 /// Creates the database named in `url` if it does not exist yet.
 pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
-    let options = PgConnectOptions::from_str(url)
-        .map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
+    let options =
+        PgConnectOptions::from_str(url).map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut admin = options.clone().database("postgres").connect().await?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
     if !exists {
         // Two processes may race here; the loser's "already exists" is fine.
         let created = sqlx::query(&format!("CREATE DATABASE {}", quote_ident(&name)))
             .execute(&mut admin)
             .await;
         if let Err(e) = created {
-            let duplicate = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04");
+            let duplicate = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "42P04");
             if !duplicate {
                 return Err(e.into());
             }
@@ -53,11 +57,17 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
 pub async fn drop_database(url: &str) -> anyhow::Result<()> {
     let options = PgConnectOptions::from_str(url)?;
     let name = options.get_database().unwrap_or_default().to_owned();
-    anyhow::ensure!(!name.is_empty() && name != "postgres", "refusing to drop {name:?}");
+    anyhow::ensure!(
+        !name.is_empty() && name != "postgres",
+        "refusing to drop {name:?}"
+    );
     let mut admin = options.database("postgres").connect().await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&name)))
-        .execute(&mut admin)
-        .await?;
+    sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_ident(&name)
+    ))
+    .execute(&mut admin)
+    .await?;
     admin.close().await?;
     Ok(())
 }
@@ -72,8 +82,12 @@ pub async fn migrate(url: &str, schema: &str, migrator: &Migrator) -> anyhow::Re
         .bind(schema)
         .execute(&mut conn)
         .await?;
-    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {ident}")).execute(&mut conn).await?;
-    sqlx::query(&format!("SET search_path TO {ident}")).execute(&mut conn).await?;
+    sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {ident}"))
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!("SET search_path TO {ident}"))
+        .execute(&mut conn)
+        .await?;
     migrator
         .run(&mut conn)
         .await
@@ -90,9 +104,15 @@ pub fn quote_ident(name: &str) -> String {
 /// True when the error says the database could not be reached at all (as opposed to a query
 /// that failed): callers map it to 503 or retry.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
-        || e.as_database_error()
-            .and_then(|d| d.code())
-            // 57P01..03: admin shutdown, crash shutdown, cannot connect now; 08xxx: connection.
-            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    ) || e
+        .as_database_error()
+        .and_then(|d| d.code())
+        // 57P01..03: admin shutdown, crash shutdown, cannot connect now; 08xxx: connection.
+        .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
 }

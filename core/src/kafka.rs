@@ -64,7 +64,11 @@ pub struct TopicSpec {
 
 impl TopicSpec {
     pub fn new(name: impl Into<String>, partitions: i32) -> Self {
-        Self { name: name.into(), partitions, replication: 1 }
+        Self {
+            name: name.into(),
+            partitions,
+            replication: 1,
+        }
     }
 }
 
@@ -81,7 +85,13 @@ pub async fn create_topics(brokers: &str, specs: &[TopicSpec]) -> anyhow::Result
     let admin = admin(brokers)?;
     let new: Vec<NewTopic<'_>> = specs
         .iter()
-        .map(|s| NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication)))
+        .map(|s| {
+            NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(s.replication),
+            )
+        })
         .collect();
     for result in admin.create_topics(&new, &admin_options()).await? {
         match result {

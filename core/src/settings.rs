@@ -26,18 +26,66 @@ pub enum SettingsError {
 
 /// Every key keel reads, with its default and what it means. `keel settings` prints this table.
 pub const KEYS: &[(&str, &str, &str)] = &[
-    ("KEEL_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keel", "PostgreSQL database holding orders, the outbox, the registry and consumer state"),
-    ("KEEL_KAFKA_BROKERS", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated"),
-    ("KEEL_SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081", "Confluent-compatible Schema Registry base URL"),
-    ("KEEL_TOPIC_ORDERS", "orders", "Topic carrying every order event, keyed by order id"),
-    ("KEEL_ORDER_SERVICE_ADDR", "127.0.0.1:8080", "Listen address of the order service's HTTP API"),
-    ("KEEL_REGISTRY_ADDR", "127.0.0.1:8081", "Listen address of keel's own schema registry"),
-    ("KEEL_RELAY_BATCH_SIZE", "500", "Outbox rows the relay claims, publishes and marks per transaction"),
-    ("KEEL_RELAY_POLL_INTERVAL_MS", "1000", "Relay's polling fallback when no NOTIFY arrives"),
-    ("KEEL_OUTBOX_RETENTION_SECS", "86400", "How long published outbox rows are kept before deletion"),
-    ("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "30000", "Upper bound of a consumer's backoff between retries of a transient failure"),
-    ("KEEL_RUN_DIR", ".run", "Where `make up-kafka` keeps logs and pid files (scripts only)"),
-    ("KEEL_STACK", "local", "Which stack `make up-kafka` starts (scripts only)"),
+    (
+        "KEEL_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/keel",
+        "PostgreSQL database holding orders, the outbox, the registry and consumer state",
+    ),
+    (
+        "KEEL_KAFKA_BROKERS",
+        "127.0.0.1:9092",
+        "Kafka bootstrap servers, comma separated",
+    ),
+    (
+        "KEEL_SCHEMA_REGISTRY_URL",
+        "http://127.0.0.1:8081",
+        "Confluent-compatible Schema Registry base URL",
+    ),
+    (
+        "KEEL_TOPIC_ORDERS",
+        "orders",
+        "Topic carrying every order event, keyed by order id",
+    ),
+    (
+        "KEEL_ORDER_SERVICE_ADDR",
+        "127.0.0.1:8080",
+        "Listen address of the order service's HTTP API",
+    ),
+    (
+        "KEEL_REGISTRY_ADDR",
+        "127.0.0.1:8081",
+        "Listen address of keel's own schema registry",
+    ),
+    (
+        "KEEL_RELAY_BATCH_SIZE",
+        "500",
+        "Outbox rows the relay claims, publishes and marks per transaction",
+    ),
+    (
+        "KEEL_RELAY_POLL_INTERVAL_MS",
+        "1000",
+        "Relay's polling fallback when no NOTIFY arrives",
+    ),
+    (
+        "KEEL_OUTBOX_RETENTION_SECS",
+        "86400",
+        "How long published outbox rows are kept before deletion",
+    ),
+    (
+        "KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS",
+        "30000",
+        "Upper bound of a consumer's backoff between retries of a transient failure",
+    ),
+    (
+        "KEEL_RUN_DIR",
+        ".run",
+        "Where `make up-kafka` keeps logs and pid files (scripts only)",
+    ),
+    (
+        "KEEL_STACK",
+        "local",
+        "Which stack `make up-kafka` starts (scripts only)",
+    ),
     ("KEEL_TANSU", "", "Path of the tansu binary (scripts only)"),
 ];
 
@@ -84,13 +132,24 @@ impl Settings {
     }
 
     /// Reads settings from `(key, value)` pairs; non-`KEEL_` keys are ignored.
-    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, SettingsError> {
-        let vars: BTreeMap<String, String> =
-            vars.into_iter().filter(|(k, _)| k.starts_with("KEEL_")).collect();
-        if let Some(key) = vars.keys().find(|k| !KEYS.iter().any(|(known, _, _)| known == k)) {
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let vars: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("KEEL_"))
+            .collect();
+        if let Some(key) = vars
+            .keys()
+            .find(|k| !KEYS.iter().any(|(known, _, _)| known == k))
+        {
             return Err(SettingsError::Unknown {
                 key: key.clone(),
-                known: KEYS.iter().map(|(k, _, _)| *k).collect::<Vec<_>>().join(", "),
+                known: KEYS
+                    .iter()
+                    .map(|(k, _, _)| *k)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let source = Source(vars);
@@ -105,7 +164,9 @@ impl Settings {
                 .parse::<String>("KEEL_SCHEMA_REGISTRY_URL")?
                 .trim_end_matches('/')
                 .to_owned(),
-            topics: Topics { orders: source.parse("KEEL_TOPIC_ORDERS")? },
+            topics: Topics {
+                orders: source.parse("KEEL_TOPIC_ORDERS")?,
+            },
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
             relay: RelaySettings {
@@ -145,11 +206,18 @@ impl Source {
         if value.trim().is_empty() {
             return Err(self.invalid(key, "must not be empty"));
         }
-        value.trim().parse().map_err(|e: T::Err| self.invalid(key, &e.to_string()))
+        value
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| self.invalid(key, &e.to_string()))
     }
 
     fn invalid(&self, key: &'static str, message: &str) -> SettingsError {
-        SettingsError::Invalid { key, value: self.raw(key), message: message.to_owned() }
+        SettingsError::Invalid {
+            key,
+            value: self.raw(key),
+            message: message.to_owned(),
+        }
     }
 }
 
@@ -158,7 +226,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
@@ -173,17 +244,28 @@ mod tests {
     #[test]
     fn a_bad_value_names_its_key() {
         let err = Settings::from_vars(vars(&[("KEEL_RELAY_BATCH_SIZE", "many")])).unwrap_err();
-        assert!(err.to_string().starts_with("KEEL_RELAY_BATCH_SIZE:"), "{err}");
+        assert!(
+            err.to_string().starts_with("KEEL_RELAY_BATCH_SIZE:"),
+            "{err}"
+        );
         let err = Settings::from_vars(vars(&[("KEEL_RELAY_BATCH_SIZE", "0")])).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
-        let err = Settings::from_vars(vars(&[("KEEL_ORDER_SERVICE_ADDR", "localhost")])).unwrap_err();
-        assert!(err.to_string().starts_with("KEEL_ORDER_SERVICE_ADDR:"), "{err}");
+        let err =
+            Settings::from_vars(vars(&[("KEEL_ORDER_SERVICE_ADDR", "localhost")])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("KEEL_ORDER_SERVICE_ADDR:"),
+            "{err}"
+        );
     }
 
     #[test]
     fn an_unknown_keel_variable_is_a_typo_and_fails() {
         let err = Settings::from_vars(vars(&[("KEEL_KAFKA_BROKER", "x:1")])).unwrap_err();
-        assert!(err.to_string().starts_with("KEEL_KAFKA_BROKER: unknown setting"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("KEEL_KAFKA_BROKER: unknown setting"),
+            "{err}"
+        );
     }
 
     #[test]

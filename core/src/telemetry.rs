@@ -26,11 +26,17 @@ pub fn init(service: &'static str) {
     let provider = SdkTracerProvider::builder().build();
     let tracer = provider.tracer(service);
     opentelemetry::global::set_tracer_provider(provider);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL NOTICEs ("already exists, skipping") are not news at INFO.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let fmt = if std::io::stderr().is_terminal() {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
     let _ = tracing_subscriber::registry()
         .with(filter)
@@ -64,7 +70,11 @@ pub fn extract(get: impl Fn(&str) -> Option<String>) -> opentelemetry::Context {
 /// participant that records nothing).
 pub fn headers_for_current(fallback: &opentelemetry::Context) -> TraceHeaders {
     let current = tracing::Span::current().context();
-    let cx = if current.span().span_context().is_valid() { &current } else { fallback };
+    let cx = if current.span().span_context().is_valid() {
+        &current
+    } else {
+        fallback
+    };
     let mut headers = std::collections::HashMap::new();
     TraceContextPropagator::new().inject_context(cx, &mut headers);
     headers.into_iter().collect()

@@ -9,7 +9,8 @@ use crate::kafka::{self, TopicSpec};
 
 /// The PostgreSQL server tests create their databases on.
 pub fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// The broker tests use. `make test` starts a dedicated one.
@@ -19,7 +20,10 @@ pub fn brokers() -> String {
 
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// A fresh database, dropped when the value is dropped.
@@ -29,15 +33,24 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
-        let url = format!("{}/{}", server_url().trim_end_matches('/'), unique("keel_test"));
-        crate::db::ensure_database(&url)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {} is not usable ({e}); is it running?", server_url()));
+        let url = format!(
+            "{}/{}",
+            server_url().trim_end_matches('/'),
+            unique("keel_test")
+        );
+        crate::db::ensure_database(&url).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {} is not usable ({e}); is it running?",
+                server_url()
+            )
+        });
         Self { url }
     }
 
     pub async fn pool(&self) -> sqlx::PgPool {
-        crate::db::pool(&self.url, 10).await.unwrap_or_else(|e| panic!("connect {}: {e}", self.url))
+        crate::db::pool(&self.url, 10)
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.url))
     }
 }
 
@@ -94,7 +107,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -116,8 +132,14 @@ pub async fn read_topic(
     let mut read = Vec::new();
     while !until(&read) {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "timed out after {timeout:?} reading {topic}; read {} records", read.len());
-        if let Ok(Ok(m)) = tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await {
+        assert!(
+            !left.is_zero(),
+            "timed out after {timeout:?} reading {topic}; read {} records",
+            read.len()
+        );
+        if let Ok(Ok(m)) =
+            tokio::time::timeout(left.min(Duration::from_millis(500)), consumer.recv()).await
+        {
             read.push(m.detach());
         }
     }

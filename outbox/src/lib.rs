@@ -35,7 +35,12 @@ pub const DB_SCHEMA: &str = "outbox";
 ///
 /// `trace` is the W3C trace context of the work that produced the event; the relay sends it on
 /// as Kafka headers so consumers join the same trace.
-pub async fn enqueue(conn: &mut PgConnection, topic: &str, event: &Event, trace: &TraceHeaders) -> Result<i64, sqlx::Error> {
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    topic: &str,
+    event: &Event,
+    trace: &TraceHeaders,
+) -> Result<i64, sqlx::Error> {
     let payload = serde_json::to_value(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let headers = serde_json::to_value(trace).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     sqlx::query_scalar(
@@ -54,7 +59,9 @@ pub async fn enqueue(conn: &mut PgConnection, topic: &str, event: &Event, trace:
 
 /// Rows not yet published (and not set aside as failed).
 pub async fn pending(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL")
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await
 }

@@ -58,7 +58,11 @@ pub enum RelayError {
     #[error(transparent)]
     Encode(#[from] EncodeError),
     #[error("{failed} of {total} records were not acknowledged by Kafka; first error: {first}")]
-    Delivery { failed: usize, total: usize, first: String },
+    Delivery {
+        failed: usize,
+        total: usize,
+        first: String,
+    },
 }
 
 /// What one step did.
@@ -107,7 +111,12 @@ impl Relay {
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let encoder = Encoder::new(&config.registry_url)?;
-        Ok(Self { pool, producer, encoder, config })
+        Ok(Self {
+            pool,
+            producer,
+            encoder,
+            config,
+        })
     }
 
     /// Registers every contract for `topics` with the registry, so that a registry that refuses
@@ -153,14 +162,26 @@ impl Relay {
                         .map_err(|e| format!("headers are not a string map: {e}"))
                 });
             match parsed {
-                Ok((event, headers)) => pending.push(Pending { id, topic: row.get("topic"), key: row.get("message_key"), event, headers }),
+                Ok((event, headers)) => pending.push(Pending {
+                    id,
+                    topic: row.get("topic"),
+                    key: row.get("message_key"),
+                    event,
+                    headers,
+                }),
                 Err(reason) => {
-                    tracing::error!(outbox_id = id, reason, "Outbox row can never be published; set aside as failed");
-                    sqlx::query("UPDATE outbox.events SET failed_at = now(), error = $2 WHERE id = $1")
-                        .bind(id)
-                        .bind(&reason)
-                        .execute(&mut *tx)
-                        .await?;
+                    tracing::error!(
+                        outbox_id = id,
+                        reason,
+                        "Outbox row can never be published; set aside as failed"
+                    );
+                    sqlx::query(
+                        "UPDATE outbox.events SET failed_at = now(), error = $2 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(&reason)
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
         }
@@ -174,12 +195,24 @@ impl Relay {
             let value = self.encoder.encode(&row.topic, &row.event).await?;
             let event_id = row.event.event_id().to_string();
             let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
-                .insert(Header { key: "keel-event-type", value: Some(row.event.name()) })
-                .insert(Header { key: "keel-event-id", value: Some(event_id.as_str()) });
+                .insert(Header {
+                    key: "keel-event-type",
+                    value: Some(row.event.name()),
+                })
+                .insert(Header {
+                    key: "keel-event-id",
+                    value: Some(event_id.as_str()),
+                });
             for (k, v) in &row.headers {
-                headers = headers.insert(Header { key: k, value: Some(v.as_str()) });
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_str()),
+                });
             }
-            let mut record = FutureRecord::to(&row.topic).key(&row.key).payload(&value).headers(headers);
+            let mut record = FutureRecord::to(&row.topic)
+                .key(&row.key)
+                .payload(&value)
+                .headers(headers);
             // Enqueue without awaiting each delivery: the whole batch is in flight at once.
             loop {
                 match self.producer.send_result(record) {
@@ -192,7 +225,11 @@ impl Relay {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        return Err(RelayError::Delivery { failed: 1, total: claim.rows.len(), first: e.to_string() });
+                        return Err(RelayError::Delivery {
+                            failed: 1,
+                            total: claim.rows.len(),
+                            first: e.to_string(),
+                        });
                     }
                 }
             }
@@ -211,7 +248,11 @@ impl Relay {
         }
         match first {
             None => Ok(()),
-            Some(first) => Err(RelayError::Delivery { failed, total, first }),
+            Some(first) => Err(RelayError::Delivery {
+                failed,
+                total,
+                first,
+            }),
         }
     }
 
@@ -287,7 +328,9 @@ impl Relay {
                 last_cleanup = Some(Instant::now());
                 match self.delete_expired().await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(rows = n, "Deleted published outbox rows past retention"),
+                    Ok(n) => {
+                        tracing::info!(rows = n, "Deleted published outbox rows past retention")
+                    }
                     Err(e) => tracing::warn!(error = %e, "Outbox cleanup failed"),
                 }
             }

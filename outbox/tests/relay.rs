@@ -25,11 +25,24 @@ struct Harness {
 impl Harness {
     async fn start() -> Self {
         let db = TestDb::new().await;
-        keel_core::db::migrate(&db.url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR).await.unwrap();
+        keel_core::db::migrate(&db.url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR)
+            .await
+            .unwrap();
         let shutdown = CancellationToken::new();
-        let (addr, _) = keel_schemas::registry::spawn(&db.url, "127.0.0.1:0".parse().unwrap(), shutdown.clone()).await.unwrap();
+        let (addr, _) = keel_schemas::registry::spawn(
+            &db.url,
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
         let pool = db.pool().await;
-        Self { db, pool, registry_url: format!("http://{addr}"), shutdown }
+        Self {
+            db,
+            pool,
+            registry_url: format!("http://{addr}"),
+            shutdown,
+        }
     }
 
     fn relay(&self, batch_size: usize) -> Relay {
@@ -71,13 +84,21 @@ impl Drop for Harness {
 /// Created, then paid (even orders) or cancelled (odd ones): versions 1, 2.
 fn lifecycle(i: usize) -> Vec<Event> {
     let order_id = Uuid::new_v4();
-    let lines = vec![OrderLine { sku: format!("SKU-{}", i % 7), quantity: 1 + (i % 3) as i32, unit_price_minor: 100 }];
+    let lines = vec![OrderLine {
+        sku: format!("SKU-{}", i % 7),
+        quantity: 1 + (i % 3) as i32,
+        unit_price_minor: 100,
+    }];
     let created = Event::OrderCreated(OrderCreated {
         event_id: Uuid::new_v4(),
         occurred_at: 1_764_000_000_000,
         order_id,
         order_version: 1,
-        customer: Customer { id: format!("c-{i}"), email: format!("c{i}@example.com"), name: "Test".into() },
+        customer: Customer {
+            id: format!("c-{i}"),
+            email: format!("c{i}@example.com"),
+            name: "Test".into(),
+        },
         currency: "EUR".into(),
         lines: lines.clone(),
         total_minor: 100,
@@ -108,22 +129,41 @@ fn lifecycle(i: usize) -> Vec<Event> {
 }
 
 fn header<'a>(m: &'a OwnedMessage, key: &str) -> Option<&'a str> {
-    m.headers()?.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 fn distinct_ids(messages: &[OwnedMessage]) -> usize {
-    messages.iter().filter_map(|m| header(m, "keel-event-id")).collect::<HashSet<_>>().len()
+    messages
+        .iter()
+        .filter_map(|m| header(m, "keel-event-id"))
+        .collect::<HashSet<_>>()
+        .len()
 }
 
 /// Decodes every record; checks each expected event arrived (at least once), keyed by its order,
 /// and that per order the first arrivals come in version order.
-async fn assert_delivered_in_order(registry_url: &str, messages: &[OwnedMessage], expected: &[Event]) {
+async fn assert_delivered_in_order(
+    registry_url: &str,
+    messages: &[OwnedMessage],
+    expected: &[Event],
+) {
     let decoder = Decoder::new(registry_url).unwrap();
     let mut seen = HashSet::new();
     let mut last_version: HashMap<Uuid, i32> = HashMap::new();
     for m in messages {
-        let event = decoder.decode(m.payload()).await.expect("every record decodes");
-        assert_eq!(m.key(), Some(event.aggregate_id().to_string().as_bytes()), "keyed by order id");
+        let event = decoder
+            .decode(m.payload())
+            .await
+            .expect("every record decodes");
+        assert_eq!(
+            m.key(),
+            Some(event.aggregate_id().to_string().as_bytes()),
+            "keyed by order id"
+        );
         assert_eq!(header(m, "keel-event-type"), Some(event.name()));
         if !seen.insert(event.event_id()) {
             continue; // a duplicate, allowed
@@ -133,11 +173,21 @@ async fn assert_delivered_in_order(registry_url: &str, messages: &[OwnedMessage]
             Event::OrderPaid(e) => e.order_version,
             Event::OrderCancelled(e) => e.order_version,
         };
-        let previous = last_version.insert(event.aggregate_id(), version).unwrap_or(0);
-        assert!(version > previous, "order {} went from version {previous} to {version}", event.aggregate_id());
+        let previous = last_version
+            .insert(event.aggregate_id(), version)
+            .unwrap_or(0);
+        assert!(
+            version > previous,
+            "order {} went from version {previous} to {version}",
+            event.aggregate_id()
+        );
     }
     for e in expected {
-        assert!(seen.contains(&e.event_id()), "event {} was lost", e.event_id());
+        assert!(
+            seen.contains(&e.event_id()),
+            "event {} was lost",
+            e.event_id()
+        );
     }
 }
 
@@ -146,8 +196,15 @@ async fn publishes_every_row_once_keyed_and_in_order_with_trace_headers() {
     let h = Harness::start().await;
     let topic = TestTopic::new("orders", 6).await;
     let relay = h.relay(7);
-    relay.prepare(&[&topic.name]).await.expect("registry accepts the contracts");
-    let trace: TraceHeaders = [("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned())].into();
+    relay
+        .prepare(&[&topic.name])
+        .await
+        .expect("registry accepts the contracts");
+    let trace: TraceHeaders = [(
+        "traceparent".to_owned(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+    )]
+    .into();
     let expected = h.enqueue_orders(&topic.name, 20, &trace).await;
     assert_eq!(pending(&h.pool).await.unwrap(), 40);
 
@@ -162,9 +219,17 @@ async fn publishes_every_row_once_keyed_and_in_order_with_trace_headers() {
     assert_eq!(pending(&h.pool).await.unwrap(), 0);
 
     let messages = read_topic(&topic.name, Duration::from_secs(30), |m| m.len() >= 40).await;
-    assert_eq!(messages.len(), 40, "each row published exactly once when nothing fails");
+    assert_eq!(
+        messages.len(),
+        40,
+        "each row published exactly once when nothing fails"
+    );
     assert_delivered_in_order(&h.registry_url, &messages, &expected).await;
-    assert!(messages.iter().all(|m| header(m, "traceparent") == trace.get("traceparent").map(String::as_str)));
+    assert!(
+        messages
+            .iter()
+            .all(|m| header(m, "traceparent") == trace.get("traceparent").map(String::as_str))
+    );
 }
 
 #[tokio::test]
@@ -201,7 +266,9 @@ async fn two_relays_together_deliver_every_event_in_order() {
     let b = tokio::spawn(h.relay(3).run(stop.clone()));
 
     // Orders arrive while both relays run.
-    let expected = h.enqueue_orders(&topic.name, 60, &TraceHeaders::new()).await;
+    let expected = h
+        .enqueue_orders(&topic.name, 60, &TraceHeaders::new())
+        .await;
     eventually("the outbox to drain", Duration::from_secs(60), || async {
         (pending(&h.pool).await.ok()? == 0).then_some(())
     })
@@ -210,7 +277,10 @@ async fn two_relays_together_deliver_every_event_in_order() {
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
 
-    let messages = read_topic(&topic.name, Duration::from_secs(30), |m| distinct_ids(m) >= 120).await;
+    let messages = read_topic(&topic.name, Duration::from_secs(30), |m| {
+        distinct_ids(m) >= 120
+    })
+    .await;
     assert_delivered_in_order(&h.registry_url, &messages, &expected).await;
 }
 
@@ -225,12 +295,17 @@ async fn a_row_that_can_never_be_published_is_set_aside_and_does_not_block_the_r
         .unwrap();
     let relay = h.relay(10);
     assert_eq!(relay.step().await.unwrap(), Step::Published(1));
-    let failed: (i64, Option<String>) = sqlx::query_as("SELECT count(*), max(error) FROM outbox.events WHERE failed_at IS NOT NULL")
-        .fetch_one(&h.pool)
-        .await
-        .unwrap();
+    let failed: (i64, Option<String>) = sqlx::query_as(
+        "SELECT count(*), max(error) FROM outbox.events WHERE failed_at IS NOT NULL",
+    )
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
     assert_eq!(failed.0, 1);
     assert!(failed.1.unwrap_or_default().contains("not a known event"));
     let messages = read_topic(&topic.name, Duration::from_secs(30), |m| !m.is_empty()).await;
-    assert_eq!(header(&messages[0], "keel-event-id"), Some(expected[1].event_id().to_string().as_str()));
+    assert_eq!(
+        header(&messages[0], "keel-event-id"),
+        Some(expected[1].event_id().to_string().as_str())
+    );
 }

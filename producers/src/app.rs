@@ -18,7 +18,11 @@ pub struct Config {
 
 impl Config {
     pub fn from_settings(s: &keel_core::Settings) -> Self {
-        Self { database_url: s.database_url.clone(), addr: s.order_service_addr, orders_topic: s.topics.orders.clone() }
+        Self {
+            database_url: s.database_url.clone(),
+            addr: s.order_service_addr,
+            orders_topic: s.topics.orders.clone(),
+        }
     }
 }
 
@@ -31,23 +35,41 @@ impl Application {
     /// Applies the order service's and the outbox's migrations, connects, and binds.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         keel_core::db::migrate(&config.database_url, crate::DB_SCHEMA, &crate::MIGRATOR).await?;
-        keel_core::db::migrate(&config.database_url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR).await?;
+        keel_core::db::migrate(
+            &config.database_url,
+            keel_outbox::DB_SCHEMA,
+            &keel_outbox::MIGRATOR,
+        )
+        .await?;
         let pool = keel_core::db::pool(&config.database_url, 20).await?;
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("KEEL_ORDER_SERVICE_ADDR: cannot listen on {}: {e}", config.addr))?;
-        let state = AppState { pool, topic: Arc::from(config.orders_topic.as_str()) };
-        Ok(Self { listener, router: router(state).layer(TraceLayer::new_for_http()) })
+        let listener = TcpListener::bind(config.addr).await.map_err(|e| {
+            anyhow::anyhow!(
+                "KEEL_ORDER_SERVICE_ADDR: cannot listen on {}: {e}",
+                config.addr
+            )
+        })?;
+        let state = AppState {
+            pool,
+            topic: Arc::from(config.orders_topic.as_str()),
+        };
+        Ok(Self {
+            listener,
+            router: router(state).layer(TraceLayer::new_for_http()),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Serves until `shutdown`; requests in progress are finished first.
     pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "Order service listening");
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
         Ok(())
     }
 }

@@ -8,16 +8,18 @@ use crate::error::FieldError;
 /// ISO 4217 alphabetic codes of currencies in use. Anything else is refused: a typo in a currency
 /// is a real bug in a caller, not something to carry into every consumer.
 pub const CURRENCIES: &[&str] = &[
-    "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN", "BHD", "BIF", "BMD",
-    "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHF", "CLP", "CNY", "COP", "CRC", "CUP",
-    "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP",
-    "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD",
-    "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "LYD",
-    "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MYR", "MZN", "NAD", "NGN",
-    "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB",
-    "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL",
-    "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VES", "VND",
-    "VUV", "WST", "XAF", "XCD", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
+    "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BGN",
+    "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
+    "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP",
+    "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD",
+    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD", "JPY",
+    "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD",
+    "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK",
+    "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK",
+    "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG",
+    "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS",
+    "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VES",
+    "VND", "VUV", "WST", "XAF", "XCD", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
 ];
 
 pub const MAX_LINES: usize = 100;
@@ -78,9 +80,15 @@ fn text(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize) {
     if value.trim().is_empty() {
         errors.push(FieldError::new(field, "must not be empty"));
     } else if value.chars().count() > max {
-        errors.push(FieldError::new(field, format!("must be at most {max} characters")));
+        errors.push(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     } else if value.chars().any(char::is_control) {
-        errors.push(FieldError::new(field, "must not contain control characters"));
+        errors.push(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
 }
 
@@ -91,28 +99,48 @@ pub fn validate(order: &NewOrder) -> Result<ValidOrder, Vec<FieldError>> {
     text(&mut errors, "customer.name", &order.customer.name, 200);
     text(&mut errors, "customer.email", &order.customer.email, 254);
     let email = order.customer.email.trim();
-    if !email.is_empty() && !matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !email.contains(char::is_whitespace))
+    if !email.is_empty()
+        && !matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !email.contains(char::is_whitespace))
     {
-        errors.push(FieldError::new("customer.email", "must be an email address like name@example.com"));
+        errors.push(FieldError::new(
+            "customer.email",
+            "must be an email address like name@example.com",
+        ));
     }
     if !CURRENCIES.contains(&order.currency.as_str()) {
-        errors.push(FieldError::new("currency", format!("unknown currency {:?}: use an ISO 4217 code such as EUR or USD", order.currency)));
+        errors.push(FieldError::new(
+            "currency",
+            format!(
+                "unknown currency {:?}: use an ISO 4217 code such as EUR or USD",
+                order.currency
+            ),
+        ));
     }
     if order.lines.is_empty() {
         errors.push(FieldError::new("lines", "must contain at least one line"));
     } else if order.lines.len() > MAX_LINES {
-        errors.push(FieldError::new("lines", format!("must contain at most {MAX_LINES} lines")));
+        errors.push(FieldError::new(
+            "lines",
+            format!("must contain at most {MAX_LINES} lines"),
+        ));
     }
     let mut total: Option<i64> = Some(0);
     for (i, line) in order.lines.iter().enumerate() {
         text(&mut errors, &format!("lines[{i}].sku"), &line.sku, 64);
         if !(1..=MAX_QUANTITY).contains(&line.quantity) {
-            errors.push(FieldError::new(format!("lines[{i}].quantity"), format!("must be between 1 and {MAX_QUANTITY}")));
+            errors.push(FieldError::new(
+                format!("lines[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            ));
         }
         if !(0..=MAX_UNIT_PRICE_MINOR).contains(&line.unit_price_minor) {
-            errors.push(FieldError::new(format!("lines[{i}].unit_price_minor"), format!("must be between 0 and {MAX_UNIT_PRICE_MINOR}")));
+            errors.push(FieldError::new(
+                format!("lines[{i}].unit_price_minor"),
+                format!("must be between 0 and {MAX_UNIT_PRICE_MINOR}"),
+            ));
         }
-        total = total.and_then(|t| t.checked_add(line.quantity.checked_mul(line.unit_price_minor)?));
+        total =
+            total.and_then(|t| t.checked_add(line.quantity.checked_mul(line.unit_price_minor)?));
     }
     if total.is_none() && errors.is_empty() {
         errors.push(FieldError::new("lines", "order total is too large"));
@@ -142,13 +170,21 @@ pub fn validate(order: &NewOrder) -> Result<ValidOrder, Vec<FieldError>> {
 }
 
 /// An optional free-text field of pay/cancel.
-pub fn optional_text(field: &str, value: Option<&str>, max: usize) -> Result<Option<String>, Vec<FieldError>> {
+pub fn optional_text(
+    field: &str,
+    value: Option<&str>,
+    max: usize,
+) -> Result<Option<String>, Vec<FieldError>> {
     match value {
         None => Ok(None),
         Some(v) => {
             let mut errors = Vec::new();
             text(&mut errors, field, v, max);
-            if errors.is_empty() { Ok(Some(v.trim().to_owned())) } else { Err(errors) }
+            if errors.is_empty() {
+                Ok(Some(v.trim().to_owned()))
+            } else {
+                Err(errors)
+            }
         }
     }
 }
@@ -183,7 +219,11 @@ impl Status {
     pub fn check_transition(self, to: Status) -> Result<(), String> {
         match (self, to) {
             (Status::Created, Status::Paid | Status::Cancelled) => Ok(()),
-            (from, to) => Err(format!("order is {}; it cannot become {}", from.as_str(), to.as_str())),
+            (from, to) => Err(format!(
+                "order is {}; it cannot become {}",
+                from.as_str(),
+                to.as_str()
+            )),
         }
     }
 }
@@ -210,14 +250,27 @@ mod tests {
 
     fn order() -> NewOrder {
         NewOrder {
-            customer: NewCustomer { id: "c-1".into(), email: "ada@example.com".into(), name: "Ada".into() },
+            customer: NewCustomer {
+                id: "c-1".into(),
+                email: "ada@example.com".into(),
+                name: "Ada".into(),
+            },
             currency: "EUR".into(),
-            lines: vec![NewLine { sku: "SKU-1".into(), quantity: 2, unit_price_minor: 1999 }],
+            lines: vec![NewLine {
+                sku: "SKU-1".into(),
+                quantity: 2,
+                unit_price_minor: 1999,
+            }],
         }
     }
 
     fn fields(o: &NewOrder) -> Vec<String> {
-        validate(o).err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+        validate(o)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
     }
 
     #[test]
@@ -246,7 +299,14 @@ mod tests {
         o.lines = (0..101).map(|_| o.lines[0].clone()).collect();
         assert_eq!(fields(&o), ["lines"]);
         let mut o = order();
-        o.lines = vec![NewLine { sku: "A".into(), quantity: MAX_QUANTITY, unit_price_minor: MAX_UNIT_PRICE_MINOR }; 100];
+        o.lines = vec![
+            NewLine {
+                sku: "A".into(),
+                quantity: MAX_QUANTITY,
+                unit_price_minor: MAX_UNIT_PRICE_MINOR
+            };
+            100
+        ];
         // Each product (10^18) fits in i64; their sum (10^20) does not, and is refused.
         assert_eq!(fields(&o), ["lines"]);
     }
@@ -255,7 +315,12 @@ mod tests {
     fn only_created_orders_change_state() {
         assert!(Status::Created.check_transition(Status::Paid).is_ok());
         assert!(Status::Created.check_transition(Status::Cancelled).is_ok());
-        assert!(Status::Cancelled.check_transition(Status::Paid).unwrap_err().contains("cancelled"));
+        assert!(
+            Status::Cancelled
+                .check_transition(Status::Paid)
+                .unwrap_err()
+                .contains("cancelled")
+        );
         assert!(Status::Paid.check_transition(Status::Cancelled).is_err());
         assert!(Status::Paid.check_transition(Status::Paid).is_err());
     }

@@ -4,9 +4,9 @@
 //! "details": [{"field", "message"}, ...]}`. User errors (4xx) name the field at fault;
 //! unexpected ones (5xx) are logged with their cause and answered without it.
 
+use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 use serde_json::json;
 
@@ -19,7 +19,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -66,7 +69,9 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
@@ -84,7 +89,9 @@ impl IntoResponse for ApiError {
         }
         let details = match &self {
             ApiError::Invalid(fields) => fields.clone(),
-            ApiError::UnsupportedMediaType => vec![FieldError::new("Content-Type", "must be application/json")],
+            ApiError::UnsupportedMediaType => {
+                vec![FieldError::new("Content-Type", "must be application/json")]
+            }
             _ => vec![],
         };
         let message = match &self {

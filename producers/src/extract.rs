@@ -17,13 +17,23 @@ pub struct JsonBody<T>(pub T);
 pub struct OptionalJsonBody<T>(pub Option<T>);
 
 async fn read(req: Request) -> Result<(bool, Bytes), ApiError> {
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let bytes = axum::body::to_bytes(Body::new(req.into_body()), MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(MAX_BODY_BYTES))?;
     let is_json = content_type.as_deref().is_some_and(|ct| {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"))
     });
     Ok((is_json, bytes))
 }
@@ -43,11 +53,24 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let named = |m: &str, marker: &str| -> Option<String> {
             let rest = m.strip_prefix(marker)?;
             let name = rest.split('`').next()?;
-            Some(if path == "." { name.to_owned() } else { format!("{path}.{name}") })
+            Some(if path == "." {
+                name.to_owned()
+            } else {
+                format!("{path}.{name}")
+            })
         };
-        let field = named(&message, "missing field `")
-            .unwrap_or_else(|| if path == "." { "body".to_owned() } else { path.clone() });
-        let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
+        let field = named(&message, "missing field `").unwrap_or_else(|| {
+            if path == "." {
+                "body".to_owned()
+            } else {
+                path.clone()
+            }
+        });
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_owned();
         ApiError::Invalid(vec![FieldError::new(field, message)])
     })
 }
@@ -109,10 +132,22 @@ mod tests {
     #[test]
     fn errors_name_the_field_at_fault() {
         assert_eq!(field_of(r#"{"items": []}"#), "name");
-        assert_eq!(field_of(r#"{"name": "x", "items": [{"qty": 1}, {}]}"#), "items[1].qty");
-        assert_eq!(field_of(r#"{"name": "x", "items": [{"qty": "two"}]}"#), "items[0].qty");
-        assert_eq!(field_of(r#"{"name": "x", "items": [], "extra": 1}"#), "extra");
+        assert_eq!(
+            field_of(r#"{"name": "x", "items": [{"qty": 1}, {}]}"#),
+            "items[1].qty"
+        );
+        assert_eq!(
+            field_of(r#"{"name": "x", "items": [{"qty": "two"}]}"#),
+            "items[0].qty"
+        );
+        assert_eq!(
+            field_of(r#"{"name": "x", "items": [], "extra": 1}"#),
+            "extra"
+        );
         assert_eq!(field_of(r#""just a string""#), "body");
-        assert!(matches!(parse::<Outer>(b"{\"name\": "), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(
+            parse::<Outer>(b"{\"name\": "),
+            Err(ApiError::MalformedJson(_))
+        ));
     }
 }

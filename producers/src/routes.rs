@@ -43,7 +43,12 @@ pub fn router(state: AppState) -> Router {
 /// Joins the caller's trace (if it sent `traceparent`) and returns the context to store with the
 /// event.
 fn trace_context(headers: &HeaderMap) -> TraceHeaders {
-    let parent = telemetry::extract(|k| headers.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned));
+    let parent = telemetry::extract(|k| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
     // Ignored when tracing is off: the caller's context is then forwarded as it came.
     let _ = tracing::Span::current().set_parent(parent.clone());
     telemetry::headers_for_current(&parent)
@@ -58,7 +63,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         .ok()
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?;
+        .ok_or_else(|| {
+            ApiError::field(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )
+        })?;
     Ok(Some(key.to_owned()))
 }
 
@@ -67,7 +77,11 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
 }
 
-async fn create_order(State(state): State<AppState>, headers: HeaderMap, JsonBody(new): JsonBody<NewOrder>) -> Result<Response, ApiError> {
+async fn create_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(new): JsonBody<NewOrder>,
+) -> Result<Response, ApiError> {
     let valid = domain::validate(&new).map_err(ApiError::Invalid)?;
     let key = idempotency_key(&headers)?;
     let trace = trace_context(&headers);
@@ -76,20 +90,43 @@ async fn create_order(State(state): State<AppState>, headers: HeaderMap, JsonBod
     let mut tx = state.pool.begin().await?;
     if let Some(key) = &key {
         // Requests with one key queue here until the first commits; then they find its answer.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.idempotency.' || $1))").bind(key).execute(&mut *tx).await?;
-        let stored = sqlx::query("SELECT request, status_code, response FROM orders.idempotency_keys WHERE key = $1")
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.idempotency.' || $1))")
             .bind(key)
-            .fetch_optional(&mut *tx)
+            .execute(&mut *tx)
             .await?;
+        let stored = sqlx::query(
+            "SELECT request, status_code, response FROM orders.idempotency_keys WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
         if let Some(row) = stored {
             let first: Value = row.get("request");
             if first != request {
-                return Err(ApiError::field("Idempotency-Key", "was already used with a different request body"));
+                return Err(ApiError::field(
+                    "Idempotency-Key",
+                    "was already used with a different request body",
+                ));
             }
-            let status = StatusCode::from_u16(row.get::<i16, _>("status_code") as u16).unwrap_or(StatusCode::OK);
+            let status = StatusCode::from_u16(row.get::<i16, _>("status_code") as u16)
+                .unwrap_or(StatusCode::OK);
             let body: Value = row.get("response");
-            let location = body["id"].as_str().map(|id| format!("/orders/{id}")).unwrap_or_default();
-            return Ok((status, [(header::LOCATION, location), (header::HeaderName::from_static("idempotent-replayed"), "true".into())], Json(body)).into_response());
+            let location = body["id"]
+                .as_str()
+                .map(|id| format!("/orders/{id}"))
+                .unwrap_or_default();
+            return Ok((
+                status,
+                [
+                    (header::LOCATION, location),
+                    (
+                        header::HeaderName::from_static("idempotent-replayed"),
+                        "true".into(),
+                    ),
+                ],
+                Json(body),
+            )
+                .into_response());
         }
     }
 
@@ -158,7 +195,12 @@ async fn create_order(State(state): State<AppState>, headers: HeaderMap, JsonBod
     }
     tx.commit().await?;
     tracing::info!(order_id = %id, total_minor = order.total_minor, "Order created");
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/orders/{id}"))], Json(body)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/orders/{id}"))],
+        Json(body),
+    )
+        .into_response())
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -166,14 +208,22 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Loads an order; with `lock`, holds its row lock until the transaction ends.
-pub async fn load_order(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result<Option<Order>, sqlx::Error> {
+pub async fn load_order(
+    conn: &mut PgConnection,
+    id: Uuid,
+    lock: bool,
+) -> Result<Option<Order>, sqlx::Error> {
     let sql = format!(
         "SELECT id, customer_id, customer_email, customer_name, currency, status, total_minor, version,
                 payment_reference, cancel_reason, created_at, updated_at
          FROM orders.orders WHERE id = $1{}",
         if lock { " FOR UPDATE" } else { "" }
     );
-    let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&mut *conn).await? else {
+    let Some(row) = sqlx::query(&sql)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
         return Ok(None);
     };
     let lines = sqlx::query("SELECT sku, quantity, unit_price_minor FROM orders.order_lines WHERE order_id = $1 ORDER BY line_no")
@@ -186,9 +236,15 @@ pub async fn load_order(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result
     let status: String = row.get("status");
     Ok(Some(Order {
         id,
-        status: Status::parse(&status).ok_or_else(|| sqlx::Error::Decode(format!("unknown order status {status:?}").into()))?,
+        status: Status::parse(&status).ok_or_else(|| {
+            sqlx::Error::Decode(format!("unknown order status {status:?}").into())
+        })?,
         version: row.get("version"),
-        customer: keel_schemas::Customer { id: row.get("customer_id"), email: row.get("customer_email"), name: row.get("customer_name") },
+        customer: keel_schemas::Customer {
+            id: row.get("customer_id"),
+            email: row.get("customer_email"),
+            name: row.get("customer_name"),
+        },
         currency: row.get("currency"),
         lines,
         total_minor: row.get("total_minor"),
@@ -199,16 +255,31 @@ pub async fn load_order(conn: &mut PgConnection, id: Uuid, lock: bool) -> Result
     }))
 }
 
-async fn get_order(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Order>, ApiError> {
+async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, ApiError> {
     let uuid = parse_id(&id)?;
     let mut conn = state.pool.acquire().await?;
-    load_order(&mut conn, uuid, false).await?.map(Json).ok_or(ApiError::NotFound(id))
+    load_order(&mut conn, uuid, false)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound(id))
 }
 
-async fn pay_order(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, OptionalJsonBody(body): OptionalJsonBody<Payment>) -> Result<Json<Order>, ApiError> {
-    let reference = domain::optional_text("payment_reference", body.unwrap_or_default().payment_reference.as_deref(), 100)
-        .map_err(ApiError::Invalid)?
-        .unwrap_or_else(|| format!("pay-{}", Uuid::new_v4().simple()));
+async fn pay_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<Payment>,
+) -> Result<Json<Order>, ApiError> {
+    let reference = domain::optional_text(
+        "payment_reference",
+        body.unwrap_or_default().payment_reference.as_deref(),
+        100,
+    )
+    .map_err(ApiError::Invalid)?
+    .unwrap_or_else(|| format!("pay-{}", Uuid::new_v4().simple()));
     transition(&state, &id, &headers, Status::Paid, |order| {
         order.payment_reference = Some(reference.clone());
         Event::OrderPaid(OrderPaid {
@@ -225,8 +296,14 @@ async fn pay_order(State(state): State<AppState>, Path(id): Path<String>, header
     .await
 }
 
-async fn cancel_order(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, OptionalJsonBody(body): OptionalJsonBody<Cancellation>) -> Result<Json<Order>, ApiError> {
-    let reason = domain::optional_text("reason", body.unwrap_or_default().reason.as_deref(), 500).map_err(ApiError::Invalid)?;
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<Cancellation>,
+) -> Result<Json<Order>, ApiError> {
+    let reason = domain::optional_text("reason", body.unwrap_or_default().reason.as_deref(), 500)
+        .map_err(ApiError::Invalid)?;
     transition(&state, &id, &headers, Status::Cancelled, |order| {
         order.cancel_reason = reason.clone();
         Event::OrderCancelled(OrderCancelled {
@@ -244,12 +321,23 @@ async fn cancel_order(State(state): State<AppState>, Path(id): Path<String>, hea
 
 /// Moves an order to `to` under its row lock, bumping its version, with the event `make` builds
 /// from the updated order, in one transaction.
-async fn transition(state: &AppState, id: &str, headers: &HeaderMap, to: Status, make: impl FnOnce(&mut Order) -> Event) -> Result<Json<Order>, ApiError> {
+async fn transition(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    to: Status,
+    make: impl FnOnce(&mut Order) -> Event,
+) -> Result<Json<Order>, ApiError> {
     let uuid = parse_id(id)?;
     let trace = trace_context(headers);
     let mut tx = state.pool.begin().await?;
-    let mut order = load_order(&mut tx, uuid, true).await?.ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
-    order.status.check_transition(to).map_err(ApiError::Conflict)?;
+    let mut order = load_order(&mut tx, uuid, true)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+    order
+        .status
+        .check_transition(to)
+        .map_err(ApiError::Conflict)?;
     order.status = to;
     order.version += 1;
     order.updated_at = now();
@@ -272,10 +360,22 @@ async fn transition(state: &AppState, id: &str, headers: &HeaderMap, to: Status,
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    let check = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool)).await;
+    let check = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await;
     match check {
         Ok(Ok(_)) => Json(json!({"status": "ready"})).into_response(),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": e.to_string()}))).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": "timed out"}))).into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "database": e.to_string()})),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "database": "timed out"})),
+        )
+            .into_response(),
     }
 }

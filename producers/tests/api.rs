@@ -23,32 +23,59 @@ impl Drop for App {
 
 async fn spawn_app() -> App {
     let db = TestDb::new().await;
-    let app = Application::build(Config { database_url: db.url.clone(), addr: "127.0.0.1:0".parse().unwrap(), orders_topic: "orders".into() })
-        .await
-        .expect("order service builds");
+    let app = Application::build(Config {
+        database_url: db.url.clone(),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        orders_topic: "orders".into(),
+    })
+    .await
+    .expect("order service builds");
     let url = format!("http://{}", app.local_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until(shutdown.clone()));
-    App { url, http: reqwest::Client::new(), pool: db.pool().await, shutdown, _db: db }
+    App {
+        url,
+        http: reqwest::Client::new(),
+        pool: db.pool().await,
+        shutdown,
+        _db: db,
+    }
 }
 
 impl App {
     async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let resp = self.http.post(format!("{}{path}", self.url)).json(body).send().await.unwrap();
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         (resp.status(), resp.json().await.unwrap_or(Value::Null))
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let resp = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
         (resp.status(), resp.json().await.unwrap_or(Value::Null))
     }
 
     async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     async fn outbox_types(&self) -> Vec<String> {
-        sqlx::query_scalar("SELECT event_type FROM outbox.events ORDER BY id").fetch_all(&self.pool).await.unwrap()
+        sqlx::query_scalar("SELECT event_type FROM outbox.events ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
     }
 }
 
@@ -64,28 +91,44 @@ fn order() -> Value {
 async fn an_order_and_its_event_are_written_together_with_the_callers_trace() {
     let app = spawn_app().await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let resp = app.http.post(format!("{}/orders", app.url)).header("traceparent", traceparent).json(&order()).send().await.unwrap();
+    let resp = app
+        .http
+        .post(format!("{}/orders", app.url))
+        .header("traceparent", traceparent)
+        .json(&order())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
     let location = resp.headers()["location"].to_str().unwrap().to_owned();
     let created: Value = resp.json().await.unwrap();
     assert_eq!(created["status"], "created");
     assert_eq!(created["total_minor"], 4498);
     assert_eq!(created["version"], 1);
-    assert_eq!(location, format!("/orders/{}", created["id"].as_str().unwrap()));
+    assert_eq!(
+        location,
+        format!("/orders/{}", created["id"].as_str().unwrap())
+    );
 
     let (status, fetched) = app.get(&location).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(fetched, created);
 
     let (event_type, key, payload, headers): (String, String, Value, Value) =
-        sqlx::query_as("SELECT event_type, message_key, payload, headers FROM outbox.events").fetch_one(&app.pool).await.unwrap();
+        sqlx::query_as("SELECT event_type, message_key, payload, headers FROM outbox.events")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(event_type, "keel.orders.OrderCreated");
     assert_eq!(key, created["id"].as_str().unwrap());
     assert_eq!(payload["OrderCreated"]["total_minor"], 4498);
     assert_eq!(payload["OrderCreated"]["lines"][1]["sku"], "SKU-2");
     // The stored context belongs to the caller's trace.
     let stored = headers["traceparent"].as_str().expect("traceparent stored");
-    assert!(stored.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{stored}");
+    assert!(
+        stored.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{stored}"
+    );
 }
 
 #[tokio::test]
@@ -93,30 +136,73 @@ async fn pay_and_cancel_follow_the_state_machine() {
     let app = spawn_app().await;
     let (_, a) = app.post("/orders", &order()).await;
     let a_id = a["id"].as_str().unwrap();
-    let (status, paid) = app.post(&format!("/orders/{a_id}/pay"), &json!({"payment_reference": "psp-42"})).await;
+    let (status, paid) = app
+        .post(
+            &format!("/orders/{a_id}/pay"),
+            &json!({"payment_reference": "psp-42"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{paid}");
-    assert_eq!((paid["status"].as_str(), paid["version"].as_i64(), paid["payment_reference"].as_str()), (Some("paid"), Some(2), Some("psp-42")));
-    let (status, body) = app.post(&format!("/orders/{a_id}/cancel"), &json!({})).await;
-    assert_eq!(status, StatusCode::CONFLICT, "a paid order cannot be cancelled: {body}");
-    assert_eq!(app.post(&format!("/orders/{a_id}/pay"), &json!({})).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        (
+            paid["status"].as_str(),
+            paid["version"].as_i64(),
+            paid["payment_reference"].as_str()
+        ),
+        (Some("paid"), Some(2), Some("psp-42"))
+    );
+    let (status, body) = app
+        .post(&format!("/orders/{a_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a paid order cannot be cancelled: {body}"
+    );
+    assert_eq!(
+        app.post(&format!("/orders/{a_id}/pay"), &json!({})).await.0,
+        StatusCode::CONFLICT
+    );
 
     let (_, b) = app.post("/orders", &order()).await;
     let b_id = b["id"].as_str().unwrap();
     // No body at all is fine for cancel.
-    let resp = app.http.post(format!("{}/orders/{b_id}/cancel", app.url)).send().await.unwrap();
+    let resp = app
+        .http
+        .post(format!("{}/orders/{b_id}/cancel", app.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let (status, body) = app.post(&format!("/orders/{b_id}/pay"), &json!({})).await;
-    assert_eq!(status, StatusCode::CONFLICT, "paying a cancelled order: {body}");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "paying a cancelled order: {body}"
+    );
     assert_eq!(body["error"], "conflict");
     assert!(body["message"].as_str().unwrap().contains("cancelled"));
 
     assert_eq!(
         app.outbox_types().await,
-        ["keel.orders.OrderCreated", "keel.orders.OrderPaid", "keel.orders.OrderCreated", "keel.orders.OrderCancelled"]
+        [
+            "keel.orders.OrderCreated",
+            "keel.orders.OrderPaid",
+            "keel.orders.OrderCreated",
+            "keel.orders.OrderCancelled"
+        ]
     );
     let missing = uuid::Uuid::new_v4();
-    assert_eq!(app.get(&format!("/orders/{missing}")).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(app.post(&format!("/orders/{missing}/pay"), &json!({})).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.get(&format!("/orders/{missing}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.post(&format!("/orders/{missing}/pay"), &json!({}))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(app.get("/orders/not-a-uuid").await.0, StatusCode::NOT_FOUND);
 }
 
@@ -148,24 +234,48 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_writes_nothing() {
     }
 
     let send = |body: Vec<u8>, content_type: &'static str| {
-        app.http.post(format!("{}/orders", app.url)).header("content-type", content_type).body(body).send()
+        app.http
+            .post(format!("{}/orders", app.url))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
     };
-    let resp = send(b"{\"customer\": ".to_vec(), "application/json").await.unwrap();
+    let resp = send(b"{\"customer\": ".to_vec(), "application/json")
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "malformed_json");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "malformed_json"
+    );
 
-    let resp = send(order().to_string().into_bytes(), "text/plain").await.unwrap();
+    let resp = send(order().to_string().into_bytes(), "text/plain")
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_eq!(resp.json::<Value>().await.unwrap()["field"], "Content-Type");
 
     let mut huge = order();
     huge["customer"]["name"] = json!("x".repeat(1024 * 1024 + 1));
-    let resp = send(huge.to_string().into_bytes(), "application/json").await.unwrap();
+    let resp = send(huge.to_string().into_bytes(), "application/json")
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "payload_too_large");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "payload_too_large"
+    );
 
-    let (status, resp) = app.post("/orders/00000000-0000-0000-0000-000000000000/cancel", &json!({"reason": 7})).await;
-    assert_eq!((status, resp["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("reason")));
+    let (status, resp) = app
+        .post(
+            "/orders/00000000-0000-0000-0000-000000000000/cancel",
+            &json!({"reason": 7}),
+        )
+        .await;
+    assert_eq!(
+        (status, resp["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("reason"))
+    );
 
     assert_eq!(app.count("orders.orders").await, 0);
     assert_eq!(app.count("orders.order_lines").await, 0);
@@ -176,10 +286,18 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_writes_nothing() {
 async fn a_retried_request_with_the_same_idempotency_key_creates_nothing_new() {
     let app = spawn_app().await;
     let post = |key: &'static str, body: Value| {
-        let req = app.http.post(format!("{}/orders", app.url)).header("idempotency-key", key).json(&body);
+        let req = app
+            .http
+            .post(format!("{}/orders", app.url))
+            .header("idempotency-key", key)
+            .json(&body);
         async move {
             let resp = req.send().await.unwrap();
-            (resp.status(), resp.headers().get("idempotent-replayed").is_some(), resp.json::<Value>().await.unwrap())
+            (
+                resp.status(),
+                resp.headers().get("idempotent-replayed").is_some(),
+                resp.json::<Value>().await.unwrap(),
+            )
         }
     };
     let (s1, replayed1, first) = post("k-1", order()).await;
@@ -191,14 +309,20 @@ async fn a_retried_request_with_the_same_idempotency_key_creates_nothing_new() {
     let mut other = order();
     other["currency"] = json!("USD");
     let (status, _, body) = post("k-1", other).await;
-    assert_eq!((status, body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key")));
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key"))
+    );
 
     // Concurrent retries: one order, one answer.
     let results = futures::future::join_all((0..8).map(|_| post("k-2", order()))).await;
-    let ids: std::collections::HashSet<_> = results.iter().map(|(s, _, b)| {
-        assert_eq!(*s, StatusCode::CREATED);
-        b["id"].as_str().unwrap().to_owned()
-    }).collect();
+    let ids: std::collections::HashSet<_> = results
+        .iter()
+        .map(|(s, _, b)| {
+            assert_eq!(*s, StatusCode::CREATED);
+            b["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
     assert_eq!(ids.len(), 1);
     assert_eq!(app.count("orders.orders").await, 2);
     assert_eq!(app.count("outbox.events").await, 2);
@@ -207,6 +331,9 @@ async fn a_retried_request_with_the_same_idempotency_key_creates_nothing_new() {
 #[tokio::test]
 async fn health_and_readiness_answer() {
     let app = spawn_app().await;
-    assert_eq!(app.get("/health").await, (StatusCode::OK, json!({"status": "ok"})));
+    assert_eq!(
+        app.get("/health").await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
     assert_eq!(app.get("/ready").await.1["status"], "ready");
 }

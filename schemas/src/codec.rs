@@ -12,9 +12,11 @@ use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
 
-use crate::events::{Event, OrderCancelled, OrderCreated, OrderPaid, Payload, Contract};
+use crate::events::{Contract, Event, OrderCancelled, OrderCreated, OrderPaid, Payload};
 
 /// Encoding failed. `transient` errors (registry unreachable) are worth retrying; the others
 /// (registry refused the schema, value does not fit it) are not.
@@ -62,13 +64,27 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(registry_url: &str) -> anyhow::Result<Self> {
-        let settings = settings(registry_url).map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
-        Ok(Self { inner: AvroEncoder::new(settings), strategies: RwLock::default() })
+        let settings = settings(registry_url)
+            .map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
+        Ok(Self {
+            inner: AvroEncoder::new(settings),
+            strategies: RwLock::default(),
+        })
     }
 
-    fn strategy(&self, topic: &str, name: &'static str, schema: &'static str) -> SubjectNameStrategy {
+    fn strategy(
+        &self,
+        topic: &str,
+        name: &'static str,
+        schema: &'static str,
+    ) -> SubjectNameStrategy {
         let key = (topic.to_owned(), name);
-        if let Some(s) = self.strategies.read().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(s) = self
+            .strategies
+            .read()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        {
             return s;
         }
         let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
@@ -91,12 +107,15 @@ impl Encoder {
         ] {
             let strategy = self.strategy(topic, name, schema);
             let subject = crate::subject(topic, name);
-            self.inner.get_schema_and_id(&subject, strategy).await.map_err(|e| EncodeError {
-                record: name,
-                topic: topic.to_owned(),
-                message: describe(&e),
-                transient: e.retriable,
-            })?;
+            self.inner
+                .get_schema_and_id(&subject, strategy)
+                .await
+                .map_err(|e| EncodeError {
+                    record: name,
+                    topic: topic.to_owned(),
+                    message: describe(&e),
+                    transient: e.retriable,
+                })?;
         }
         Ok(())
     }
@@ -104,12 +123,15 @@ impl Encoder {
     /// The event's value bytes: magic byte, schema id, Avro body.
     pub async fn encode(&self, topic: &str, event: &Event) -> Result<Vec<u8>, EncodeError> {
         let strategy = self.strategy(topic, event.name(), event.schema());
-        self.inner.encode_struct(Payload(event), &strategy).await.map_err(|e| EncodeError {
-            record: event.name(),
-            topic: topic.to_owned(),
-            message: describe(&e),
-            transient: e.retriable,
-        })
+        self.inner
+            .encode_struct(Payload(event), &strategy)
+            .await
+            .map_err(|e| EncodeError {
+                record: event.name(),
+                topic: topic.to_owned(),
+                message: describe(&e),
+                transient: e.retriable,
+            })
     }
 }
 
@@ -120,13 +142,18 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(registry_url: &str) -> anyhow::Result<Self> {
-        let settings = settings(registry_url).map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
-        Ok(Self { inner: AvroDecoder::new(settings) })
+        let settings = settings(registry_url)
+            .map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
+        Ok(Self {
+            inner: AvroDecoder::new(settings),
+        })
     }
 
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Event, DecodeError> {
         let Some(bytes) = payload else {
-            return Err(DecodeError::Permanent("record has no value (tombstone)".into()));
+            return Err(DecodeError::Permanent(
+                "record has no value (tombstone)".into(),
+            ));
         };
         if bytes.len() < 5 || bytes[0] != 0 {
             return Err(DecodeError::Permanent(format!(
@@ -155,13 +182,16 @@ impl Decoder {
 /// Builds the [`Event`] for a decoded record named `name`.
 pub fn event_from_value(name: &str, value: &Value) -> Result<Event, DecodeError> {
     fn read<T: Contract>(value: &Value) -> Result<T, DecodeError> {
-        apache_avro::from_value::<T>(value)
-            .map_err(|e| DecodeError::Permanent(format!("{} does not match its contract: {e}", T::NAME)))
+        apache_avro::from_value::<T>(value).map_err(|e| {
+            DecodeError::Permanent(format!("{} does not match its contract: {e}", T::NAME))
+        })
     }
     match name {
         OrderCreated::NAME => read(value).map(Event::OrderCreated),
         OrderPaid::NAME => read(value).map(Event::OrderPaid),
         OrderCancelled::NAME => read(value).map(Event::OrderCancelled),
-        other => Err(DecodeError::Permanent(format!("unknown record type {other}"))),
+        other => Err(DecodeError::Permanent(format!(
+            "unknown record type {other}"
+        ))),
     }
 }

@@ -126,9 +126,18 @@ pub struct ContractInfo {
 
 /// Every contract, in a stable order.
 pub const CONTRACTS: &[ContractInfo] = &[
-    ContractInfo { name: OrderCreated::NAME, schema: OrderCreated::SCHEMA },
-    ContractInfo { name: OrderPaid::NAME, schema: OrderPaid::SCHEMA },
-    ContractInfo { name: OrderCancelled::NAME, schema: OrderCancelled::SCHEMA },
+    ContractInfo {
+        name: OrderCreated::NAME,
+        schema: OrderCreated::SCHEMA,
+    },
+    ContractInfo {
+        name: OrderPaid::NAME,
+        schema: OrderPaid::SCHEMA,
+    },
+    ContractInfo {
+        name: OrderCancelled::NAME,
+        schema: OrderCancelled::SCHEMA,
+    },
 ];
 
 impl Event {
@@ -202,8 +211,16 @@ mod tests {
 
     fn lines() -> Vec<OrderLine> {
         vec![
-            OrderLine { sku: "SKU-1".into(), quantity: 2, unit_price_minor: 1999 },
-            OrderLine { sku: "SKU-2".into(), quantity: 1, unit_price_minor: 500 },
+            OrderLine {
+                sku: "SKU-1".into(),
+                quantity: 2,
+                unit_price_minor: 1999,
+            },
+            OrderLine {
+                sku: "SKU-2".into(),
+                quantity: 1,
+                unit_price_minor: 500,
+            },
         ]
     }
 
@@ -215,7 +232,11 @@ mod tests {
                 occurred_at: 1_764_000_000_123,
                 order_id,
                 order_version: 1,
-                customer: Customer { id: "c-1".into(), email: "ada@example.com".into(), name: "Ada Lovelace ✓".into() },
+                customer: Customer {
+                    id: "c-1".into(),
+                    email: "ada@example.com".into(),
+                    name: "Ada Lovelace ✓".into(),
+                },
                 currency: "EUR".into(),
                 lines: lines(),
                 total_minor: 4498,
@@ -258,8 +279,16 @@ mod tests {
         for event in samples() {
             let schema = Schema::parse_str(event.schema()).unwrap();
             // The same schema-directed serde path the registry encoder takes.
-            let bytes = GenericDatumWriter::builder(&schema).build().unwrap().write_ser_to_vec(&Payload(&event)).unwrap();
-            let read = GenericDatumReader::builder(&schema).build().unwrap().read_value(&mut bytes.as_slice()).unwrap();
+            let bytes = GenericDatumWriter::builder(&schema)
+                .build()
+                .unwrap()
+                .write_ser_to_vec(&Payload(&event))
+                .unwrap();
+            let read = GenericDatumReader::builder(&schema)
+                .build()
+                .unwrap()
+                .read_value(&mut bytes.as_slice())
+                .unwrap();
             let back = crate::codec::event_from_value(event.name(), &read).unwrap();
             assert_eq!(back, event);
         }

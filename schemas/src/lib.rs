@@ -22,7 +22,7 @@ pub mod events;
 pub mod registry;
 
 pub use codec::{DecodeError, Decoder, EncodeError, Encoder};
-pub use events::{Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid, Customer};
+pub use events::{Customer, Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
 
 /// The subject a record type is registered under on `topic` (`TopicRecordNameStrategy`).
 pub fn subject(topic: &str, record_full_name: &str) -> String {

@@ -28,7 +28,10 @@ pub async fn spawn(
     database_url: &str,
     addr: std::net::SocketAddr,
     shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
     keel_core::db::migrate(database_url, DB_SCHEMA, &MIGRATOR).await?;
     let pool = keel_core::db::pool(database_url, 10).await?;
     let listener = tokio::net::TcpListener::bind(addr)

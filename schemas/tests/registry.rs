@@ -18,21 +18,39 @@ impl Registry {
     async fn start() -> Self {
         let db = TestDb::new().await;
         let shutdown = CancellationToken::new();
-        let (addr, _task) = keel_schemas::registry::spawn(&db.url, "127.0.0.1:0".parse().unwrap(), shutdown.clone())
-            .await
-            .expect("registry starts");
-        Self { url: format!("http://{addr}"), http: reqwest::Client::new(), shutdown, _db: db }
+        let (addr, _task) = keel_schemas::registry::spawn(
+            &db.url,
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("registry starts");
+        Self {
+            url: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            shutdown,
+            _db: db,
+        }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.url));
         if let Some(b) = body {
-            req = req.header("content-type", "application/vnd.schemaregistry.v1+json").body(b.to_string());
+            req = req
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(b.to_string());
         }
         let resp = req.send().await.expect("registry answers");
         let status = resp.status();
         assert_eq!(
-            resp.headers().get("content-type").and_then(|v| v.to_str().ok()),
+            resp.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
             Some("application/vnd.schemaregistry.v1+json"),
             "{path}"
         );
@@ -63,20 +81,32 @@ async fn register_lookup_and_fetch_follow_confluents_api() {
     let r = Registry::start().await;
     let v1 = record(json!([{"name": "a", "type": "string"}]));
 
-    let (status, body) = r.post("/subjects/things-value/versions", json!({"schema": v1})).await;
+    let (status, body) = r
+        .post("/subjects/things-value/versions", json!({"schema": v1}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let id = body["id"].as_i64().expect("id");
 
     // The same schema again, even reformatted, is the same id and no new version.
-    let reformatted = serde_json::to_string_pretty(&serde_json::from_str::<Value>(&v1).unwrap()).unwrap();
-    let (_, again) = r.post("/subjects/things-value/versions", json!({"schema": reformatted, "schemaType": "AVRO"})).await;
+    let reformatted =
+        serde_json::to_string_pretty(&serde_json::from_str::<Value>(&v1).unwrap()).unwrap();
+    let (_, again) = r
+        .post(
+            "/subjects/things-value/versions",
+            json!({"schema": reformatted, "schemaType": "AVRO"}),
+        )
+        .await;
     assert_eq!(again["id"].as_i64(), Some(id));
     // Under another subject it keeps its id and gets version 1 there.
-    let (_, other) = r.post("/subjects/other-value/versions", json!({"schema": v1})).await;
+    let (_, other) = r
+        .post("/subjects/other-value/versions", json!({"schema": v1}))
+        .await;
     assert_eq!(other["id"].as_i64(), Some(id));
     assert_eq!(r.get("/subjects/things-value/versions").await.1, json!([1]));
 
-    let (status, found) = r.post("/subjects/things-value", json!({"schema": v1})).await;
+    let (status, found) = r
+        .post("/subjects/things-value", json!({"schema": v1}))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(found["subject"], "things-value");
     assert_eq!(found["version"], 1);
@@ -86,75 +116,173 @@ async fn register_lookup_and_fetch_follow_confluents_api() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(by_id["schema"].as_str(), Some(v1.as_str()));
     // The converter crate asks with ?deleted=true.
-    assert_eq!(r.get(&format!("/schemas/ids/{id}?deleted=true")).await.0, StatusCode::OK);
+    assert_eq!(
+        r.get(&format!("/schemas/ids/{id}?deleted=true")).await.0,
+        StatusCode::OK
+    );
 
-    let v2 = record(json!([{"name": "a", "type": "string"}, {"name": "b", "type": "int", "default": 0}]));
-    let (status, body) = r.post("/subjects/things-value/versions", json!({"schema": v2})).await;
+    let v2 = record(
+        json!([{"name": "a", "type": "string"}, {"name": "b", "type": "int", "default": 0}]),
+    );
+    let (status, body) = r
+        .post("/subjects/things-value/versions", json!({"schema": v2}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_ne!(body["id"].as_i64(), Some(id));
     let (_, latest) = r.get("/subjects/things-value/versions/latest").await;
     assert_eq!(latest["version"], 2);
-    assert_eq!(r.get("/subjects/things-value/versions/1").await.1["id"].as_i64(), Some(id));
-    assert_eq!(r.get("/subjects").await.1, json!(["other-value", "things-value"]));
+    assert_eq!(
+        r.get("/subjects/things-value/versions/1").await.1["id"].as_i64(),
+        Some(id)
+    );
+    assert_eq!(
+        r.get("/subjects").await.1,
+        json!(["other-value", "things-value"])
+    );
 }
 
 #[tokio::test]
 async fn incompatible_schemas_are_refused_with_409_and_the_reason() {
     let r = Registry::start().await;
     let v1 = record(json!([{"name": "a", "type": "string"}]));
-    assert_eq!(r.post("/subjects/s/versions", json!({"schema": v1})).await.0, StatusCode::OK);
+    assert_eq!(
+        r.post("/subjects/s/versions", json!({"schema": v1}))
+            .await
+            .0,
+        StatusCode::OK
+    );
 
     // A new field without a default: the new schema cannot read old data (BACKWARD, the default).
     let breaking = record(json!([{"name": "a", "type": "string"}, {"name": "qty", "type": "int"}]));
-    let (status, body) = r.post("/subjects/s/versions", json!({"schema": breaking})).await;
+    let (status, body) = r
+        .post("/subjects/s/versions", json!({"schema": breaking}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["error_code"], 409);
     let message = body["message"].as_str().unwrap();
-    assert!(message.contains("qty") && message.contains("default"), "{message}");
-    assert_eq!(r.get("/subjects/s/versions").await.1, json!([1]), "nothing was registered");
+    assert!(
+        message.contains("qty") && message.contains("default"),
+        "{message}"
+    );
+    assert_eq!(
+        r.get("/subjects/s/versions").await.1,
+        json!([1]),
+        "nothing was registered"
+    );
 
-    let (_, verdict) = r.post("/compatibility/subjects/s/versions/latest?verbose=true", json!({"schema": breaking})).await;
+    let (_, verdict) = r
+        .post(
+            "/compatibility/subjects/s/versions/latest?verbose=true",
+            json!({"schema": breaking}),
+        )
+        .await;
     assert_eq!(verdict["is_compatible"], false);
     assert!(verdict["messages"][0].as_str().unwrap().contains("qty"));
 
     // With the subject's level set to NONE the same schema is accepted.
-    assert_eq!(r.get("/config").await.1, json!({"compatibilityLevel": "BACKWARD"}));
-    let (status, _) = r.call(reqwest::Method::PUT, "/config/s", Some(json!({"compatibility": "NONE"}))).await;
+    assert_eq!(
+        r.get("/config").await.1,
+        json!({"compatibilityLevel": "BACKWARD"})
+    );
+    let (status, _) = r
+        .call(
+            reqwest::Method::PUT,
+            "/config/s",
+            Some(json!({"compatibility": "NONE"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(r.get("/config/s").await.1, json!({"compatibilityLevel": "NONE"}));
-    assert_eq!(r.post("/subjects/s/versions", json!({"schema": breaking})).await.0, StatusCode::OK);
-    let (status, body) = r.call(reqwest::Method::PUT, "/config", Some(json!({"compatibility": "SIDEWAYS"}))).await;
-    assert_eq!((status, body["error_code"].as_i64()), (StatusCode::UNPROCESSABLE_ENTITY, Some(42203)));
+    assert_eq!(
+        r.get("/config/s").await.1,
+        json!({"compatibilityLevel": "NONE"})
+    );
+    assert_eq!(
+        r.post("/subjects/s/versions", json!({"schema": breaking}))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, body) = r
+        .call(
+            reqwest::Method::PUT,
+            "/config",
+            Some(json!({"compatibility": "SIDEWAYS"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error_code"].as_i64()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some(42203))
+    );
 }
 
 #[tokio::test]
 async fn errors_carry_confluents_codes() {
     let r = Registry::start().await;
     let schema = record(json!([{"name": "a", "type": "string"}]));
-    let code = |(status, body): (StatusCode, Value)| (status.as_u16(), body["error_code"].as_i64().unwrap_or(0));
+    let code = |(status, body): (StatusCode, Value)| {
+        (status.as_u16(), body["error_code"].as_i64().unwrap_or(0))
+    };
 
     assert_eq!(code(r.get("/subjects/nope/versions").await), (404, 40401));
-    assert_eq!(code(r.get("/subjects/nope/versions/latest").await), (404, 40401));
-    assert_eq!(code(r.post("/subjects/nope", json!({"schema": schema})).await), (404, 40401));
+    assert_eq!(
+        code(r.get("/subjects/nope/versions/latest").await),
+        (404, 40401)
+    );
+    assert_eq!(
+        code(r.post("/subjects/nope", json!({"schema": schema})).await),
+        (404, 40401)
+    );
     assert_eq!(code(r.get("/schemas/ids/424242").await), (404, 40403));
 
-    r.post("/subjects/s/versions", json!({"schema": schema})).await;
+    r.post("/subjects/s/versions", json!({"schema": schema}))
+        .await;
     assert_eq!(code(r.get("/subjects/s/versions/7").await), (404, 40402));
     assert_eq!(code(r.get("/subjects/s/versions/zero").await), (422, 42202));
     let unknown = record(json!([{"name": "z", "type": "long"}]));
-    assert_eq!(code(r.post("/subjects/s", json!({"schema": unknown})).await), (404, 40403));
-    let (status, body) = r.post("/subjects/s/versions", json!({"schema": "{\"type\": \"record\", \"name\": \"X\"}"})).await;
-    assert_eq!((status.as_u16(), body["error_code"].as_i64()), (422, Some(42201)));
-    assert!(body["message"].as_str().unwrap().contains("Invalid schema"), "{body}");
+    assert_eq!(
+        code(r.post("/subjects/s", json!({"schema": unknown})).await),
+        (404, 40403)
+    );
+    let (status, body) = r
+        .post(
+            "/subjects/s/versions",
+            json!({"schema": "{\"type\": \"record\", \"name\": \"X\"}"}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error_code"].as_i64()),
+        (422, Some(42201))
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("Invalid schema"),
+        "{body}"
+    );
     assert_eq!(code(r.get("/config/s").await), (404, 40408));
 
     // Soft delete, then permanent delete, Confluent's two steps.
-    assert_eq!(code(r.call(reqwest::Method::DELETE, "/subjects/s?permanent=true", None).await), (404, 40405));
-    assert_eq!(r.call(reqwest::Method::DELETE, "/subjects/s", None).await.1, json!([1]));
+    assert_eq!(
+        code(
+            r.call(reqwest::Method::DELETE, "/subjects/s?permanent=true", None)
+                .await
+        ),
+        (404, 40405)
+    );
+    assert_eq!(
+        r.call(reqwest::Method::DELETE, "/subjects/s", None).await.1,
+        json!([1])
+    );
     assert_eq!(code(r.get("/subjects/s/versions").await), (404, 40401));
     assert_eq!(r.get("/subjects?deleted=true").await.1, json!(["s"]));
-    assert_eq!(code(r.call(reqwest::Method::DELETE, "/subjects/s", None).await), (404, 40404));
-    assert_eq!(r.call(reqwest::Method::DELETE, "/subjects/s?permanent=true", None).await.1, json!([1]));
+    assert_eq!(
+        code(r.call(reqwest::Method::DELETE, "/subjects/s", None).await),
+        (404, 40404)
+    );
+    assert_eq!(
+        r.call(reqwest::Method::DELETE, "/subjects/s?permanent=true", None)
+            .await
+            .1,
+        json!([1])
+    );
     assert_eq!(r.get("/subjects?deleted=true").await.1, json!([]));
 }
 
@@ -162,11 +290,17 @@ async fn errors_carry_confluents_codes() {
 async fn concurrent_registrations_of_one_schema_get_one_id_and_one_version() {
     let r = Registry::start().await;
     let schema = record(json!([{"name": "a", "type": "string"}]));
-    let results = futures::future::join_all((0..8).map(|_| r.post("/subjects/race/versions", json!({"schema": schema})))).await;
-    let ids: Vec<&Value> = results.iter().map(|(status, body)| {
-        assert_eq!(*status, StatusCode::OK, "{body}");
-        &body["id"]
-    }).collect();
+    let results = futures::future::join_all(
+        (0..8).map(|_| r.post("/subjects/race/versions", json!({"schema": schema}))),
+    )
+    .await;
+    let ids: Vec<&Value> = results
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+            &body["id"]
+        })
+        .collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
     assert_eq!(r.get("/subjects/race/versions").await.1, json!([1]));
 }
@@ -177,9 +311,17 @@ fn sample() -> Event {
         occurred_at: 1_764_000_000_000,
         order_id: uuid::Uuid::new_v4(),
         order_version: 1,
-        customer: Customer { id: "c-9".into(), email: "c9@example.com".into(), name: "Nine".into() },
+        customer: Customer {
+            id: "c-9".into(),
+            email: "c9@example.com".into(),
+            name: "Nine".into(),
+        },
         currency: "EUR".into(),
-        lines: vec![OrderLine { sku: "SKU-1".into(), quantity: 3, unit_price_minor: 250 }],
+        lines: vec![OrderLine {
+            sku: "SKU-1".into(),
+            quantity: 3,
+            unit_price_minor: 250,
+        }],
         total_minor: 750,
     })
 }
@@ -191,21 +333,32 @@ async fn keel_encodes_in_confluent_wire_format_and_decodes_back() {
     encoder.prepare("orders").await.expect("contracts register");
     let subject = format!("orders-{}", OrderCreated::NAME);
     let (_, latest) = r.get(&format!("/subjects/{subject}/versions/latest")).await;
-    let id = latest["id"].as_i64().expect("registered under TopicRecordNameStrategy") as u32;
+    let id = latest["id"]
+        .as_i64()
+        .expect("registered under TopicRecordNameStrategy") as u32;
 
     let event = sample();
     let bytes = encoder.encode("orders", &event).await.unwrap();
     assert_eq!(bytes[0], 0, "magic byte");
-    assert_eq!(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]), id);
+    assert_eq!(
+        u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
+        id
+    );
 
     let decoder = Decoder::new(&r.url).unwrap();
     assert_eq!(decoder.decode(Some(&bytes)).await.unwrap(), event);
 
     // Garbage and unknown schema ids are permanent failures; they will never decode.
-    assert!(matches!(decoder.decode(Some(b"not avro")).await, Err(DecodeError::Permanent(_))));
+    assert!(matches!(
+        decoder.decode(Some(b"not avro")).await,
+        Err(DecodeError::Permanent(_))
+    ));
     let mut unknown = bytes.clone();
     unknown[1..5].copy_from_slice(&999_999u32.to_be_bytes());
-    assert!(matches!(decoder.decode(Some(&unknown)).await, Err(DecodeError::Permanent(_))));
+    assert!(matches!(
+        decoder.decode(Some(&unknown)).await,
+        Err(DecodeError::Permanent(_))
+    ));
 }
 
 #[tokio::test]
@@ -214,5 +367,8 @@ async fn an_unreachable_registry_is_a_transient_decode_failure() {
     let decoder = Decoder::new("http://127.0.0.1:9").unwrap();
     let mut bytes = vec![0, 0, 0, 0, 1];
     bytes.extend_from_slice(&[2, 3]);
-    assert!(matches!(decoder.decode(Some(&bytes)).await, Err(DecodeError::Transient(_))));
+    assert!(matches!(
+        decoder.decode(Some(&bytes)).await,
+        Err(DecodeError::Transient(_))
+    ));
 }

@@ -38,10 +38,15 @@ pub enum Error {
     #[error("Subject '{0}' does not have subject-level compatibility configured")]
     SubjectLevelNotConfigured(String),
     #[error("Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]", messages.join("; "))]
-    Incompatible { subject: String, messages: Vec<String> },
+    Incompatible {
+        subject: String,
+        messages: Vec<String>,
+    },
     #[error("{0}")]
     InvalidSchema(String),
-    #[error("The specified version '{0}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\"")]
+    #[error(
+        "The specified version '{0}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\""
+    )]
     InvalidVersion(String),
     #[error("{0}")]
     InvalidLevel(String),
@@ -90,13 +95,18 @@ impl From<sqlx::Error> for Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        respond(status, json!({ "error_code": code, "message": self.to_string() }))
+        respond(
+            status,
+            json!({ "error_code": code, "message": self.to_string() }),
+        )
     }
 }
 
 fn respond(status: StatusCode, body: Value) -> Response {
     let mut response = (status, Json(body)).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     response
 }
 
@@ -123,11 +133,16 @@ struct SchemaRequest {
 impl SchemaRequest {
     /// Accepts any content type, as Confluent's registry does.
     fn parse(body: &Bytes) -> Result<(String, Option<String>), Error> {
-        let req: SchemaRequest = serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+        let req: SchemaRequest = serde_json::from_slice(body)
+            .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
         if !req.references.is_empty() {
-            return Err(Error::InvalidSchema("Invalid schema: schema references are not supported by this registry".into()));
+            return Err(Error::InvalidSchema(
+                "Invalid schema: schema references are not supported by this registry".into(),
+            ));
         }
-        let schema = req.schema.ok_or_else(|| Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into()))?;
+        let schema = req.schema.ok_or_else(|| {
+            Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
+        })?;
         Ok((schema, req.schema_type))
     }
 }
@@ -138,7 +153,8 @@ struct LevelRequest {
 }
 
 fn version_body(r: &super::store::Registered) -> Value {
-    let mut body = json!({ "subject": r.subject, "version": r.version, "id": r.id, "schema": r.schema });
+    let mut body =
+        json!({ "subject": r.subject, "version": r.version, "id": r.id, "schema": r.schema });
     if r.schema_type != "AVRO" {
         body["schemaType"] = json!(r.schema_type);
     }
@@ -158,26 +174,52 @@ pub fn router(pool: PgPool) -> Router {
         .route("/subjects", get(subjects))
         .route("/subjects/{subject}", post(lookup).delete(delete_subject))
         .route("/subjects/{subject}/versions", get(versions).post(register))
-        .route("/subjects/{subject}/versions/{version}", get(version).delete(delete_version))
-        .route("/subjects/{subject}/versions/{version}/schema", get(raw_version))
-        .route("/compatibility/subjects/{subject}/versions", post(check_all))
-        .route("/compatibility/subjects/{subject}/versions/{version}", post(check_version))
+        .route(
+            "/subjects/{subject}/versions/{version}",
+            get(version).delete(delete_version),
+        )
+        .route(
+            "/subjects/{subject}/versions/{version}/schema",
+            get(raw_version),
+        )
+        .route(
+            "/compatibility/subjects/{subject}/versions",
+            post(check_all),
+        )
+        .route(
+            "/compatibility/subjects/{subject}/versions/{version}",
+            post(check_version),
+        )
         .route("/config", get(global_config).put(set_global_config))
-        .route("/config/{subject}", get(subject_config).put(set_subject_config).delete(delete_subject_config))
+        .route(
+            "/config/{subject}",
+            get(subject_config)
+                .put(set_subject_config)
+                .delete(delete_subject_config),
+        )
         .with_state(Store::new(pool))
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "Schema registry listening");
-    axum::serve(listener, router(pool)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    axum::serve(listener, router(pool))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
     Ok(())
 }
 
 async fn ready(State(store): State<Store>) -> Response {
     match sqlx::query("SELECT 1").execute(store.pool()).await {
         Ok(_) => respond(StatusCode::OK, json!({"status": "ready"})),
-        Err(e) => respond(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "unavailable", "database": e.to_string()})),
+        Err(e) => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "unavailable", "database": e.to_string()}),
+        ),
     }
 }
 
@@ -190,53 +232,108 @@ async fn schema_by_id(State(store): State<Store>, Path(id): Path<i32>) -> Result
     ok(body)
 }
 
-async fn raw_schema_by_id(State(store): State<Store>, Path(id): Path<i32>) -> Result<Response, Error> {
+async fn raw_schema_by_id(
+    State(store): State<Store>,
+    Path(id): Path<i32>,
+) -> Result<Response, Error> {
     let (schema, _) = store.schema_by_id(id).await?;
     ok(serde_json::from_str(&schema).map_err(|e| Error::Store(e.to_string()))?)
 }
 
-async fn versions_of_id(State(store): State<Store>, Path(id): Path<i32>) -> Result<Response, Error> {
+async fn versions_of_id(
+    State(store): State<Store>,
+    Path(id): Path<i32>,
+) -> Result<Response, Error> {
     let pairs = store.versions_of_id(id).await?;
-    ok(json!(pairs.iter().map(|(s, v)| json!({"subject": s, "version": v})).collect::<Vec<_>>()))
+    ok(json!(
+        pairs
+            .iter()
+            .map(|(s, v)| json!({"subject": s, "version": v}))
+            .collect::<Vec<_>>()
+    ))
 }
 
 async fn subjects(State(store): State<Store>, q: Flags) -> Result<Response, Error> {
     ok(json!(store.subjects(flag(&q, "deleted")).await?))
 }
 
-async fn versions(State(store): State<Store>, Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
+async fn versions(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+) -> Result<Response, Error> {
     ok(json!(store.versions(&subject, flag(&q, "deleted")).await?))
 }
 
-async fn register(State(store): State<Store>, Path(subject): Path<String>, body: Bytes) -> Result<Response, Error> {
+async fn register(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Result<Response, Error> {
     let (schema, schema_type) = SchemaRequest::parse(&body)?;
-    let id = store.register(&subject, &schema, schema_type.as_deref()).await?;
+    let id = store
+        .register(&subject, &schema, schema_type.as_deref())
+        .await?;
     ok(json!({ "id": id }))
 }
 
-async fn lookup(State(store): State<Store>, Path(subject): Path<String>, q: Flags, body: Bytes) -> Result<Response, Error> {
+async fn lookup(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+    body: Bytes,
+) -> Result<Response, Error> {
     let (schema, schema_type) = SchemaRequest::parse(&body)?;
     super::store::parse(&schema, schema_type.as_deref())?;
-    ok(version_body(&store.lookup(&subject, &schema, flag(&q, "deleted")).await?))
+    ok(version_body(
+        &store.lookup(&subject, &schema, flag(&q, "deleted")).await?,
+    ))
 }
 
-async fn version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>, q: Flags) -> Result<Response, Error> {
+async fn version(
+    State(store): State<Store>,
+    Path((subject, version)): Path<(String, String)>,
+    q: Flags,
+) -> Result<Response, Error> {
     let v = VersionRef::parse(&version)?;
-    ok(version_body(&store.version(&subject, v, flag(&q, "deleted")).await?))
+    ok(version_body(
+        &store.version(&subject, v, flag(&q, "deleted")).await?,
+    ))
 }
 
-async fn raw_version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>) -> Result<Response, Error> {
-    let r = store.version(&subject, VersionRef::parse(&version)?, false).await?;
+async fn raw_version(
+    State(store): State<Store>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    let r = store
+        .version(&subject, VersionRef::parse(&version)?, false)
+        .await?;
     ok(serde_json::from_str(&r.schema).map_err(|e| Error::Store(e.to_string()))?)
 }
 
-async fn delete_subject(State(store): State<Store>, Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
-    ok(json!(store.delete_subject(&subject, flag(&q, "permanent")).await?))
+async fn delete_subject(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+) -> Result<Response, Error> {
+    ok(json!(
+        store
+            .delete_subject(&subject, flag(&q, "permanent"))
+            .await?
+    ))
 }
 
-async fn delete_version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>, q: Flags) -> Result<Response, Error> {
+async fn delete_version(
+    State(store): State<Store>,
+    Path((subject, version)): Path<(String, String)>,
+    q: Flags,
+) -> Result<Response, Error> {
     let v = VersionRef::parse(&version)?;
-    ok(json!(store.delete_version(&subject, v, flag(&q, "permanent")).await?))
+    ok(json!(
+        store
+            .delete_version(&subject, v, flag(&q, "permanent"))
+            .await?
+    ))
 }
 
 fn compat_body(messages: Vec<String>, verbose: bool) -> Value {
@@ -247,7 +344,12 @@ fn compat_body(messages: Vec<String>, verbose: bool) -> Value {
     body
 }
 
-async fn check_version(State(store): State<Store>, Path((subject, version)): Path<(String, String)>, q: Flags, body: Bytes) -> Result<Response, Error> {
+async fn check_version(
+    State(store): State<Store>,
+    Path((subject, version)): Path<(String, String)>,
+    q: Flags,
+    body: Bytes,
+) -> Result<Response, Error> {
     let v = VersionRef::parse(&version)?;
     let (schema, schema_type) = SchemaRequest::parse(&body)?;
     super::store::parse(&schema, schema_type.as_deref())?;
@@ -259,15 +361,26 @@ async fn check_version(State(store): State<Store>, Path((subject, version)): Pat
     ok(compat_body(messages, flag(&q, "verbose")))
 }
 
-async fn check_all(State(store): State<Store>, Path(subject): Path<String>, q: Flags, body: Bytes) -> Result<Response, Error> {
+async fn check_all(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+    body: Bytes,
+) -> Result<Response, Error> {
     let (schema, schema_type) = SchemaRequest::parse(&body)?;
     super::store::parse(&schema, schema_type.as_deref())?;
-    ok(compat_body(store.check(&subject, None, &schema).await?, flag(&q, "verbose")))
+    ok(compat_body(
+        store.check(&subject, None, &schema).await?,
+        flag(&q, "verbose"),
+    ))
 }
 
 fn parse_level(body: &Bytes) -> Result<Level, Error> {
-    let req: LevelRequest = serde_json::from_slice(body).map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
-    let level = req.compatibility.ok_or_else(|| Error::InvalidLevel("the request has no \"compatibility\" field".into()))?;
+    let req: LevelRequest = serde_json::from_slice(body)
+        .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let level = req
+        .compatibility
+        .ok_or_else(|| Error::InvalidLevel("the request has no \"compatibility\" field".into()))?;
     level.parse().map_err(Error::InvalidLevel)
 }
 
@@ -281,7 +394,11 @@ async fn set_global_config(State(store): State<Store>, body: Bytes) -> Result<Re
     ok(json!({ "compatibility": level.as_str() }))
 }
 
-async fn subject_config(State(store): State<Store>, Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
+async fn subject_config(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+) -> Result<Response, Error> {
     match store.subject_level(&subject).await? {
         Some(level) => ok(json!({ "compatibilityLevel": level.as_str() })),
         None if flag(&q, "defaultToGlobal") => global_config(State(store)).await,
@@ -289,7 +406,11 @@ async fn subject_config(State(store): State<Store>, Path(subject): Path<String>,
     }
 }
 
-async fn set_subject_config(State(store): State<Store>, Path(subject): Path<String>, body: Bytes) -> Result<Response, Error> {
+async fn set_subject_config(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Result<Response, Error> {
     let level = parse_level(&body)?;
     if subject.is_empty() {
         return Err(Error::BadRequest("subject must not be empty".into()));
@@ -298,7 +419,10 @@ async fn set_subject_config(State(store): State<Store>, Path(subject): Path<Stri
     ok(json!({ "compatibility": level.as_str() }))
 }
 
-async fn delete_subject_config(State(store): State<Store>, Path(subject): Path<String>) -> Result<Response, Error> {
+async fn delete_subject_config(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+) -> Result<Response, Error> {
     let old = store.delete_subject_level(&subject).await?;
     ok(json!({ "compatibilityLevel": old.as_str() }))
 }

@@ -36,15 +36,24 @@ impl Level {
     }
 
     fn transitive(self) -> bool {
-        matches!(self, Level::BackwardTransitive | Level::ForwardTransitive | Level::FullTransitive)
+        matches!(
+            self,
+            Level::BackwardTransitive | Level::ForwardTransitive | Level::FullTransitive
+        )
     }
 
     fn backward(self) -> bool {
-        matches!(self, Level::Backward | Level::BackwardTransitive | Level::Full | Level::FullTransitive)
+        matches!(
+            self,
+            Level::Backward | Level::BackwardTransitive | Level::Full | Level::FullTransitive
+        )
     }
 
     fn forward(self) -> bool {
-        matches!(self, Level::Forward | Level::ForwardTransitive | Level::Full | Level::FullTransitive)
+        matches!(
+            self,
+            Level::Forward | Level::ForwardTransitive | Level::Full | Level::FullTransitive
+        )
     }
 }
 
@@ -65,7 +74,11 @@ impl FromStr for Level {
             "FORWARD_TRANSITIVE" => Level::ForwardTransitive,
             "FULL" => Level::Full,
             "FULL_TRANSITIVE" => Level::FullTransitive,
-            _ => return Err(format!("Invalid compatibility level {s:?}: use one of NONE, BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE")),
+            _ => {
+                return Err(format!(
+                    "Invalid compatibility level {s:?}: use one of NONE, BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE"
+                ));
+            }
         })
     }
 }
@@ -104,12 +117,16 @@ pub fn check(level: Level, new: &Schema, existing: &[(i32, Schema)]) -> Vec<Stri
     for (version, old) in against {
         if level.backward() {
             if let Err(why) = can_read(old, new) {
-                messages.push(format!("{level}: the new schema cannot read data written with version {version}: {why}"));
+                messages.push(format!(
+                    "{level}: the new schema cannot read data written with version {version}: {why}"
+                ));
             }
         }
         if level.forward() {
             if let Err(why) = can_read(new, old) {
-                messages.push(format!("{level}: version {version} cannot read data written with the new schema: {why}"));
+                messages.push(format!(
+                    "{level}: version {version} cannot read data written with the new schema: {why}"
+                ));
             }
         }
     }
@@ -121,29 +138,45 @@ mod tests {
     use super::*;
 
     fn record(fields: &str) -> Schema {
-        Schema::parse_str(&format!(r#"{{"type":"record","name":"R","namespace":"t","fields":[{fields}]}}"#)).unwrap()
+        Schema::parse_str(&format!(
+            r#"{{"type":"record","name":"R","namespace":"t","fields":[{fields}]}}"#
+        ))
+        .unwrap()
     }
 
     #[test]
     fn adding_a_field_with_a_default_is_backward_compatible_and_without_one_is_not() {
         let v1 = record(r#"{"name":"a","type":"string"}"#);
-        let with_default = record(r#"{"name":"a","type":"string"},{"name":"b","type":"string","default":"x"}"#);
+        let with_default =
+            record(r#"{"name":"a","type":"string"},{"name":"b","type":"string","default":"x"}"#);
         let without = record(r#"{"name":"a","type":"string"},{"name":"b","type":"string"}"#);
         assert!(check(Level::Backward, &with_default, &[(1, v1.clone())]).is_empty());
         let errors = check(Level::Backward, &without, &[(1, v1.clone())]);
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].contains("'b'") && errors[0].contains("default"), "{errors:?}");
+        assert!(
+            errors[0].contains("'b'") && errors[0].contains("default"),
+            "{errors:?}"
+        );
         // Removing a field is backward compatible, but not forward when the old reader needs it.
         assert!(check(Level::Backward, &v1, &[(1, without.clone())]).is_empty());
         assert!(!check(Level::Forward, &v1, &[(1, without)]).is_empty());
-        assert!(check(Level::None, &record(r#"{"name":"z","type":"int"}"#), &[(1, v1)]).is_empty());
+        assert!(
+            check(
+                Level::None,
+                &record(r#"{"name":"z","type":"int"}"#),
+                &[(1, v1)]
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn transitive_levels_check_every_version_and_plain_ones_only_the_latest() {
         let v1 = record(r#"{"name":"a","type":"int"}"#);
         let v2 = record(r#"{"name":"b","type":"int","default":0}"#);
-        let v3 = record(r#"{"name":"a","type":"string","default":""},{"name":"b","type":"int","default":0}"#);
+        let v3 = record(
+            r#"{"name":"a","type":"string","default":""},{"name":"b","type":"int","default":0}"#,
+        );
         let existing = [(1, v1), (2, v2)];
         assert!(check(Level::Backward, &v3, &existing).is_empty());
         let errors = check(Level::BackwardTransitive, &v3, &existing);
@@ -153,7 +186,15 @@ mod tests {
 
     #[test]
     fn levels_parse_case_insensitively_and_reject_the_unknown() {
-        assert_eq!("full_transitive".parse::<Level>(), Ok(Level::FullTransitive));
-        assert!("SIDEWAYS".parse::<Level>().unwrap_err().contains("SIDEWAYS"));
+        assert_eq!(
+            "full_transitive".parse::<Level>(),
+            Ok(Level::FullTransitive)
+        );
+        assert!(
+            "SIDEWAYS"
+                .parse::<Level>()
+                .unwrap_err()
+                .contains("SIDEWAYS")
+        );
     }
 }

@@ -50,12 +50,15 @@ pub struct Parsed {
 pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
     if let Some(t) = schema_type {
         if !t.eq_ignore_ascii_case("AVRO") {
-            return Err(Error::InvalidSchema(format!("schemaType {t} is not supported by this registry; only AVRO is")));
+            return Err(Error::InvalidSchema(format!(
+                "schemaType {t} is not supported by this registry; only AVRO is"
+            )));
         }
     }
     let json: Value = serde_json::from_str(text)
         .map_err(|e| Error::InvalidSchema(format!("Invalid schema: not JSON: {e}")))?;
-    let schema = Schema::parse(&json).map_err(|e| Error::InvalidSchema(format!("Invalid schema: {e}")))?;
+    let schema =
+        Schema::parse(&json).map_err(|e| Error::InvalidSchema(format!("Invalid schema: {e}")))?;
     let mut normalized = String::with_capacity(text.len());
     write_sorted(&json, &mut normalized);
     Ok(Parsed { schema, normalized })
@@ -121,7 +124,12 @@ impl Store {
 
     /// Registers `text` under `subject`; returns the schema id. Registering a schema the subject
     /// already has returns its id and creates no version.
-    pub async fn register(&self, subject: &str, text: &str, schema_type: Option<&str>) -> Result<i32, Error> {
+    pub async fn register(
+        &self,
+        subject: &str,
+        text: &str,
+        schema_type: Option<&str>,
+    ) -> Result<i32, Error> {
         let parsed = parse(text, schema_type)?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.' || $1))")
@@ -144,7 +152,10 @@ impl Store {
         let previous = live_versions(&mut tx, subject).await?;
         let violations = compat::check(level, &parsed.schema, &previous);
         if !violations.is_empty() {
-            return Err(Error::Incompatible { subject: subject.to_owned(), messages: violations });
+            return Err(Error::Incompatible {
+                subject: subject.to_owned(),
+                messages: violations,
+            });
         }
         let id: i32 = sqlx::query_scalar(
             "INSERT INTO registry.schemas (schema, normalized, fingerprint) VALUES ($1, $2, sha256(convert_to($2, 'UTF8')))
@@ -169,7 +180,12 @@ impl Store {
     }
 
     /// Finds the version of `subject` holding `text`.
-    pub async fn lookup(&self, subject: &str, text: &str, deleted: bool) -> Result<Registered, Error> {
+    pub async fn lookup(
+        &self,
+        subject: &str,
+        text: &str,
+        deleted: bool,
+    ) -> Result<Registered, Error> {
         let parsed = parse(text, None)?;
         let row = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
@@ -203,7 +219,10 @@ impl Store {
             .bind(id)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(|r| (r.get("subject"), r.get("version"))).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("subject"), r.get("version")))
+            .collect())
     }
 
     pub async fn subjects(&self, deleted: bool) -> Result<Vec<String>, Error> {
@@ -239,7 +258,12 @@ impl Store {
         Ok(versions)
     }
 
-    pub async fn version(&self, subject: &str, version: VersionRef, deleted: bool) -> Result<Registered, Error> {
+    pub async fn version(
+        &self,
+        subject: &str,
+        version: VersionRef,
+        deleted: bool,
+    ) -> Result<Registered, Error> {
         let row = match version {
             VersionRef::Latest => sqlx::query(&format!(
                 "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
@@ -268,7 +292,12 @@ impl Store {
 
     /// Violations of the subject's level if `text` were registered, checked against `version`
     /// (or, with `None`, against every live version).
-    pub async fn check(&self, subject: &str, version: Option<VersionRef>, text: &str) -> Result<Vec<String>, Error> {
+    pub async fn check(
+        &self,
+        subject: &str,
+        version: Option<VersionRef>,
+        text: &str,
+    ) -> Result<Vec<String>, Error> {
         let parsed = parse(text, None)?;
         let mut tx = self.pool.begin().await?;
         let level = level_for(&mut tx, subject).await?;
@@ -276,11 +305,15 @@ impl Store {
             None => {
                 let all = live_versions(&mut tx, subject).await?;
                 // Checking "against all versions" means each of them, whatever the level says.
-                return Ok(all.iter().flat_map(|one| compat::check(level, &parsed.schema, std::slice::from_ref(one))).collect());
+                return Ok(all
+                    .iter()
+                    .flat_map(|one| compat::check(level, &parsed.schema, std::slice::from_ref(one)))
+                    .collect());
             }
             Some(v) => {
                 let found = self.version(subject, v, false).await?;
-                let schema = Schema::parse_str(&found.schema).map_err(|e| Error::Store(e.to_string()))?;
+                let schema =
+                    Schema::parse_str(&found.schema).map_err(|e| Error::Store(e.to_string()))?;
                 vec![(found.version, schema)]
             }
         };
@@ -294,10 +327,11 @@ impl Store {
 
     /// The subject's own level, if one was set.
     pub async fn subject_level(&self, subject: &str) -> Result<Option<Level>, Error> {
-        let level: Option<String> = sqlx::query_scalar("SELECT compatibility FROM registry.config WHERE subject = $1")
-            .bind(subject)
-            .fetch_optional(&self.pool)
-            .await?;
+        let level: Option<String> =
+            sqlx::query_scalar("SELECT compatibility FROM registry.config WHERE subject = $1")
+                .bind(subject)
+                .fetch_optional(&self.pool)
+                .await?;
         level.map(|l| l.parse().map_err(Error::Store)).transpose()
     }
 
@@ -343,8 +377,14 @@ impl Store {
             if live > 0 {
                 return Err(Error::SubjectNotSoftDeleted(subject.to_owned()));
             }
-            sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1").bind(subject).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM registry.config WHERE subject = $1 AND subject <> ''").bind(subject).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1")
+                .bind(subject)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM registry.config WHERE subject = $1 AND subject <> ''")
+                .bind(subject)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             return Ok(versions);
         }
@@ -364,7 +404,12 @@ impl Store {
     }
 
     /// Soft-deletes one version (or with `permanent`, removes a soft-deleted one).
-    pub async fn delete_version(&self, subject: &str, version: VersionRef, permanent: bool) -> Result<i32, Error> {
+    pub async fn delete_version(
+        &self,
+        subject: &str,
+        version: VersionRef,
+        permanent: bool,
+    ) -> Result<i32, Error> {
         let found = self.version(subject, version, permanent).await?;
         if permanent {
             let removed = sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1 AND version = $2 AND deleted")
@@ -398,7 +443,10 @@ async fn level_for(tx: &mut Transaction<'_, Postgres>, subject: &str) -> Result<
 }
 
 /// The live versions of `subject`, oldest first, parsed.
-async fn live_versions(tx: &mut Transaction<'_, Postgres>, subject: &str) -> Result<Vec<(i32, Schema)>, Error> {
+async fn live_versions(
+    tx: &mut Transaction<'_, Postgres>,
+    subject: &str,
+) -> Result<Vec<(i32, Schema)>, Error> {
     let rows = sqlx::query(
         "SELECT v.version, s.schema FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
          WHERE v.subject = $1 AND NOT v.deleted ORDER BY v.version",
@@ -431,11 +479,17 @@ mod tests {
 
     #[test]
     fn invalid_schemas_carry_the_parser_message() {
-        let Err(Error::InvalidSchema(m)) = parse(r#"{"type":"record","name":"R"}"#, None) else { panic!() };
+        let Err(Error::InvalidSchema(m)) = parse(r#"{"type":"record","name":"R"}"#, None) else {
+            panic!()
+        };
         assert!(m.starts_with("Invalid schema:"), "{m}");
-        let Err(Error::InvalidSchema(m)) = parse("{not json", None) else { panic!() };
+        let Err(Error::InvalidSchema(m)) = parse("{not json", None) else {
+            panic!()
+        };
         assert!(m.contains("not JSON"), "{m}");
-        let Err(Error::InvalidSchema(m)) = parse(r#""string""#, Some("PROTOBUF")) else { panic!() };
+        let Err(Error::InvalidSchema(m)) = parse(r#""string""#, Some("PROTOBUF")) else {
+            panic!()
+        };
         assert!(m.contains("PROTOBUF"), "{m}");
     }
 }

@@ -1,0 +1,33 @@
+# keel's front door. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+.PHONY: help up-kafka down demo test build fmt lint install-tansu
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+up-kafka: ## Start the backbone: broker, registry, migrations, topics, order service, relay, consumers
+	@scripts/up-local.sh
+
+down: ## Stop exactly what up-kafka started
+	@scripts/down.sh
+
+demo: ## Place a few orders through the API of a running backbone and show what inventory did
+	@scripts/demo.sh
+
+test: ## Run every test; starts (and stops) the broker they need
+	@scripts/test.sh
+
+build: ## Build the keel binary
+	cargo build -p keel
+
+fmt: ## Format the code
+	cargo fmt --all
+
+lint: ## Check formatting and lints
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+install-tansu: ## Install tansu 0.6.0 (done by up-kafka and test when missing)
+	@source scripts/lib.sh && ensure_tansu

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# make demo: places orders through the HTTP API of a running stack and shows what inventory did.
+set -euo pipefail
+API=${API:-http://127.0.0.1:8080}
+DB=${KEEL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/keel}
+curl -fsS "$API/ready" >/dev/null || { echo "keel: the order service is not up at $API; run make up-kafka" >&2; exit 1; }
+
+order() {
+  curl -fsS -X POST "$API/orders" -H 'content-type: application/json' -d "{
+    \"customer\": {\"id\": \"$1\", \"email\": \"$1@example.com\", \"name\": \"Demo $1\"},
+    \"currency\": \"EUR\",
+    \"lines\": [{\"sku\": \"SKU-1\", \"quantity\": $2, \"unit_price_minor\": 1250},
+                {\"sku\": \"SKU-2\", \"quantity\": 1, \"unit_price_minor\": 399}]}" | jq -r .id
+}
+
+a=$(order alice 2); b=$(order bob 3); c=$(order carol 1)
+curl -fsS -X POST "$API/orders/$a/pay" >/dev/null
+curl -fsS -X POST "$API/orders/$b/cancel" -H 'content-type: application/json' -d '{"reason": "changed mind"}' >/dev/null
+echo "Placed orders: $a (paid), $b (cancelled), $c (open)"
+
+# Poll until inventory has handled all five events (or give up after 30 s).
+ids="'$a','$b','$c'"
+deadline=$((SECONDS + 30))
+until [[ $(psql "$DB" -Atc "SELECT count(*) FROM inventory.reservations WHERE order_id IN ($ids) AND status IN ('fulfilled','released','reserved')") == 3 &&
+         $(psql "$DB" -Atc "SELECT count(*) FROM inventory.reservations WHERE order_id IN ($ids) AND status <> 'reserved'") == 2 ]]; do
+  ((SECONDS < deadline)) || { echo "keel: inventory did not catch up in 30 s; see .run/*.log" >&2; exit 1; }
+  sleep 0.2
+done
+
+echo; echo "Inventory reservations:"
+psql "$DB" -c "SELECT order_id, status FROM inventory.reservations WHERE order_id IN ($ids) ORDER BY updated_at"
+echo "Stock:"
+psql "$DB" -c "SELECT sku, on_hand, reserved, on_hand - reserved AS available FROM inventory.stock WHERE sku IN ('SKU-1','SKU-2') ORDER BY sku"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# make test: everything the tests need, then the tests. A broker of its own on 127.0.0.1:19092
+# (so a running `make up-kafka` is not disturbed), stopped when the tests end, pass or fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+check_services
+ensure_tansu
+export KEEL_RUN_DIR="$RUN_DIR/test"
+RUN_DIR="$KEEL_RUN_DIR"
+trap 'stop tansu-test' EXIT
+stop tansu-test # a leftover from an interrupted run
+start_tansu tansu-test 19092 memory://tansu/
+export TEST_KAFKA_BROKERS=127.0.0.1:19092
+export TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432
+
+# Databases left by tests that were interrupted (a test drops its own when it ends).
+psql -h 127.0.0.1 -U postgres -d postgres -Atqc \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'keel\_test\_%'" |
+  while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
+
+cargo test --workspace --locked "$@"

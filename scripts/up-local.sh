@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# make up-kafka (local stack): tansu, keel's registry, migrations, topics, the order service, the
+# relay and the inventory group, all on loopback, logs and pid files in $KEEL_RUN_DIR (.run).
+# Running it again starts only what is not running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+check_services
+ensure_tansu
+say "Building keel"
+cargo build --quiet -p keel
+KEEL="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/debug/keel"
+
+# Fail now, naming the key, rather than in every background process.
+"$KEEL" settings >/dev/null
+
+start_tansu tansu 9092 "${TANSU_STORAGE:-memory://tansu/}"
+"$KEEL" migrate
+"$KEEL" topics create
+start registry "$KEEL" registry
+wait_for "the schema registry" 30 curl -fsS http://127.0.0.1:8081/ready
+start order-service "$KEEL" order-service
+wait_for "the order service" 30 curl -fsS http://127.0.0.1:8080/ready
+start relay "$KEEL" relay
+start inventory "$KEEL" consume inventory
+
+cat <<MSG
+
+keel is up (local stack: tansu, no Docker):
+  order API        http://127.0.0.1:8080   (POST /orders, GET /orders/{id}, /health, /ready)
+  schema registry  http://127.0.0.1:8081   (Confluent REST API)
+  Kafka broker     127.0.0.1:9092          (tansu $TANSU_VERSION, ${TANSU_STORAGE:-memory://tansu/})
+  PostgreSQL       ${KEEL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/keel}
+  logs, pid files  $RUN_DIR
+
+Try it:  make demo      Stop it:  make down
+MSG
