@@ -27,7 +27,8 @@ pub fn init(service: &'static str) {
     let tracer = provider.tracer(service);
     opentelemetry::global::set_tracer_provider(provider);
     // PostgreSQL NOTICEs ("already exists, skipping") are not news at INFO.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let fmt = if std::io::stderr().is_terminal() {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
