@@ -26,6 +26,21 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Runs cleanup from `Drop`, which may be inside a runtime and cannot await: on a thread of its
+/// own with its own runtime, waiting for it to finish. Failures are ignored (best effort).
+fn block_on_thread<F>(cleanup: F)
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(cleanup))
+    })
+    .join();
+}
+
 /// A fresh database, dropped when the value is dropped.
 pub struct TestDb {
     pub url: String,
@@ -57,14 +72,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let url = self.url.clone();
-        // Drop runs outside async context; a thread with its own runtime does the async work.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|rt| rt.block_on(crate::db::drop_database(&url)))
-        })
-        .join();
+        block_on_thread(async move { crate::db::drop_database(&url).await });
     }
 }
 
@@ -86,13 +94,7 @@ impl TestTopic {
 impl Drop for TestTopic {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map(|rt| rt.block_on(kafka::delete_topics(&brokers(), &[&name])))
-        })
-        .join();
+        block_on_thread(async move { kafka::delete_topics(&brokers(), &[&name]).await });
     }
 }
 

@@ -140,6 +140,15 @@ impl SchemaRequest {
                 "Invalid schema: schema references are not supported by this registry".into(),
             ));
         }
+        if let Some(t) = req
+            .schema_type
+            .as_deref()
+            .filter(|t| !t.eq_ignore_ascii_case("AVRO"))
+        {
+            return Err(Error::InvalidSchema(format!(
+                "schemaType {t} is not supported by this registry; only AVRO is"
+            )));
+        }
         let schema = req.schema.ok_or_else(|| {
             Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
         })?;
@@ -283,8 +292,7 @@ async fn lookup(
     q: Flags,
     body: Bytes,
 ) -> Result<Response, Error> {
-    let (schema, schema_type) = SchemaRequest::parse(&body)?;
-    super::store::parse(&schema, schema_type.as_deref())?;
+    let (schema, _) = SchemaRequest::parse(&body)?;
     ok(version_body(
         &store.lookup(&subject, &schema, flag(&q, "deleted")).await?,
     ))
@@ -351,8 +359,7 @@ async fn check_version(
     body: Bytes,
 ) -> Result<Response, Error> {
     let v = VersionRef::parse(&version)?;
-    let (schema, schema_type) = SchemaRequest::parse(&body)?;
-    super::store::parse(&schema, schema_type.as_deref())?;
+    let (schema, _) = SchemaRequest::parse(&body)?;
     let messages = match store.check(&subject, Some(v), &schema).await {
         // Anything is compatible with the latest version of a subject that has none.
         Err(Error::SubjectNotFound(_)) if matches!(v, VersionRef::Latest) => vec![],
@@ -367,8 +374,7 @@ async fn check_all(
     q: Flags,
     body: Bytes,
 ) -> Result<Response, Error> {
-    let (schema, schema_type) = SchemaRequest::parse(&body)?;
-    super::store::parse(&schema, schema_type.as_deref())?;
+    let (schema, _) = SchemaRequest::parse(&body)?;
     ok(compat_body(
         store.check(&subject, None, &schema).await?,
         flag(&q, "verbose"),
