@@ -103,7 +103,7 @@ fn lifecycle(i: usize) -> Vec<Event> {
         lines: lines.clone(),
         total_minor: 100,
     });
-    let second = if i % 2 == 0 {
+    let second = if i.is_multiple_of(2) {
         Event::OrderPaid(OrderPaid {
             event_id: Uuid::new_v4(),
             occurred_at: 1_764_000_000_500,

@@ -140,15 +140,7 @@ impl SchemaRequest {
                 "Invalid schema: schema references are not supported by this registry".into(),
             ));
         }
-        if let Some(t) = req
-            .schema_type
-            .as_deref()
-            .filter(|t| !t.eq_ignore_ascii_case("AVRO"))
-        {
-            return Err(Error::InvalidSchema(format!(
-                "schemaType {t} is not supported by this registry; only AVRO is"
-            )));
-        }
+        super::store::check_schema_type(req.schema_type.as_deref())?;
         let schema = req.schema.ok_or_else(|| {
             Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
         })?;

@@ -115,19 +115,19 @@ pub fn check(level: Level, new: &Schema, existing: &[(i32, Schema)]) -> Vec<Stri
     };
     let mut messages = Vec::new();
     for (version, old) in against {
-        if level.backward() {
-            if let Err(why) = can_read(old, new) {
-                messages.push(format!(
-                    "{level}: the new schema cannot read data written with version {version}: {why}"
-                ));
-            }
+        if level.backward()
+            && let Err(why) = can_read(old, new)
+        {
+            messages.push(format!(
+                "{level}: the new schema cannot read data written with version {version}: {why}"
+            ));
         }
-        if level.forward() {
-            if let Err(why) = can_read(new, old) {
-                messages.push(format!(
-                    "{level}: version {version} cannot read data written with the new schema: {why}"
-                ));
-            }
+        if level.forward()
+            && let Err(why) = can_read(new, old)
+        {
+            messages.push(format!(
+                "{level}: version {version} cannot read data written with the new schema: {why}"
+            ));
         }
     }
     messages

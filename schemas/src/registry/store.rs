@@ -46,15 +46,19 @@ pub struct Parsed {
     pub normalized: String,
 }
 
-/// Validates `text` as an Avro schema. Other schema types are refused: keel speaks Avro only.
-pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
-    if let Some(t) = schema_type {
-        if !t.eq_ignore_ascii_case("AVRO") {
-            return Err(Error::InvalidSchema(format!(
-                "schemaType {t} is not supported by this registry; only AVRO is"
-            )));
-        }
+/// Refuses every `schemaType` but Avro (absent means Avro): keel speaks Avro only.
+pub fn check_schema_type(schema_type: Option<&str>) -> Result<(), Error> {
+    match schema_type {
+        Some(t) if !t.eq_ignore_ascii_case("AVRO") => Err(Error::InvalidSchema(format!(
+            "schemaType {t} is not supported by this registry; only AVRO is"
+        ))),
+        _ => Ok(()),
     }
+}
+
+/// Validates `text` as an Avro schema of `schema_type`.
+pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
+    check_schema_type(schema_type)?;
     let json: Value = serde_json::from_str(text)
         .map_err(|e| Error::InvalidSchema(format!("Invalid schema: not JSON: {e}")))?;
     let schema =
