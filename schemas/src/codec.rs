@@ -16,7 +16,7 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
-use crate::events::{Contract, Event, OrderCancelled, OrderCreated, OrderPaid, Payload};
+use crate::events::{CONTRACTS, Contract, Event, OrderCancelled, OrderCreated, OrderPaid, Payload};
 
 /// Encoding failed. `transient` errors (registry unreachable) are worth retrying; the others
 /// (registry refused the schema, value does not fit it) are not.
@@ -27,6 +27,17 @@ pub struct EncodeError {
     pub topic: String,
     pub message: String,
     pub transient: bool,
+}
+
+impl EncodeError {
+    fn new(record: &'static str, topic: &str, e: &SRCError) -> Self {
+        Self {
+            record,
+            topic: topic.to_owned(),
+            message: describe(e),
+            transient: e.retriable,
+        }
+    }
 }
 
 /// Decoding failed. The consumer branches on the variant: retry a transient error, dead-letter a
@@ -100,22 +111,13 @@ impl Encoder {
     /// Registers (or finds) every contract under its subject on `topic`, so that a registry that
     /// refuses a schema stops the service at start-up rather than at the first event.
     pub async fn prepare(&self, topic: &str) -> Result<(), EncodeError> {
-        for (name, schema) in [
-            (OrderCreated::NAME, OrderCreated::SCHEMA),
-            (OrderPaid::NAME, OrderPaid::SCHEMA),
-            (OrderCancelled::NAME, OrderCancelled::SCHEMA),
-        ] {
-            let strategy = self.strategy(topic, name, schema);
-            let subject = crate::subject(topic, name);
+        for contract in CONTRACTS {
+            let strategy = self.strategy(topic, contract.name, contract.schema);
+            let subject = crate::subject(topic, contract.name);
             self.inner
                 .get_schema_and_id(&subject, strategy)
                 .await
-                .map_err(|e| EncodeError {
-                    record: name,
-                    topic: topic.to_owned(),
-                    message: describe(&e),
-                    transient: e.retriable,
-                })?;
+                .map_err(|e| EncodeError::new(contract.name, topic, &e))?;
         }
         Ok(())
     }
@@ -126,12 +128,7 @@ impl Encoder {
         self.inner
             .encode_struct(Payload(event), &strategy)
             .await
-            .map_err(|e| EncodeError {
-                record: event.name(),
-                topic: topic.to_owned(),
-                message: describe(&e),
-                transient: e.retriable,
-            })
+            .map_err(|e| EncodeError::new(event.name(), topic, &e))
     }
 }
 

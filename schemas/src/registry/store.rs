@@ -6,7 +6,7 @@
 
 use apache_avro::Schema;
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool, Row};
 
 use super::api::Error;
 use super::compat::{self, Level};
@@ -303,11 +303,11 @@ impl Store {
         text: &str,
     ) -> Result<Vec<String>, Error> {
         let parsed = parse(text, None)?;
-        let mut tx = self.pool.begin().await?;
-        let level = level_for(&mut tx, subject).await?;
+        let mut conn = self.pool.acquire().await?;
+        let level = level_for(&mut conn, subject).await?;
         let existing = match version {
             None => {
-                let all = live_versions(&mut tx, subject).await?;
+                let all = live_versions(&mut conn, subject).await?;
                 // Checking "against all versions" means each of them, whatever the level says.
                 return Ok(all
                     .iter()
@@ -325,8 +325,8 @@ impl Store {
     }
 
     pub async fn global_level(&self) -> Result<Level, Error> {
-        let mut tx = self.pool.begin().await?;
-        level_for(&mut tx, "").await
+        let mut conn = self.pool.acquire().await?;
+        level_for(&mut conn, "").await
     }
 
     /// The subject's own level, if one was set.
@@ -436,19 +436,19 @@ impl Store {
 }
 
 /// The level in force for `subject`: its own, else the global one.
-async fn level_for(tx: &mut Transaction<'_, Postgres>, subject: &str) -> Result<Level, Error> {
+async fn level_for(conn: &mut PgConnection, subject: &str) -> Result<Level, Error> {
     let level: String = sqlx::query_scalar(
         "SELECT compatibility FROM registry.config WHERE subject IN ($1, '') ORDER BY subject DESC LIMIT 1",
     )
     .bind(subject)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *conn)
     .await?;
     level.parse().map_err(Error::Store)
 }
 
 /// The live versions of `subject`, oldest first, parsed.
 async fn live_versions(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     subject: &str,
 ) -> Result<Vec<(i32, Schema)>, Error> {
     let rows = sqlx::query(
@@ -456,7 +456,7 @@ async fn live_versions(
          WHERE v.subject = $1 AND NOT v.deleted ORDER BY v.version",
     )
     .bind(subject)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *conn)
     .await?;
     rows.iter()
         .map(|r| {
