@@ -119,11 +119,11 @@ impl Relay {
         })
     }
 
-    /// Registers every contract for `topics` with the registry, so that a registry that refuses
-    /// one stops the relay at start-up with the reason.
-    pub async fn prepare(&self, topics: &[&str]) -> Result<(), EncodeError> {
-        for topic in topics {
-            self.encoder.prepare(topic).await?;
+    /// Registers the contracts of each `(topic, namespace)` with the registry, so that a registry
+    /// that refuses one stops the relay at start-up with the reason.
+    pub async fn prepare(&self, topics: &[(&str, &str)]) -> Result<(), EncodeError> {
+        for (topic, namespace) in topics {
+            self.encoder.prepare(topic, namespace).await?;
         }
         Ok(())
     }

@@ -168,11 +168,7 @@ async fn assert_delivered_in_order(
         if !seen.insert(event.event_id()) {
             continue; // a duplicate, allowed
         }
-        let version = match &event {
-            Event::OrderCreated(e) => e.order_version,
-            Event::OrderPaid(e) => e.order_version,
-            Event::OrderCancelled(e) => e.order_version,
-        };
+        let version = event.order_version().expect("an order event");
         let previous = last_version
             .insert(event.aggregate_id(), version)
             .unwrap_or(0);
@@ -197,7 +193,7 @@ async fn publishes_every_row_once_keyed_and_in_order_with_trace_headers() {
     let topic = TestTopic::new("orders", 6).await;
     let relay = h.relay(7);
     relay
-        .prepare(&[&topic.name])
+        .prepare(&[(&topic.name, "keel.orders")])
         .await
         .expect("registry accepts the contracts");
     let trace: TraceHeaders = [(

@@ -16,7 +16,7 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
-use crate::events::{CONTRACTS, Contract, Event, OrderCancelled, OrderCreated, OrderPaid, Payload};
+use crate::events::{CONTRACTS, Event, Payload};
 
 /// Encoding failed. `transient` errors (registry unreachable) are worth retrying; the others
 /// (registry refused the schema, value does not fit it) are not.
@@ -108,10 +108,11 @@ impl Encoder {
         strategy
     }
 
-    /// Registers (or finds) every contract under its subject on `topic`, so that a registry that
-    /// refuses a schema stops the service at start-up rather than at the first event.
-    pub async fn prepare(&self, topic: &str) -> Result<(), EncodeError> {
-        for contract in CONTRACTS {
+    /// Registers (or finds) every contract of `namespace` (e.g. `keel.orders`) under its subject
+    /// on `topic`, so that a registry that refuses a schema stops the service at start-up rather
+    /// than at the first event.
+    pub async fn prepare(&self, topic: &str, namespace: &str) -> Result<(), EncodeError> {
+        for contract in CONTRACTS.iter().filter(|c| c.namespace() == namespace) {
             let strategy = self.strategy(topic, contract.name, contract.schema);
             let subject = crate::subject(topic, contract.name);
             self.inner
@@ -178,17 +179,13 @@ impl Decoder {
 
 /// Builds the [`Event`] for a decoded record named `name`.
 pub fn event_from_value(name: &str, value: &Value) -> Result<Event, DecodeError> {
-    fn read<T: Contract>(value: &Value) -> Result<T, DecodeError> {
-        apache_avro::from_value::<T>(value).map_err(|e| {
-            DecodeError::Permanent(format!("{} does not match its contract: {e}", T::NAME))
-        })
-    }
-    match name {
-        OrderCreated::NAME => read(value).map(Event::OrderCreated),
-        OrderPaid::NAME => read(value).map(Event::OrderPaid),
-        OrderCancelled::NAME => read(value).map(Event::OrderCancelled),
-        other => Err(DecodeError::Permanent(format!(
-            "unknown record type {other}"
+    match Event::from_avro(name, value) {
+        Some(Ok(event)) => Ok(event),
+        Some(Err(e)) => Err(DecodeError::Permanent(format!(
+            "{name} does not match its contract: {e}"
+        ))),
+        None => Err(DecodeError::Permanent(format!(
+            "unknown record type {name}"
         ))),
     }
 }

@@ -13,10 +13,16 @@ pub trait Contract: Serialize + for<'de> Deserialize<'de> {
 }
 
 macro_rules! contract {
-    ($ty:ident, $file:literal) => {
+    ($ty:ident, $namespace:literal) => {
         impl Contract for $ty {
-            const NAME: &'static str = concat!("keel.orders.", stringify!($ty));
-            const SCHEMA: &'static str = include_str!(concat!("../avro/keel.orders/", $file));
+            const NAME: &'static str = concat!($namespace, ".", stringify!($ty));
+            const SCHEMA: &'static str = include_str!(concat!(
+                "../avro/",
+                $namespace,
+                "/",
+                stringify!($ty),
+                ".avsc"
+            ));
         }
     };
 }
@@ -49,7 +55,7 @@ pub struct OrderCreated {
     pub lines: Vec<OrderLine>,
     pub total_minor: i64,
 }
-contract!(OrderCreated, "OrderCreated.avsc");
+contract!(OrderCreated, "keel.orders");
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderPaid {
@@ -64,7 +70,7 @@ pub struct OrderPaid {
     pub amount_minor: i64,
     pub payment_reference: String,
 }
-contract!(OrderPaid, "OrderPaid.avsc");
+contract!(OrderPaid, "keel.orders");
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCancelled {
@@ -78,7 +84,44 @@ pub struct OrderCancelled {
     pub reason: Option<String>,
     pub lines: Vec<OrderLine>,
 }
-contract!(OrderCancelled, "OrderCancelled.avsc");
+contract!(OrderCancelled, "keel.orders");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockLine {
+    pub sku: String,
+    pub quantity: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReserved {
+    #[serde(with = "uuid_string")]
+    pub event_id: Uuid,
+    pub occurred_at: i64,
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub lines: Vec<StockLine>,
+}
+contract!(InventoryReserved, "keel.inventory");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shortage {
+    pub sku: String,
+    pub requested: i32,
+    pub available: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryRejected {
+    #[serde(with = "uuid_string")]
+    pub event_id: Uuid,
+    pub occurred_at: i64,
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub shortages: Vec<Shortage>,
+}
+contract!(InventoryRejected, "keel.inventory");
 
 /// Avro's `uuid` logical type annotates a *string*; serde's default for `Uuid` in a
 /// non-human-readable format (which Avro's serializer is) would be 16 bytes.
@@ -108,13 +151,95 @@ mod uuid_string {
     }
 }
 
-/// Every event keel knows. The outbox stores an `Event` as JSON; the relay encodes it with the
-/// variant's schema; consumers decode into it by the writer schema's record name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Event {
-    OrderCreated(OrderCreated),
-    OrderPaid(OrderPaid),
-    OrderCancelled(OrderCancelled),
+/// Declares [`Event`] over the contract types, with [`CONTRACTS`] and the accessors every
+/// variant shares: one list to extend when a contract is added.
+macro_rules! events {
+    ($($ty:ident),+ $(,)?) => {
+        /// Every event keel knows. The outbox stores an `Event` as JSON; the relay encodes it with
+        /// the variant's schema; consumers decode into it by the writer schema's record name.
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Event {
+            $($ty($ty),)+
+        }
+
+        /// Every contract, in a stable order.
+        pub const CONTRACTS: &[ContractInfo] = &[
+            $(ContractInfo { name: $ty::NAME, schema: $ty::SCHEMA },)+
+        ];
+
+        impl Event {
+            /// The record's full name.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Event::$ty(_) => $ty::NAME,)+
+                }
+            }
+
+            pub fn schema(&self) -> &'static str {
+                match self {
+                    $(Event::$ty(_) => $ty::SCHEMA,)+
+                }
+            }
+
+            pub fn event_id(&self) -> Uuid {
+                match self {
+                    $(Event::$ty(e) => e.event_id,)+
+                }
+            }
+
+            /// The aggregate the event belongs to: the Kafka key, so one order's events share a
+            /// partition.
+            pub fn aggregate_id(&self) -> Uuid {
+                match self {
+                    $(Event::$ty(e) => e.order_id,)+
+                }
+            }
+
+            pub fn occurred_at(&self) -> i64 {
+                match self {
+                    $(Event::$ty(e) => e.occurred_at,)+
+                }
+            }
+
+            /// Serializes the variant's payload (without the enum wrapper), as its schema expects.
+            pub fn serialize_payload<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $(Event::$ty(e) => e.serialize(s),)+
+                }
+            }
+
+            /// Builds the event from a decoded Avro value whose writer record is named `name`.
+            pub(crate) fn from_avro(
+                name: &str,
+                value: &apache_avro::types::Value,
+            ) -> Option<Result<Event, apache_avro::Error>> {
+                match name {
+                    $(n if n == $ty::NAME => Some(apache_avro::from_value::<$ty>(value).map(Event::$ty)),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+events!(
+    OrderCreated,
+    OrderPaid,
+    OrderCancelled,
+    InventoryReserved,
+    InventoryRejected,
+);
+
+impl Event {
+    /// The order's version after this event, for events the order service writes.
+    pub fn order_version(&self) -> Option<i32> {
+        match self {
+            Event::OrderCreated(e) => Some(e.order_version),
+            Event::OrderPaid(e) => Some(e.order_version),
+            Event::OrderCancelled(e) => Some(e.order_version),
+            Event::InventoryReserved(_) | Event::InventoryRejected(_) => None,
+        }
+    }
 }
 
 /// A contract's name and schema, for registration and checks.
@@ -124,72 +249,10 @@ pub struct ContractInfo {
     pub schema: &'static str,
 }
 
-/// Every contract, in a stable order.
-pub const CONTRACTS: &[ContractInfo] = &[
-    ContractInfo {
-        name: OrderCreated::NAME,
-        schema: OrderCreated::SCHEMA,
-    },
-    ContractInfo {
-        name: OrderPaid::NAME,
-        schema: OrderPaid::SCHEMA,
-    },
-    ContractInfo {
-        name: OrderCancelled::NAME,
-        schema: OrderCancelled::SCHEMA,
-    },
-];
-
-impl Event {
-    /// The record's full name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Event::OrderCreated(_) => OrderCreated::NAME,
-            Event::OrderPaid(_) => OrderPaid::NAME,
-            Event::OrderCancelled(_) => OrderCancelled::NAME,
-        }
-    }
-
-    pub fn schema(&self) -> &'static str {
-        match self {
-            Event::OrderCreated(_) => OrderCreated::SCHEMA,
-            Event::OrderPaid(_) => OrderPaid::SCHEMA,
-            Event::OrderCancelled(_) => OrderCancelled::SCHEMA,
-        }
-    }
-
-    pub fn event_id(&self) -> Uuid {
-        match self {
-            Event::OrderCreated(e) => e.event_id,
-            Event::OrderPaid(e) => e.event_id,
-            Event::OrderCancelled(e) => e.event_id,
-        }
-    }
-
-    /// The aggregate the event belongs to: the Kafka key, so one order's events share a partition.
-    pub fn aggregate_id(&self) -> Uuid {
-        match self {
-            Event::OrderCreated(e) => e.order_id,
-            Event::OrderPaid(e) => e.order_id,
-            Event::OrderCancelled(e) => e.order_id,
-        }
-    }
-
-    pub fn occurred_at(&self) -> i64 {
-        match self {
-            Event::OrderCreated(e) => e.occurred_at,
-            Event::OrderPaid(e) => e.occurred_at,
-            Event::OrderCancelled(e) => e.occurred_at,
-        }
-    }
-
-    /// Serializes the variant's payload (without the enum wrapper), as its schema expects.
-    pub fn serialize_payload<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Event::OrderCreated(e) => e.serialize(s),
-            Event::OrderPaid(e) => e.serialize(s),
-            Event::OrderCancelled(e) => e.serialize(s),
-        }
+impl ContractInfo {
+    /// The record's namespace: `keel.orders` for `keel.orders.OrderPaid`.
+    pub fn namespace(&self) -> &'static str {
+        self.name.rsplit_once('.').map_or("", |(ns, _)| ns)
     }
 }
 
@@ -268,6 +331,27 @@ mod tests {
                 customer_id: "c-1".into(),
                 reason: None,
                 lines: vec![],
+            }),
+            Event::InventoryReserved(InventoryReserved {
+                event_id: Uuid::new_v4(),
+                occurred_at: 1_764_000_000_500,
+                order_id,
+                customer_id: "c-1".into(),
+                lines: vec![StockLine {
+                    sku: "SKU-1".into(),
+                    quantity: 2,
+                }],
+            }),
+            Event::InventoryRejected(InventoryRejected {
+                event_id: Uuid::new_v4(),
+                occurred_at: 1_764_000_000_500,
+                order_id,
+                customer_id: "c-1".into(),
+                shortages: vec![Shortage {
+                    sku: "SKU-9".into(),
+                    requested: 20000,
+                    available: 10000,
+                }],
             }),
         ]
     }

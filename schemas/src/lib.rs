@@ -22,7 +22,10 @@ pub mod events;
 pub mod registry;
 
 pub use codec::{DecodeError, Decoder, EncodeError, Encoder};
-pub use events::{Customer, Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
+pub use events::{
+    Customer, Event, InventoryRejected, InventoryReserved, OrderCancelled, OrderCreated, OrderLine,
+    OrderPaid, Shortage, StockLine,
+};
 
 /// The subject a record type is registered under on `topic` (`TopicRecordNameStrategy`).
 pub fn subject(topic: &str, record_full_name: &str) -> String {

@@ -330,7 +330,10 @@ fn sample() -> Event {
 async fn keel_encodes_in_confluent_wire_format_and_decodes_back() {
     let r = Registry::start().await;
     let encoder = Encoder::new(&r.url).unwrap();
-    encoder.prepare("orders").await.expect("contracts register");
+    encoder
+        .prepare("orders", "keel.orders")
+        .await
+        .expect("contracts register");
     let subject = format!("orders-{}", OrderCreated::NAME);
     let (_, latest) = r.get(&format!("/subjects/{subject}/versions/latest")).await;
     let id = latest["id"]
