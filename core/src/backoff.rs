@@ -40,7 +40,7 @@ impl Backoff {
 }
 
 /// A cheap uniform number in `[0, 1)`; quality does not matter here, only spread.
-fn jitter() -> f64 {
+pub fn jitter() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(

@@ -113,3 +113,74 @@ pub async fn delete_topics(brokers: &str, names: &[&str]) -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+/// Moves `group`'s committed offsets on every partition of `topics` to the beginning (the
+/// earliest offset still retained), so the group's next run reads them again. The group must
+/// have no running members: Kafka refuses commits from outside an active generation.
+pub fn reset_offsets_to_beginning(
+    brokers: &str,
+    group: &str,
+    topics: &[&str],
+) -> anyhow::Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        anyhow::ensure!(
+            partitions > 0,
+            "topic {topic} has no partitions (does it exist?)"
+        );
+        for p in 0..partitions as i32 {
+            let (low, _) = consumer.fetch_watermarks(topic, p, timeout)?;
+            list.add_partition_offset(topic, p, Offset::Offset(low))?;
+        }
+    }
+    consumer.commit(&list, CommitMode::Sync)?;
+    Ok(list.count())
+}
+
+/// Records `group` has not yet committed past on `topics`: high watermark minus committed offset,
+/// summed over partitions (a partition with no commit counts from its low watermark).
+pub fn lag(brokers: &str, group: &str, topics: &[&str]) -> anyhow::Result<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        for p in 0..partitions as i32 {
+            list.add_partition(topic, p);
+        }
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    let mut lag = 0;
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+        let at = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        lag += (high - at).max(0);
+    }
+    Ok(lag)
+}

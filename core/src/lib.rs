@@ -8,9 +8,12 @@
 //! - [`shutdown`]: the SIGTERM/Ctrl-C future every `main` hands to its service.
 //! - [`telemetry`]: tracing subscriber and W3C trace-context propagation.
 //! - `testkit` (feature `testkit`): what integration tests share.
+//! - [`cache`]: the versioned Redis cache of orders (read by the order service, invalidated by
+//!   the cache-invalidation group).
 //! - [`backoff`]: bounded exponential backoff with jitter for retry loops.
 
 pub mod backoff;
+pub mod cache;
 pub mod db;
 pub mod kafka;
 pub mod settings;

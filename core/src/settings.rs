@@ -47,6 +47,21 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Topic carrying every order event, keyed by order id",
     ),
     (
+        "KEEL_TOPIC_INVENTORY",
+        "inventory",
+        "Topic carrying inventory's outcomes (reserved, rejected), keyed by order id",
+    ),
+    (
+        "KEEL_REDIS_URL",
+        "redis://127.0.0.1:6379",
+        "Redis holding the order service's read-through cache",
+    ),
+    (
+        "KEEL_CACHE_TTL_SECS",
+        "300",
+        "Time to live of a cached order; each entry gets up to 10% more, at random",
+    ),
+    (
         "KEEL_ORDER_SERVICE_ADDR",
         "127.0.0.1:8080",
         "Listen address of the order service's HTTP API",
@@ -77,6 +92,26 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Upper bound of a consumer's backoff between retries of a transient failure",
     ),
     (
+        "KEEL_CONSUMER_MAX_ATTEMPTS",
+        "8",
+        "Attempts at a record that keeps failing before it goes to the dead-letter topic",
+    ),
+    (
+        "KEEL_SMTP_URL",
+        "",
+        "SMTP server for notifications, e.g. smtp://mail:25; empty writes .eml files to KEEL_MAIL_DIR",
+    ),
+    (
+        "KEEL_MAIL_DIR",
+        ".run/mail",
+        "Where notifications are written as .eml files when KEEL_SMTP_URL is empty",
+    ),
+    (
+        "KEEL_MAIL_FROM",
+        "keel orders <orders@keel.invalid>",
+        "Sender of customer notifications",
+    ),
+    (
         "KEEL_RUN_DIR",
         ".run",
         "Where `make up-kafka` keeps logs and pid files (scripts only)",
@@ -100,12 +135,15 @@ pub struct Settings {
     pub registry_addr: SocketAddr,
     pub relay: RelaySettings,
     pub consumer: ConsumerSettings,
+    pub cache: CacheSettings,
+    pub mail: MailSettings,
 }
 
 /// Topic names. Configurable so that tests (and tenants sharing a cluster) get their own.
 #[derive(Clone, Debug)]
 pub struct Topics {
     pub orders: String,
+    pub inventory: String,
 }
 
 #[derive(Clone, Debug)]
@@ -118,6 +156,21 @@ pub struct RelaySettings {
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
     pub max_retry_backoff: Duration,
+    pub max_attempts: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheSettings {
+    pub redis_url: String,
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct MailSettings {
+    /// `None`: write `.eml` files into `dir`.
+    pub smtp_url: Option<String>,
+    pub dir: std::path::PathBuf,
+    pub from: String,
 }
 
 impl Settings {
@@ -157,6 +210,10 @@ impl Settings {
         if relay_batch_size == 0 {
             return Err(source.invalid("KEEL_RELAY_BATCH_SIZE", "must be at least 1"));
         }
+        let max_attempts: u32 = source.parse("KEEL_CONSUMER_MAX_ATTEMPTS")?;
+        if max_attempts == 0 {
+            return Err(source.invalid("KEEL_CONSUMER_MAX_ATTEMPTS", "must be at least 1"));
+        }
         Ok(Settings {
             database_url: source.parse("KEEL_DATABASE_URL")?,
             kafka_brokers: source.parse("KEEL_KAFKA_BROKERS")?,
@@ -166,6 +223,7 @@ impl Settings {
                 .to_owned(),
             topics: Topics {
                 orders: source.parse("KEEL_TOPIC_ORDERS")?,
+                inventory: source.parse("KEEL_TOPIC_INVENTORY")?,
             },
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
@@ -178,6 +236,16 @@ impl Settings {
                 max_retry_backoff: Duration::from_millis(
                     source.parse("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS")?,
                 ),
+                max_attempts,
+            },
+            cache: CacheSettings {
+                redis_url: source.parse("KEEL_REDIS_URL")?,
+                ttl: Duration::from_secs(source.parse("KEEL_CACHE_TTL_SECS")?),
+            },
+            mail: MailSettings {
+                smtp_url: source.optional("KEEL_SMTP_URL"),
+                dir: source.parse("KEEL_MAIL_DIR")?,
+                from: source.parse("KEEL_MAIL_FROM")?,
             },
         })
     }
@@ -210,6 +278,11 @@ impl Source {
             .trim()
             .parse()
             .map_err(|e: T::Err| self.invalid(key, &e.to_string()))
+    }
+
+    /// A key whose empty value means "not set".
+    fn optional(&self, key: &'static str) -> Option<String> {
+        Some(self.raw(key).trim().to_owned()).filter(|v| !v.is_empty())
     }
 
     fn invalid(&self, key: &'static str, message: &str) -> SettingsError {

@@ -18,6 +18,11 @@ pub fn brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
+/// The Redis tests use (keys are per-order UUIDs, so tests never collide).
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
     format!(
@@ -146,4 +151,54 @@ pub async fn read_topic(
         }
     }
     read
+}
+
+/// A TCP forwarder to a real server that a test can take down and bring back, to see what a
+/// service does while a dependency is unreachable. Down: open connections are cut and new ones
+/// are closed at once. Stopped when dropped.
+pub struct Outage {
+    pub addr: std::net::SocketAddr,
+    down: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Outage {
+    /// Forwards a local port to `target` (`host:port`).
+    pub async fn forward(target: &str) -> Self {
+        use tokio::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (down, watch) = tokio::sync::watch::channel(false);
+        let target = target.to_owned();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let target = target.clone();
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, down, task }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        let _ = self.down.send(down);
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        self.set_down(true);
+        self.task.abort();
+    }
 }
