@@ -14,6 +14,8 @@ pub struct Config {
     pub database_url: String,
     pub addr: SocketAddr,
     pub orders_topic: String,
+    /// Redis URL and TTL of the order cache; `None` disables the cache.
+    pub cache: Option<(String, std::time::Duration)>,
 }
 
 impl Config {
@@ -22,6 +24,7 @@ impl Config {
             database_url: s.database_url.clone(),
             addr: s.order_service_addr,
             orders_topic: s.topics.orders.clone(),
+            cache: Some((s.cache.redis_url.clone(), s.cache.ttl)),
         }
     }
 }
@@ -48,9 +51,14 @@ impl Application {
                 config.addr
             )
         })?;
+        let cache = match &config.cache {
+            Some((url, ttl)) => Some(Arc::new(keel_core::cache::OrderCache::new(url, *ttl)?)),
+            None => None,
+        };
         let state = AppState {
             pool,
             topic: Arc::from(config.orders_topic.as_str()),
+            cache,
         };
         Ok(Self {
             listener,

@@ -27,6 +27,8 @@ pub struct AppState {
     pub pool: PgPool,
     /// Topic of order events.
     pub topic: Arc<str>,
+    /// Read-through cache of `GET /orders/{id}`; `None` reads PostgreSQL every time.
+    pub cache: Option<Arc<keel_core::cache::OrderCache>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -255,16 +257,43 @@ pub async fn load_order(
     }))
 }
 
+/// Cache-aside: a fresh cached body is served as it is; a miss reads PostgreSQL and offers the
+/// result to the cache, which keeps it only if nothing newer is there (see `keel_core::cache`).
+/// Redis being down costs latency, never correctness: the order is read from PostgreSQL.
 async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Order>, ApiError> {
+) -> Result<Response, ApiError> {
     let uuid = parse_id(&id)?;
+    if let Some(cache) = &state.cache {
+        match cache.get(uuid).await {
+            Ok(Some(body)) => {
+                return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(order_id = %uuid, error = %e, "Order cache unavailable; reading PostgreSQL")
+            }
+        }
+    }
     let mut conn = state.pool.acquire().await?;
-    load_order(&mut conn, uuid, false)
+    let order = load_order(&mut conn, uuid, false)
         .await?
-        .map(Json)
-        .ok_or(ApiError::NotFound(id))
+        .ok_or(ApiError::NotFound(id))?;
+    drop(conn);
+    if let Some(cache) = &state.cache {
+        match serde_json::to_string(&order) {
+            Ok(body) => {
+                if let Err(e) = cache.put(uuid, order.version, &body).await {
+                    tracing::warn!(order_id = %uuid, error = %e, "Cannot fill the order cache");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(order_id = %uuid, error = %e, "Cannot serialize an order for the cache")
+            }
+        }
+    }
+    Ok(Json(order).into_response())
 }
 
 async fn pay_order(

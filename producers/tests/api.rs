@@ -1,6 +1,9 @@
 //! The order API over real HTTP and PostgreSQL.
 
-use keel_core::testkit::TestDb;
+use std::time::Duration;
+
+use keel_core::cache::OrderCache;
+use keel_core::testkit::{TestDb, redis_url};
 use keel_producers::{Application, Config};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -22,11 +25,16 @@ impl Drop for App {
 }
 
 async fn spawn_app() -> App {
+    spawn_app_with(None).await
+}
+
+async fn spawn_app_with(cache: Option<(String, Duration)>) -> App {
     let db = TestDb::new().await;
     let app = Application::build(Config {
         database_url: db.url.clone(),
         addr: "127.0.0.1:0".parse().unwrap(),
         orders_topic: "orders".into(),
+        cache,
     })
     .await
     .expect("order service builds");
@@ -336,4 +344,46 @@ async fn health_and_readiness_answer() {
         (StatusCode::OK, json!({"status": "ok"}))
     );
     assert_eq!(app.get("/ready").await.1["status"], "ready");
+}
+
+/// Cache-aside with versions: a read fills the cache, the next read is served from it, an
+/// invalidation at a newer version makes the next read fresh, and a slow reader that read the
+/// older version before the invalidation cannot put it back.
+#[tokio::test]
+async fn reads_go_through_the_versioned_cache_and_a_stale_reader_cannot_undo_an_invalidation() {
+    let ttl = Duration::from_secs(60);
+    let app = spawn_app_with(Some((redis_url(), ttl))).await;
+    let cache = OrderCache::new(&redis_url(), ttl).unwrap();
+    let (status, created) = app.post("/orders", &order()).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let uuid: uuid::Uuid = id.parse().unwrap();
+
+    assert_eq!(
+        cache.get(uuid).await.unwrap(),
+        None,
+        "nothing cached before the first read"
+    );
+    let (_, first) = app.get(&format!("/orders/{id}")).await;
+    assert_eq!(first["version"], 1);
+    let cached: Value =
+        serde_json::from_str(&cache.get(uuid).await.unwrap().expect("filled")).unwrap();
+    assert_eq!(cached, first);
+
+    // Paid: PostgreSQL is at version 2, the cache still serves 1 until the invalidation.
+    let (status, paid) = app.post(&format!("/orders/{id}/pay"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{paid}");
+    assert_eq!(app.get(&format!("/orders/{id}")).await.1["version"], 1);
+    assert!(cache.invalidate(uuid, 2).await.unwrap());
+
+    // The slow reader that fetched version 1 earlier tries to store it now: refused.
+    assert!(!cache.put(uuid, 1, &first.to_string()).await.unwrap());
+    let (_, fresh) = app.get(&format!("/orders/{id}")).await;
+    assert_eq!(fresh["version"], 2);
+    assert_eq!(fresh["status"], "paid");
+    // That read filled the cache at version 2; a replayed older invalidation leaves it alone.
+    assert!(!cache.invalidate(uuid, 1).await.unwrap());
+    let cached: Value =
+        serde_json::from_str(&cache.get(uuid).await.unwrap().expect("refilled")).unwrap();
+    assert_eq!(cached["version"], 2);
 }
