@@ -1,13 +1,17 @@
 //! The inventory group: holds stock for created orders, releases it for cancelled ones, and
 //! takes it out of stock when an order is paid.
 //!
+//! Every reservation attempt publishes its outcome, `InventoryReserved` or `InventoryRejected`, to
+//! the inventory topic through the same outbox library the order service uses, in the same
+//! transaction as the stock change: a consumer is a producer too, with the same guarantees.
+//!
 //! Events of one order can arrive out of order after a failure (a cancellation before the
 //! creation); the reservation row makes every transition safe in any order: a cancellation with
 //! no reservation records `released`, and a later creation then holds nothing.
 
 use std::collections::BTreeMap;
 
-use keel_schemas::{Event, OrderLine};
+use keel_schemas::{Event, InventoryRejected, InventoryReserved, OrderLine, Shortage, StockLine};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -21,15 +25,24 @@ pub struct Inventory {
     /// The consumer group id: [`GROUP`] in production; tests use their own.
     pub group: String,
     pub orders_topic: String,
+    /// Where outcomes are published.
+    pub inventory_topic: String,
 }
 
 impl Inventory {
-    pub fn new(orders_topic: &str) -> Self {
+    pub fn new(topics: &keel_core::settings::Topics) -> Self {
         Self {
             group: GROUP.to_owned(),
-            orders_topic: orders_topic.to_owned(),
+            orders_topic: topics.orders.clone(),
+            inventory_topic: topics.inventory.clone(),
         }
     }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Quantities per SKU, in SKU order (the lock order, so concurrent consumers cannot deadlock).
@@ -81,13 +94,14 @@ impl Inventory {
     async fn reserve(
         &self,
         tx: &mut PgConnection,
-        order_id: Uuid,
-        lines: &[OrderLine],
+        order: &keel_schemas::OrderCreated,
+        meta: &Meta,
     ) -> Result<(), HandlerError> {
+        let order_id = order.order_id;
         if status(tx, order_id).await?.is_some() {
             return Ok(()); // cancelled before we saw it, or already handled
         }
-        let wanted = quantities(lines);
+        let wanted = quantities(&order.lines);
         let skus: Vec<&str> = wanted.keys().copied().collect();
         let available: BTreeMap<String, i64> = sqlx::query("SELECT sku, on_hand - reserved AS free FROM inventory.stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
             .bind(&skus)
@@ -96,31 +110,60 @@ impl Inventory {
             .iter()
             .map(|r| (r.get("sku"), i64::from(r.get::<i32, _>("free"))))
             .collect();
-        let enough = wanted
+        let clamp = |q: i64| i32::try_from(q).unwrap_or(i32::MAX);
+        let shortages: Vec<Shortage> = wanted
             .iter()
-            .all(|(sku, q)| available.get(*sku).is_some_and(|free| free >= q));
-        if !enough {
+            .filter_map(|(sku, q)| {
+                let free = available.get(*sku).copied().unwrap_or(0);
+                (free < *q).then(|| Shortage {
+                    sku: (*sku).to_owned(),
+                    requested: clamp(*q),
+                    available: clamp(free.max(0)),
+                })
+            })
+            .collect();
+        let outcome = if shortages.is_empty() {
+            set_status(tx, order_id, "reserved").await?;
+            for (sku, q) in &wanted {
+                let q = i32::try_from(*q)
+                    .map_err(|_| HandlerError::Permanent(format!("quantity of {sku} overflows")))?;
+                sqlx::query("UPDATE inventory.stock SET reserved = reserved + $2 WHERE sku = $1")
+                    .bind(sku)
+                    .bind(q)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO inventory.reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)")
+                    .bind(order_id)
+                    .bind(sku)
+                    .bind(q)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Event::InventoryReserved(InventoryReserved {
+                event_id: uuid::Uuid::now_v7(),
+                occurred_at: now_millis(),
+                order_id,
+                customer_id: order.customer.id.clone(),
+                lines: wanted
+                    .iter()
+                    .map(|(sku, q)| StockLine {
+                        sku: (*sku).to_owned(),
+                        quantity: clamp(*q),
+                    })
+                    .collect(),
+            })
+        } else {
             tracing::info!(%order_id, "Not enough stock; order rejected by inventory");
-            return Ok(set_status(tx, order_id, "rejected").await?);
-        }
-        set_status(tx, order_id, "reserved").await?;
-        for (sku, q) in &wanted {
-            sqlx::query("UPDATE inventory.stock SET reserved = reserved + $2 WHERE sku = $1")
-                .bind(sku)
-                .bind(
-                    i32::try_from(*q).map_err(|_| {
-                        HandlerError::Permanent(format!("quantity of {sku} overflows"))
-                    })?,
-                )
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("INSERT INTO inventory.reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)")
-                .bind(order_id)
-                .bind(sku)
-                .bind(*q as i32)
-                .execute(&mut *tx)
-                .await?;
-        }
+            set_status(tx, order_id, "rejected").await?;
+            Event::InventoryRejected(InventoryRejected {
+                event_id: uuid::Uuid::now_v7(),
+                occurred_at: now_millis(),
+                order_id,
+                customer_id: order.customer.id.clone(),
+                shortages,
+            })
+        };
+        keel_outbox::enqueue(tx, &self.inventory_topic, &outcome, &meta.trace).await?;
         Ok(())
     }
 
@@ -168,16 +211,24 @@ impl Handler for Inventory {
         Some((DB_SCHEMA, &MIGRATOR))
     }
 
+    fn wants(&self, event: &Event) -> bool {
+        matches!(
+            event,
+            Event::OrderCreated(_) | Event::OrderPaid(_) | Event::OrderCancelled(_)
+        )
+    }
+
     async fn handle(
         &self,
         tx: &mut PgConnection,
         event: &Event,
-        _meta: &Meta,
+        meta: &Meta,
     ) -> Result<(), HandlerError> {
         match event {
-            Event::OrderCreated(e) => self.reserve(tx, e.order_id, &e.lines).await,
+            Event::OrderCreated(e) => self.reserve(tx, e, meta).await,
             Event::OrderPaid(e) => self.settle(tx, e.order_id, true).await,
             Event::OrderCancelled(e) => self.settle(tx, e.order_id, false).await,
+            _ => Ok(()),
         }
     }
 }

@@ -2,44 +2,103 @@
 //!
 //! Records of one partition are processed one after another, in offset order; parallelism comes
 //! from partitions spread over processes (run the same group N times). librdkafka auto-commits
-//! only offsets the runtime stored, and the runtime stores an offset only after the record's
-//! transaction committed (or the record was skipped as undecodable). On shutdown the record in
-//! progress finishes, stored offsets are committed synchronously, and the loop returns.
+//! only offsets the runtime stored, and the runtime stores an offset only after the record is
+//! done: its transaction committed, or it was written to the dead-letter topic.
+//!
+//! # Failures
+//! - **Unavailable** (PostgreSQL, Redis, SMTP or the registry cannot be reached): not the record's
+//!   fault, and every other record would fail the same way, so the record is retried with
+//!   exponential backoff and jitter until the dependency is back. The partition waits; nothing is
+//!   dead-lettered because of an outage.
+//! - **Transient** (a deadlock, a serialization failure, a timeout): retried the same way, at most
+//!   `max_attempts` times in all, then dead-lettered.
+//! - **Permanent** (undecodable bytes, unknown schema id, an event that breaks an invariant):
+//!   dead-lettered at once.
+//!
+//! A dead-lettered record goes to `<topic>.<group>.dlq` with its key, value and headers plus
+//! `keel-dlq-*` headers saying where it came from and why; the offset moves on only after the
+//! dead-letter topic acknowledged it. So a poison record holds its partition for at most the retry
+//! budget and is never dropped silently.
+//!
+//! # Rebalances and shutdown
+//! On a rebalance librdkafka commits the offsets stored so far for the revoked partitions. A record
+//! in progress at that moment may commit its transaction after losing its partition; its offset
+//! can no longer be stored, so the new owner receives it again and the processed-events row makes
+//! that a duplicate. On shutdown the record in progress finishes (or, if it is waiting to retry,
+//! is abandoned uncommitted), stored offsets are committed synchronously, and the loop returns.
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use keel_core::backoff::Backoff;
+use keel_core::kafka::TopicSpec;
+use keel_core::telemetry::TraceHeaders;
 use keel_schemas::{DecodeError, Decoder, Event};
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-/// Where a record came from.
+/// Where a record came from, and the trace it belongs to.
 #[derive(Debug, Clone)]
 pub struct Meta {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// `traceparent`/`tracestate` from the record's headers: pass it on when enqueueing events.
+    pub trace: TraceHeaders,
 }
 
-/// Why a handler could not apply an event.
+/// Why a handler could not apply an event. The transaction is rolled back in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// Worth retrying: a dependency is unavailable. The transaction is rolled back.
+    /// A dependency cannot be reached: retried until it is back, never dead-lettered.
+    #[error("unavailable: {0}")]
+    Unavailable(#[source] anyhow::Error),
+    /// May succeed if tried again: retried up to the attempt budget, then dead-lettered.
     #[error("transient: {0}")]
     Transient(#[source] anyhow::Error),
-    /// Will never succeed for this event. The transaction is rolled back and the record skipped.
+    /// Will never succeed for this event: dead-lettered at once.
     #[error("permanent: {0}")]
     Permanent(String),
 }
 
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
-        // Any database error inside the handler's transaction rolls it back; retrying is safe.
-        HandlerError::Transient(e.into())
+        if keel_core::db::is_unavailable(&e) {
+            HandlerError::Unavailable(e.into())
+        } else {
+            HandlerError::Transient(e.into())
+        }
+    }
+}
+
+impl From<redis::RedisError> for HandlerError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+        {
+            HandlerError::Unavailable(e.into())
+        } else {
+            HandlerError::Transient(e.into())
+        }
+    }
+}
+
+impl HandlerError {
+    /// The class as written in the `keel-dlq-error-class` header.
+    pub fn class(&self) -> &'static str {
+        match self {
+            HandlerError::Unavailable(_) => "unavailable",
+            HandlerError::Transient(_) => "transient",
+            HandlerError::Permanent(_) => "permanent",
+        }
     }
 }
 
@@ -63,8 +122,7 @@ pub trait Handler: Send + Sync + 'static {
         true
     }
 
-    /// Applies `event`'s effect in `tx`. Runs at most once per event id per group, in the sense
-    /// that only one run ever commits.
+    /// Applies `event`'s effect in `tx`. Only one run per event id per group ever commits.
     fn handle(
         &self,
         tx: &mut PgConnection,
@@ -82,8 +140,8 @@ pub enum Outcome {
     Duplicate,
     /// The group does not care about this event type.
     Ignored,
-    /// The record can never be applied (undecodable, or the handler said permanent): skipped.
-    Skipped(String),
+    /// The record can never be applied; it is now on the dead-letter topic.
+    DeadLettered { class: &'static str, reason: String },
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +149,8 @@ pub struct ConsumerConfig {
     pub brokers: String,
     pub registry_url: String,
     pub max_retry_backoff: Duration,
+    /// Attempts at a record failing with a transient error before it is dead-lettered.
+    pub max_attempts: u32,
 }
 
 impl ConsumerConfig {
@@ -99,16 +159,37 @@ impl ConsumerConfig {
             brokers: s.kafka_brokers.clone(),
             registry_url: s.schema_registry_url.clone(),
             max_retry_backoff: s.consumer.max_retry_backoff,
+            max_attempts: s.consumer.max_attempts,
         }
     }
+}
+
+/// The dead-letter topic of `topic` for `group`.
+pub fn dlq_topic(topic: &str, group: &str) -> String {
+    format!("{topic}.{group}.dlq")
+}
+
+/// Headers a dead-lettered record carries besides its own.
+pub mod dlq_headers {
+    pub const TOPIC: &str = "keel-dlq-original-topic";
+    pub const PARTITION: &str = "keel-dlq-original-partition";
+    pub const OFFSET: &str = "keel-dlq-original-offset";
+    pub const TIMESTAMP: &str = "keel-dlq-original-timestamp";
+    pub const GROUP: &str = "keel-dlq-group";
+    pub const ERROR_CLASS: &str = "keel-dlq-error-class";
+    pub const ERROR: &str = "keel-dlq-error";
+    pub const ATTEMPTS: &str = "keel-dlq-attempts";
 }
 
 pub struct Consumer<H: Handler> {
     handler: H,
     pool: PgPool,
     consumer: StreamConsumer,
+    producer: FutureProducer,
     decoder: Decoder,
     config: ConsumerConfig,
+    /// Dead-letter topics known to exist.
+    dlq_ready: Mutex<HashSet<String>>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -118,6 +199,9 @@ impl<H: Handler> Consumer<H> {
             keel_core::kafka::consumer_config(&config.brokers, handler.group())
                 .create()
                 .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
+        let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
+            .create()
+            .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let topics = handler.topics();
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -126,8 +210,10 @@ impl<H: Handler> Consumer<H> {
             handler,
             pool,
             consumer,
+            producer,
             decoder,
             config,
+            dlq_ready: Mutex::default(),
         })
     }
 
@@ -138,22 +224,25 @@ impl<H: Handler> Consumer<H> {
     /// The next record, or `None` if `shutdown` came first.
     pub async fn next(&self, shutdown: &CancellationToken) -> Option<BorrowedMessage<'_>> {
         loop {
-            tokio::select! {
+            let error = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return None,
                 m = self.consumer.recv() => match m {
                     Ok(m) => return Some(m),
-                    Err(e) => {
-                        tracing::warn!(group = self.handler.group(), error = %e, "Kafka consumer error");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+                    Err(e) => e,
                 },
+            };
+            tracing::warn!(group = self.handler.group(), error = %error, "Kafka consumer error");
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
     }
 
-    /// Applies one record's effect, retrying transient failures with backoff until it succeeds
-    /// or `shutdown` (then `None`: the record was not applied and its offset must not be stored).
+    /// Applies one record, retrying as its error class says (see the module doc), and
+    /// dead-letters it if it can never be applied. `None` if `shutdown` came while waiting to
+    /// retry: the record is not done and its offset must not be stored.
     /// Does not store the offset: see [`Consumer::store`].
     pub async fn apply(
         &self,
@@ -164,18 +253,47 @@ impl<H: Handler> Consumer<H> {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
+            trace: trace_headers(message),
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
+        let mut attempts = 0u32;
         loop {
+            attempts += 1;
             let error = match self.try_apply(message, &meta).await {
                 Ok(outcome) => return Some(outcome),
                 Err(e) => e,
             };
+            let budget_spent = match &error {
+                HandlerError::Unavailable(_) => false,
+                HandlerError::Transient(_) => attempts >= self.config.max_attempts,
+                HandlerError::Permanent(_) => true,
+            };
+            if budget_spent {
+                let outcome = Outcome::DeadLettered {
+                    class: error.class(),
+                    reason: error.to_string(),
+                };
+                // The dead-letter write is retried like any unavailable dependency: the record
+                // is never dropped.
+                while let Err(e) = self.dead_letter(message, &error, attempts).await {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        group = self.handler.group(), topic = %meta.topic, partition = meta.partition,
+                        offset = meta.offset, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "Cannot write to the dead-letter topic; retrying"
+                    );
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                return Some(outcome);
+            }
             let delay = backoff.next_delay();
             tracing::warn!(
                 group = self.handler.group(), topic = %meta.topic, partition = meta.partition, offset = meta.offset,
-                attempt = backoff.attempts(), retry_in_ms = delay.as_millis() as u64, error = %error,
-                "Transient failure; retrying the record"
+                attempt = attempts, class = error.class(), retry_in_ms = delay.as_millis() as u64, error = %error,
+                "Cannot apply the record yet; retrying"
             );
             tokio::select! {
                 () = shutdown.cancelled() => return None,
@@ -184,16 +302,20 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
-    /// One attempt. `Err` is transient (retry); permanent failures are `Ok(Skipped)`.
+    /// One attempt: decode, dedupe, handle, commit.
     async fn try_apply(
         &self,
         message: &BorrowedMessage<'_>,
         meta: &Meta,
-    ) -> Result<Outcome, anyhow::Error> {
+    ) -> Result<Outcome, HandlerError> {
         let event = match self.decoder.decode(message.payload()).await {
             Ok(event) => event,
-            Err(DecodeError::Transient(e)) => anyhow::bail!("decoding: {e}"),
-            Err(DecodeError::Permanent(reason)) => return Ok(Outcome::Skipped(reason)),
+            Err(DecodeError::Transient(e)) => {
+                return Err(HandlerError::Unavailable(anyhow::anyhow!(e)));
+            }
+            Err(DecodeError::Permanent(reason)) => {
+                return Err(HandlerError::Permanent(format!("cannot decode: {reason}")));
+            }
         };
         if !self.handler.wants(&event) {
             return Ok(Outcome::Ignored);
@@ -216,17 +338,85 @@ impl<H: Handler> Consumer<H> {
             tx.rollback().await?;
             return Ok(Outcome::Duplicate);
         }
-        match self.handler.handle(&mut tx, &event, meta).await {
-            Ok(()) => {
-                tx.commit().await?;
-                Ok(Outcome::Applied)
-            }
-            Err(HandlerError::Transient(e)) => Err(e),
-            Err(HandlerError::Permanent(reason)) => Ok(Outcome::Skipped(reason)),
-        }
+        self.handler.handle(&mut tx, &event, meta).await?;
+        tx.commit().await?;
+        Ok(Outcome::Applied)
     }
 
-    /// Marks the record done: its offset will be committed.
+    /// Writes `message` to its dead-letter topic and waits for the acknowledgement.
+    async fn dead_letter(
+        &self,
+        message: &BorrowedMessage<'_>,
+        error: &HandlerError,
+        attempts: u32,
+    ) -> anyhow::Result<()> {
+        let group = self.handler.group();
+        let topic = dlq_topic(message.topic(), group);
+        self.ensure_dlq(&topic).await?;
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for h in original.iter() {
+                headers = headers.insert(h);
+            }
+        }
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let timestamp = message.timestamp().to_millis().unwrap_or(-1).to_string();
+        let attempts = attempts.to_string();
+        let reason = error.to_string();
+        for (key, value) in [
+            (dlq_headers::TOPIC, message.topic()),
+            (dlq_headers::PARTITION, &partition),
+            (dlq_headers::OFFSET, &offset),
+            (dlq_headers::TIMESTAMP, &timestamp),
+            (dlq_headers::GROUP, group),
+            (dlq_headers::ERROR_CLASS, error.class()),
+            (dlq_headers::ERROR, &reason),
+            (dlq_headers::ATTEMPTS, &attempts),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = message.payload() {
+            record = record.payload(value);
+        }
+        self.producer
+            .send(record, Duration::from_secs(0))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
+        tracing::warn!(
+            group,
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            dlq = topic,
+            class = error.class(),
+            error = reason,
+            "Record dead-lettered"
+        );
+        Ok(())
+    }
+
+    async fn ensure_dlq(&self, topic: &str) -> anyhow::Result<()> {
+        if self.dlq_ready.lock().is_ok_and(|r| r.contains(topic)) {
+            return Ok(());
+        }
+        keel_core::kafka::create_topics(&self.config.brokers, &[TopicSpec::new(topic, 1)]).await?;
+        if let Ok(mut ready) = self.dlq_ready.lock() {
+            ready.insert(topic.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Marks the record done: its offset will be committed. Fails after the record's partition
+    /// was revoked; that is harmless (the new owner redelivers it and sees a duplicate), so the
+    /// loop logs it and goes on.
     pub fn store(&self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         self.consumer.store_offset_from_message(message)?;
         Ok(())
@@ -240,23 +430,19 @@ impl<H: Handler> Consumer<H> {
             let Some(outcome) = self.apply(&message, &shutdown).await else {
                 break;
             };
-            match &outcome {
-                Outcome::Skipped(reason) => tracing::warn!(
-                    group,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    reason,
-                    "Skipping a record that can never be applied"
-                ),
-                Outcome::Duplicate => tracing::debug!(
+            if outcome == Outcome::Duplicate {
+                tracing::debug!(
                     group,
                     offset = message.offset(),
                     "Duplicate record; effect already applied"
-                ),
-                Outcome::Applied | Outcome::Ignored => {}
+                );
             }
-            self.store(&message)?;
+            if let Err(e) = self.store(&message) {
+                tracing::info!(
+                    group, topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                    error = %e, "Cannot store the offset (partition revoked?); it will be redelivered as a duplicate"
+                );
+            }
         }
         // Stored offsets only: the record in progress at shutdown (if any) was not stored.
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -266,4 +452,19 @@ impl<H: Handler> Consumer<H> {
         tracing::info!(group, "Consumer stopped");
         Ok(())
     }
+}
+
+/// The W3C trace context carried in the record's headers.
+fn trace_headers(message: &BorrowedMessage<'_>) -> TraceHeaders {
+    let mut trace = TraceHeaders::new();
+    if let Some(headers) = message.headers() {
+        for h in headers.iter() {
+            if matches!(h.key, "traceparent" | "tracestate")
+                && let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok())
+            {
+                trace.insert(h.key.to_owned(), v.to_owned());
+            }
+        }
+    }
+    trace
 }

@@ -1,0 +1,400 @@
+//! The notification group: one message per customer-facing event (order confirmation, payment
+//! receipt, cancellation, out-of-stock notice), never two.
+//!
+//! # How a message is sent exactly once, as far as the customer can tell
+//! 1. The consumer's transaction inserts the message into `notification.messages`, keyed by the
+//!    event id, together with the processed-events row. A redelivered event changes nothing.
+//! 2. After the commit, the [`Mailer`] (running in the same process) locks one undelivered
+//!    message (`FOR UPDATE SKIP LOCKED`, so several processes never send the same one), sends it,
+//!    and sets `delivered_at` in that same transaction.
+//! 3. Every message carries `Message-ID: <event_id@keel>`.
+//!
+//! **A crash between sending and marking** rolls the mark back; after the restart the message is
+//! sent again, with the same Message-ID. With the file backend the resend overwrites the same
+//! file (`<event_id>.eml`), so the mail directory still holds exactly one copy. With SMTP the
+//! server receives the message twice; mail stores and clients that deduplicate on Message-ID show
+//! it once, and anything downstream can recognise the resend by it. This is the only window in
+//! which a duplicate can leave keel, and it is as wide as one send.
+//!
+//! # The recipient
+//! Addresses come from `OrderCreated`. An inventory outcome can overtake its order's creation
+//! (they travel on different topics), so a message may be stored without a recipient; the
+//! creation fills it in, and the mailer sends only addressed messages.
+//!
+//! Failed sends are retried with backoff (`next_attempt_at`); consuming goes on meanwhile, so a
+//! mail server outage delays mail but not the group's offsets.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keel_core::backoff::Backoff;
+use keel_schemas::Event;
+use lettre::message::header::ContentType;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::runtime::{Handler, HandlerError, Meta};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/notification");
+pub const DB_SCHEMA: &str = "notification";
+pub const GROUP: &str = "notification";
+
+pub struct Notification {
+    pub group: String,
+    pub orders_topic: String,
+    pub inventory_topic: String,
+}
+
+impl Notification {
+    pub fn new(topics: &keel_core::settings::Topics) -> Self {
+        Self {
+            group: GROUP.to_owned(),
+            orders_topic: topics.orders.clone(),
+            inventory_topic: topics.inventory.clone(),
+        }
+    }
+}
+
+fn short(order_id: Uuid) -> String {
+    order_id.simple().to_string()[..8].to_owned()
+}
+
+fn money(minor: i64, currency: &str) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let minor = minor.unsigned_abs();
+    format!("{sign}{}.{:02} {currency}", minor / 100, minor % 100)
+}
+
+/// Kind, subject and body of the message for `event`, if the customer hears about it.
+fn compose(event: &Event) -> Option<(&'static str, String, String)> {
+    Some(match event {
+        Event::OrderCreated(e) => {
+            let mut body = format!(
+                "Hello {},\n\nthank you for your order {}. You ordered:\n\n",
+                e.customer.name,
+                short(e.order_id)
+            );
+            for l in &e.lines {
+                body.push_str(&format!(
+                    "  {} x {} at {}\n",
+                    l.quantity,
+                    l.sku,
+                    money(l.unit_price_minor, &e.currency)
+                ));
+            }
+            body.push_str(&format!("\nTotal: {}\n", money(e.total_minor, &e.currency)));
+            (
+                "order-confirmation",
+                format!("Your order {} is confirmed", short(e.order_id)),
+                body,
+            )
+        }
+        Event::OrderPaid(e) => (
+            "payment-receipt",
+            format!("Payment received for order {}", short(e.order_id)),
+            format!(
+                "We received {} for order {} (reference {}).\n",
+                money(e.amount_minor, &e.currency),
+                short(e.order_id),
+                e.payment_reference
+            ),
+        ),
+        Event::OrderCancelled(e) => (
+            "cancellation",
+            format!("Your order {} was cancelled", short(e.order_id)),
+            format!(
+                "Order {} was cancelled{}.\n",
+                short(e.order_id),
+                e.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+        ),
+        Event::InventoryRejected(e) => {
+            let mut body = format!(
+                "We are sorry: some items of order {} are out of stock.\n\n",
+                short(e.order_id)
+            );
+            for s in &e.shortages {
+                body.push_str(&format!(
+                    "  {}: you asked for {}, we have {}\n",
+                    s.sku, s.requested, s.available
+                ));
+            }
+            (
+                "out-of-stock",
+                format!("Items of order {} are out of stock", short(e.order_id)),
+                body,
+            )
+        }
+        Event::InventoryReserved(_) => return None,
+    })
+}
+
+fn customer_of(event: &Event) -> &str {
+    match event {
+        Event::OrderCreated(e) => &e.customer.id,
+        Event::OrderPaid(e) => &e.customer_id,
+        Event::OrderCancelled(e) => &e.customer_id,
+        Event::InventoryReserved(e) => &e.customer_id,
+        Event::InventoryRejected(e) => &e.customer_id,
+    }
+}
+
+impl Handler for Notification {
+    fn group(&self) -> &str {
+        &self.group
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.orders_topic.clone(), self.inventory_topic.clone()]
+    }
+
+    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
+        Some((DB_SCHEMA, &MIGRATOR))
+    }
+
+    fn wants(&self, event: &Event) -> bool {
+        compose(event).is_some()
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        _meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        let Some((kind, subject, body)) = compose(event) else {
+            return Ok(());
+        };
+        let customer = customer_of(event);
+        if let Event::OrderCreated(e) = event {
+            sqlx::query(
+                "INSERT INTO notification.customers (customer_id, email, name) VALUES ($1, $2, $3)
+                 ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name, updated_at = now()",
+            )
+            .bind(customer)
+            .bind(&e.customer.email)
+            .bind(&e.customer.name)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE notification.messages SET recipient = $2 WHERE customer_id = $1 AND recipient IS NULL")
+                .bind(customer)
+                .bind(&e.customer.email)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO notification.messages (event_id, order_id, customer_id, recipient, kind, subject, body)
+             VALUES ($1, $2, $3, (SELECT email FROM notification.customers WHERE customer_id = $3), $4, $5, $6)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event.event_id())
+        .bind(event.aggregate_id())
+        .bind(customer)
+        .bind(kind)
+        .bind(subject)
+        .bind(body)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Where messages go.
+pub enum Transport {
+    /// One `<event_id>.eml` file per message in the directory, as a file mail backend does.
+    Files(PathBuf),
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+}
+
+impl Transport {
+    /// SMTP when `smtp_url` (`smtp://host[:port]`, plain, for a relay inside the network) is set,
+    /// otherwise files in `dir`.
+    pub fn from_settings(mail: &keel_core::settings::MailSettings) -> anyhow::Result<Self> {
+        let Some(url) = &mail.smtp_url else {
+            return Ok(Transport::Files(mail.dir.clone()));
+        };
+        let rest = url.strip_prefix("smtp://").ok_or_else(|| {
+            anyhow::anyhow!("KEEL_SMTP_URL: expected smtp://host[:port] (got {url:?})")
+        })?;
+        let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|e| anyhow::anyhow!("KEEL_SMTP_URL: bad port {p:?}: {e}"))?,
+            ),
+            None => (rest.trim_end_matches('/'), 25),
+        };
+        Ok(Transport::Smtp(
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+                .port(port)
+                .timeout(Some(Duration::from_secs(10)))
+                .build(),
+        ))
+    }
+
+    async fn send(&self, event_id: Uuid, message: &Message) -> anyhow::Result<()> {
+        match self {
+            Transport::Files(dir) => {
+                tokio::fs::create_dir_all(dir).await?;
+                let path = dir.join(format!("{event_id}.eml"));
+                let tmp = dir.join(format!(".{event_id}.eml.tmp"));
+                tokio::fs::write(&tmp, message.formatted()).await?;
+                tokio::fs::rename(&tmp, &path).await?;
+            }
+            Transport::Smtp(smtp) => {
+                smtp.send(message.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Delivers committed messages; see the module doc.
+pub struct Mailer {
+    pool: PgPool,
+    transport: Transport,
+    from: lettre::message::Mailbox,
+    poll_interval: Duration,
+}
+
+/// What one delivery step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Sent(Uuid),
+    /// Will be retried later.
+    Failed(Uuid),
+    /// Can never be sent (e.g. a malformed address); set aside.
+    Refused(Uuid),
+    Idle,
+}
+
+impl Mailer {
+    pub fn new(pool: PgPool, transport: Transport, from: &str) -> anyhow::Result<Self> {
+        let from = from
+            .parse()
+            .map_err(|e| anyhow::anyhow!("KEEL_MAIL_FROM: {e} (got {from:?})"))?;
+        Ok(Self {
+            pool,
+            transport,
+            from,
+            poll_interval: Duration::from_millis(250),
+        })
+    }
+
+    /// Sends the oldest due message, if any.
+    pub async fn step(&self) -> Result<Delivery, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT event_id, recipient, subject, body, created_at, attempts FROM notification.messages
+              WHERE delivered_at IS NULL AND failed_at IS NULL AND recipient IS NOT NULL AND next_attempt_at <= now()
+              ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Delivery::Idle);
+        };
+        let event_id: Uuid = row.try_get("event_id")?;
+        let attempts: i32 = row.try_get("attempts")?;
+        let message = self.build(
+            event_id,
+            row.try_get("recipient")?,
+            row.try_get("subject")?,
+            row.try_get("body")?,
+            row.try_get("created_at")?,
+        );
+        let message = match message {
+            Ok(m) => m,
+            Err(reason) => {
+                tracing::error!(%event_id, reason, "Notification can never be sent; set aside");
+                sqlx::query("UPDATE notification.messages SET failed_at = now(), last_error = $2 WHERE event_id = $1")
+                    .bind(event_id)
+                    .bind(&reason)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(Delivery::Refused(event_id));
+            }
+        };
+        match self.transport.send(event_id, &message).await {
+            Ok(()) => {
+                sqlx::query("UPDATE notification.messages SET delivered_at = now(), attempts = attempts + 1, last_error = NULL WHERE event_id = $1")
+                    .bind(event_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Delivery::Sent(event_id))
+            }
+            Err(e) => {
+                let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+                let mut delay = Duration::ZERO;
+                for _ in 0..=attempts.clamp(0, 20) {
+                    delay = backoff.next_delay();
+                }
+                tracing::warn!(%event_id, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "Cannot send a notification; will retry");
+                sqlx::query(
+                    "UPDATE notification.messages SET attempts = attempts + 1, last_error = $2,
+                         next_attempt_at = now() + make_interval(secs => $3) WHERE event_id = $1",
+                )
+                .bind(event_id)
+                .bind(e.to_string())
+                .bind(delay.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Delivery::Failed(event_id))
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        event_id: Uuid,
+        recipient: String,
+        subject: String,
+        body: String,
+        created_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Message, String> {
+        let to = recipient
+            .parse()
+            .map_err(|e| format!("recipient {recipient:?}: {e}"))?;
+        Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .message_id(Some(format!("<{event_id}@keel>")))
+            .date(created_at.into())
+            .header(ContentType::TEXT_PLAIN)
+            .body(body)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Delivers until `shutdown`. A database error is logged and retried with backoff.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        while !shutdown.is_cancelled() {
+            let wait = match self.step().await {
+                Ok(Delivery::Idle) => self.poll_interval,
+                Ok(_) => {
+                    backoff.reset();
+                    continue;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Mailer cannot reach PostgreSQL");
+                    delay
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        Ok(())
+    }
+}
