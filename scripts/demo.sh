@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make demo: places orders through the HTTP API of a running stack and shows what inventory did.
+# make demo: places orders through the HTTP API of a running stack and shows what the consumer
+# groups did: inventory's reservations, the mails sent, the analytics figures.
 set -euo pipefail
 API=${API:-http://127.0.0.1:8080}
 DB=${KEEL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/keel}
@@ -31,3 +32,14 @@ echo; echo "Inventory reservations:"
 psql "$DB" -c "SELECT order_id, status FROM inventory.reservations WHERE order_id IN ($ids) ORDER BY updated_at"
 echo "Stock:"
 psql "$DB" -c "SELECT sku, on_hand, reserved, on_hand - reserved AS available FROM inventory.stock WHERE sku IN ('SKU-1','SKU-2') ORDER BY sku"
+
+# Notification and analytics run at their own pace: poll for the demo's five events + outcomes.
+deadline=$((SECONDS + 30))
+until [[ $(psql "$DB" -Atc "SELECT count(*) FROM notification.messages WHERE order_id IN ($ids) AND delivered_at IS NOT NULL") -ge 5 ]]; do
+  ((SECONDS < deadline)) || { echo "keel: notification did not catch up in 30 s; see .run/notification.log" >&2; exit 1; }
+  sleep 0.2
+done
+echo "Mails sent (one .eml each in ${KEEL_MAIL_DIR:-.run/mail}):"
+psql "$DB" -c "SELECT recipient, kind, subject FROM notification.messages WHERE order_id IN ($ids) ORDER BY created_at"
+echo "Analytics (all time, per day and currency):"
+psql "$DB" -c "SELECT * FROM analytics.daily ORDER BY day, currency"

@@ -21,11 +21,7 @@ pub async fn migrate(s: &Settings) -> anyhow::Result<()> {
     .await?;
     keel_core::db::migrate(url, keel_producers::DB_SCHEMA, &keel_producers::MIGRATOR).await?;
     keel_core::db::migrate(url, keel_outbox::DB_SCHEMA, &keel_outbox::MIGRATOR).await?;
-    keel_consumers::migrate(
-        url,
-        &keel_consumers::inventory::Inventory::new(&s.topics.orders),
-    )
-    .await?;
+    keel_consumers::migrate_all(s).await?;
     tracing::info!("Migrations applied");
     Ok(())
 }
@@ -54,38 +50,24 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
     let relay = keel_outbox::Relay::new(pool, keel_outbox::RelayConfig::from_settings(s))?;
     relay
-        .prepare(&[&s.topics.orders])
+        .prepare(&[
+            (&s.topics.orders, "keel.orders"),
+            (&s.topics.inventory, "keel.inventory"),
+        ])
         .await
         .context("KEEL_SCHEMA_REGISTRY_URL: the registry did not accept keel's contracts")?;
     relay.run(shutdown::on_signal()).await
 }
 
 pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
-    match group {
-        keel_consumers::inventory::GROUP => {
-            let handler = keel_consumers::inventory::Inventory::new(&s.topics.orders);
-            run_group(s, handler).await
-        }
-        other => anyhow::bail!(
-            "unknown consumer group {other:?}; known groups: {}",
-            keel_consumers::inventory::GROUP
-        ),
-    }
-}
-
-async fn run_group<H: keel_consumers::Handler>(s: &Settings, handler: H) -> anyhow::Result<()> {
-    keel_consumers::migrate(&s.database_url, &handler).await?;
-    let pool = keel_core::db::pool(&s.database_url, 4).await?;
-    let consumer = keel_consumers::Consumer::new(
-        handler,
-        pool,
-        keel_consumers::ConsumerConfig::from_settings(s),
-    )?;
-    consumer.run(shutdown::on_signal()).await
+    keel_consumers::run_group(group, s, shutdown::on_signal()).await
 }
 
 pub async fn create_topics(s: &Settings) -> anyhow::Result<()> {
-    let topics = [TopicSpec::new(&s.topics.orders, ORDERS_PARTITIONS)];
+    let topics = [
+        TopicSpec::new(&s.topics.orders, ORDERS_PARTITIONS),
+        TopicSpec::new(&s.topics.inventory, ORDERS_PARTITIONS),
+    ];
     keel_core::kafka::create_topics(&s.kafka_brokers, &topics)
         .await
         .with_context(|| {

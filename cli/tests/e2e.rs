@@ -1,131 +1,27 @@
 //! The spine end to end on real parts: HTTP → PostgreSQL (order + outbox) → relay → Kafka (Avro,
 //! via the registry) → inventory, including crashes at the two dangerous moments.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use keel_consumers::inventory::Inventory;
-use keel_consumers::{Consumer, ConsumerConfig, Outcome};
-use keel_core::testkit::{TestDb, TestTopic, brokers, eventually, read_topic, unique};
+use keel_consumers::{Consumer, Outcome};
+use keel_core::testkit::{brokers, eventually, read_topic, unique};
 use keel_outbox::relay::Step;
-use keel_outbox::{Relay, RelayConfig};
 use rdkafka::Message;
 use rdkafka::message::Headers;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-struct Stack {
-    db: TestDb,
-    pool: PgPool,
-    registry_url: String,
-    api: String,
-    topic: TestTopic,
-    shutdown: CancellationToken,
-    http: reqwest::Client,
-}
+mod common;
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
+use common::{Stack, keel, order};
 
-impl Stack {
-    /// Registry and order service in-process, on a fresh database and a fresh 6-partition topic.
-    async fn start() -> Self {
-        let db = TestDb::new().await;
-        let shutdown = CancellationToken::new();
-        let (registry, _) = keel_schemas::registry::spawn(
-            &db.url,
-            "127.0.0.1:0".parse().unwrap(),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let topic = TestTopic::new("orders", 6).await;
-        let app = keel_producers::Application::build(keel_producers::Config {
-            database_url: db.url.clone(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-            orders_topic: topic.name.clone(),
-        })
-        .await
-        .unwrap();
-        let api = format!("http://{}", app.local_addr());
-        tokio::spawn(app.run_until(shutdown.clone()));
-        let pool = db.pool().await;
-        Self {
-            db,
-            pool,
-            registry_url: format!("http://{registry}"),
-            api,
-            topic,
-            shutdown,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn relay(&self) -> Relay {
-        Relay::new(
-            self.pool.clone(),
-            RelayConfig {
-                brokers: brokers(),
-                registry_url: self.registry_url.clone(),
-                batch_size: 100,
-                poll_interval: Duration::from_millis(200),
-                retention: Duration::from_secs(3600),
-            },
-        )
-        .unwrap()
-    }
-
-    async fn inventory(&self, group: &str) -> Consumer<Inventory> {
-        let handler = Inventory {
-            group: group.to_owned(),
-            orders_topic: self.topic.name.clone(),
-        };
-        keel_consumers::migrate(&self.db.url, &handler)
-            .await
-            .unwrap();
-        let config = ConsumerConfig {
-            brokers: brokers(),
-            registry_url: self.registry_url.clone(),
-            max_retry_backoff: Duration::from_secs(1),
-        };
-        Consumer::new(handler, self.pool.clone(), config).unwrap()
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.api))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(resp.status().is_success(), "{path}: {}", resp.status());
-        resp.json().await.unwrap()
-    }
-
-    async fn stock(&self, sku: &str) -> (i32, i32) {
-        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1")
-            .bind(sku)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn processed(&self, group: &str) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM consumers.processed_events WHERE group_id = $1")
-            .bind(group)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-}
-
-fn order(lines: Value) -> Value {
-    json!({"customer": {"id": "c-1", "email": "ada@example.com", "name": "Ada"}, "currency": "EUR", "lines": lines})
+async fn inventory(stack: &Stack, group: &str) -> Consumer<Inventory> {
+    let mut handler = Inventory::new(&stack.settings.topics);
+    handler.group = group.to_owned();
+    stack.consumer(handler).await
 }
 
 #[tokio::test]
@@ -145,7 +41,7 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
 
     // The consumer applies the event, then dies after its DB commit but before storing the offset.
     let never = CancellationToken::new();
-    let first = stack.inventory(&group).await;
+    let first = inventory(&stack, &group).await;
     let message = first.next(&never).await.unwrap();
     assert_eq!(first.apply(&message, &never).await, Some(Outcome::Applied));
     drop(message);
@@ -153,7 +49,7 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
     assert_eq!(stack.stock("SKU-1").await, (10000, 2));
 
     // Restarted, it sees the record again, and the relay's duplicate: both are recognised.
-    let second = stack.inventory(&group).await;
+    let second = inventory(&stack, &group).await;
     for _ in 0..2 {
         let message = second.next(&never).await.unwrap();
         assert_eq!(
@@ -170,7 +66,8 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
     stack
         .post(&format!("/orders/{order_id}/pay"), json!({}))
         .await;
-    assert_eq!(stack.relay().step().await.unwrap(), Step::Published(1));
+    // The payment, and inventory's own outcome (InventoryReserved) from its outbox row.
+    assert_eq!(stack.relay().step().await.unwrap(), Step::Published(2));
     let message = second.next(&never).await.unwrap();
     assert_eq!(second.apply(&message, &never).await, Some(Outcome::Applied));
     assert_eq!(stack.stock("SKU-1").await, (9998, 0));
@@ -189,7 +86,7 @@ async fn the_running_services_reserve_and_release_and_skip_undecodable_records()
     let group = unique("inventory");
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
-    let consumer = tokio::spawn(stack.inventory(&group).await.run(stop.clone()));
+    let consumer = tokio::spawn(inventory(&stack, &group).await.run(stop.clone()));
 
     // A poison record among the events: logged, counted as skipped, and does not block.
     let producer: rdkafka::producer::FutureProducer = keel_core::kafka::producer_config(&brokers())
@@ -197,7 +94,7 @@ async fn the_running_services_reserve_and_release_and_skip_undecodable_records()
         .unwrap();
     producer
         .send(
-            rdkafka::producer::FutureRecord::to(&stack.topic.name)
+            rdkafka::producer::FutureRecord::to(&stack.orders.name)
                 .key("poison")
                 .payload(&b"\x00\x00\x00\x00\x07garbage"[..]),
             Duration::from_secs(10),
@@ -267,32 +164,6 @@ async fn the_running_services_reserve_and_release_and_skip_undecodable_records()
     consumer.await.unwrap().unwrap();
 }
 
-/// A child process, killed when dropped whatever happens in the test.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn keel(stack: &Stack, args: &[&str]) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
-        .env("KEEL_DATABASE_URL", &stack.db.url)
-        .env("KEEL_KAFKA_BROKERS", brokers())
-        .env("KEEL_SCHEMA_REGISTRY_URL", &stack.registry_url)
-        .env("KEEL_TOPIC_ORDERS", &stack.topic.name)
-        .env("KEEL_RELAY_BATCH_SIZE", "50")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("keel binary starts");
-    Proc(child)
-}
-
 async fn published(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox.events WHERE published_at IS NOT NULL")
         .fetch_one(pool)
@@ -317,14 +188,14 @@ async fn killing_the_relay_process_mid_stream_loses_no_event() {
                 reason: None,
                 lines: vec![],
             });
-            keel_outbox::enqueue(&mut tx, &stack.topic.name, &event, &Default::default())
+            keel_outbox::enqueue(&mut tx, &stack.orders.name, &event, &Default::default())
                 .await
                 .unwrap();
         }
         tx.commit().await.unwrap();
     }
 
-    let mut relay = keel(&stack, &["relay"]);
+    let mut relay = keel(&stack, &["relay"], &[]);
     eventually(
         "the relay to publish something",
         Duration::from_secs(60),
@@ -336,7 +207,7 @@ async fn killing_the_relay_process_mid_stream_loses_no_event() {
     let before = published(&stack.pool).await;
     assert!(before < total, "killed before the end (published {before})");
 
-    let mut restarted = keel(&stack, &["relay"]);
+    let mut restarted = keel(&stack, &["relay"], &[]);
     eventually(
         "the restarted relay to drain the outbox",
         Duration::from_secs(120),
@@ -362,7 +233,7 @@ async fn killing_the_relay_process_mid_stream_loses_no_event() {
             })
             .collect()
     };
-    let messages = read_topic(&stack.topic.name, Duration::from_secs(120), |m| {
+    let messages = read_topic(&stack.orders.name, Duration::from_secs(120), |m| {
         ids(m).len() as i64 >= total
     })
     .await;

@@ -1,0 +1,223 @@
+//! The stack end-to-end tests run on: real PostgreSQL, broker, Redis and HTTP, with a database and
+//! topics of the test's own.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keel_consumers::{Consumer, ConsumerConfig, Handler};
+use keel_core::Settings;
+use keel_core::testkit::{TestDb, TestTopic, brokers, redis_url, unique};
+use keel_outbox::{Relay, RelayConfig};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub struct Stack {
+    pub settings: Settings,
+    pub db: TestDb,
+    pub pool: PgPool,
+    pub registry_url: String,
+    pub api: String,
+    pub orders: TestTopic,
+    pub inventory: TestTopic,
+    pub mail_dir: PathBuf,
+    pub shutdown: CancellationToken,
+    pub http: reqwest::Client,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&self.mail_dir);
+    }
+}
+
+impl Stack {
+    /// Registry and order service (with its Redis cache) in-process, on a fresh database and
+    /// fresh 6-partition `orders` and `inventory` topics; every component migrated.
+    pub async fn start() -> Self {
+        let db = TestDb::new().await;
+        let shutdown = CancellationToken::new();
+        let (registry, _) = keel_schemas::registry::spawn(
+            &db.url,
+            "127.0.0.1:0".parse().unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let orders = TestTopic::new("orders", 6).await;
+        let inventory = TestTopic::new("inventory", 6).await;
+        let mail_dir = std::env::temp_dir().join(unique("keel-mail"));
+        let mut settings = Settings::local();
+        settings.database_url = db.url.clone();
+        settings.kafka_brokers = brokers();
+        settings.schema_registry_url = format!("http://{registry}");
+        settings.topics.orders = orders.name.clone();
+        settings.topics.inventory = inventory.name.clone();
+        settings.order_service_addr = "127.0.0.1:0".parse().unwrap();
+        settings.cache.redis_url = redis_url();
+        settings.mail.dir = mail_dir.clone();
+        settings.consumer.max_retry_backoff = Duration::from_secs(1);
+        settings.consumer.max_attempts = 3;
+
+        let app =
+            keel_producers::Application::build(keel_producers::Config::from_settings(&settings))
+                .await
+                .unwrap();
+        let api = format!("http://{}", app.local_addr());
+        tokio::spawn(app.run_until(shutdown.clone()));
+        keel_consumers::migrate_all(&settings).await.unwrap();
+        let pool = db.pool().await;
+        Self {
+            registry_url: settings.schema_registry_url.clone(),
+            settings,
+            db,
+            pool,
+            api,
+            orders,
+            inventory,
+            mail_dir,
+            shutdown,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The settings a `keel` process of this stack runs with.
+    pub fn settings(&self) -> Settings {
+        self.settings.clone()
+    }
+
+    /// `KEEL_*` variables for a child process, matching [`Stack::settings`].
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let s = self.settings();
+        vec![
+            ("KEEL_DATABASE_URL", s.database_url),
+            ("KEEL_KAFKA_BROKERS", s.kafka_brokers),
+            ("KEEL_SCHEMA_REGISTRY_URL", s.schema_registry_url),
+            ("KEEL_TOPIC_ORDERS", s.topics.orders),
+            ("KEEL_TOPIC_INVENTORY", s.topics.inventory),
+            ("KEEL_REDIS_URL", s.cache.redis_url),
+            ("KEEL_MAIL_DIR", s.mail.dir.display().to_string()),
+            ("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "1000".into()),
+            ("KEEL_RELAY_BATCH_SIZE", "50".into()),
+        ]
+    }
+
+    pub fn relay(&self) -> Relay {
+        Relay::new(
+            self.pool.clone(),
+            RelayConfig {
+                brokers: brokers(),
+                registry_url: self.registry_url.clone(),
+                batch_size: 100,
+                poll_interval: Duration::from_millis(200),
+                retention: Duration::from_secs(3600),
+            },
+        )
+        .unwrap()
+    }
+
+    /// A consumer of `handler` on this stack (migrated).
+    pub async fn consumer<H: Handler>(&self, handler: H) -> Consumer<H> {
+        keel_consumers::migrate(&self.db.url, &handler)
+            .await
+            .unwrap();
+        Consumer::new(
+            handler,
+            self.pool.clone(),
+            ConsumerConfig::from_settings(&self.settings()),
+        )
+        .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Value {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.api))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap()
+    }
+
+    pub async fn stock(&self, sku: &str) -> (i32, i32) {
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory.stock WHERE sku = $1")
+            .bind(sku)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn processed(&self, group: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM consumers.processed_events WHERE group_id = $1")
+            .bind(group)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+}
+
+pub fn order(lines: Value) -> Value {
+    json!({"customer": {"id": "c-1", "email": "ada@example.com", "name": "Ada"}, "currency": "EUR", "lines": lines})
+}
+
+/// A child process, killed when dropped whatever happens in the test.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// SIGTERM, then waits: true if the process exited 0.
+    pub fn terminate(&mut self) -> bool {
+        Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+            && self.0.wait().is_ok_and(|s| s.success())
+    }
+
+    /// SIGKILL, then waits.
+    pub fn kill9(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+/// Starts `keel <args>` against `stack`.
+pub fn keel(stack: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(args)
+        .envs(stack.env())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().expect("keel binary starts"))
+}

@@ -1,0 +1,753 @@
+//! All four consumer groups on real parts: their effects, redelivery, dead letters, a Redis
+//! outage, a consumer killed mid-batch, and a group added in test code only.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use keel_consumers::analytics::Analytics;
+use keel_consumers::cache_invalidation::CacheInvalidation;
+use keel_consumers::inventory::Inventory;
+use keel_consumers::notification::{Mailer, Notification, Transport};
+use keel_consumers::runtime::dlq_headers;
+use keel_consumers::{Handler, HandlerError, Meta, dlq_topic};
+use keel_core::testkit::{Outage, brokers, eventually, read_topic, unique};
+use keel_schemas::Event;
+use rdkafka::Message;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::PgConnection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+
+use common::{Stack, keel, order};
+
+/// Group ids of one test: unique, because tests share the broker.
+struct Groups {
+    inventory: String,
+    notification: String,
+    analytics: String,
+    cache: String,
+}
+
+impl Groups {
+    fn new() -> Self {
+        Self {
+            inventory: unique("inventory"),
+            notification: unique("notification"),
+            analytics: unique("analytics"),
+            cache: unique("cache"),
+        }
+    }
+}
+
+/// Runs the relay, the four groups and the mailer in-process until `stop`.
+async fn run_all(
+    stack: &Stack,
+    groups: &Groups,
+    stop: &CancellationToken,
+) -> Vec<JoinHandle<anyhow::Result<()>>> {
+    let topics = &stack.settings.topics;
+    let mut inventory = Inventory::new(topics);
+    inventory.group = groups.inventory.clone();
+    let mut notification = Notification::new(topics);
+    notification.group = groups.notification.clone();
+    let mut analytics = Analytics::new(topics);
+    analytics.group = groups.analytics.clone();
+    let mut cache = CacheInvalidation::new(&stack.settings).unwrap();
+    cache.group = groups.cache.clone();
+    let mailer = Mailer::new(
+        stack.pool.clone(),
+        Transport::from_settings(&stack.settings.mail).unwrap(),
+        &stack.settings.mail.from,
+    )
+    .unwrap();
+    vec![
+        tokio::spawn(stack.relay().run(stop.clone())),
+        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
+        tokio::spawn(stack.consumer(notification).await.run(stop.clone())),
+        tokio::spawn(stack.consumer(analytics).await.run(stop.clone())),
+        tokio::spawn(stack.consumer(cache).await.run(stop.clone())),
+        tokio::spawn(mailer.run(stop.clone())),
+    ]
+}
+
+async fn stop_all(stop: &CancellationToken, tasks: Vec<JoinHandle<anyhow::Result<()>>>) {
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// Everything the groups did, to compare before and after a redelivery.
+#[derive(Debug, PartialEq)]
+struct Effects {
+    stock: Vec<(String, i32, i32)>,
+    reservations: Vec<(String, String)>,
+    messages: Vec<(String, String, Option<String>)>,
+    mail_files: usize,
+    daily: Vec<(String, i64, i64, i64)>,
+    units: Vec<(String, i64, i64)>,
+    processed: i64,
+    outbox: i64,
+}
+
+async fn effects(stack: &Stack) -> Effects {
+    let p = &stack.pool;
+    Effects {
+        stock: sqlx::query_as("SELECT sku, on_hand, reserved FROM inventory.stock ORDER BY sku")
+            .fetch_all(p)
+            .await
+            .unwrap(),
+        reservations: sqlx::query_as(
+            "SELECT order_id::text, status FROM inventory.reservations ORDER BY order_id",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        messages: sqlx::query_as(
+            "SELECT event_id::text, kind, recipient FROM notification.messages ORDER BY event_id",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        mail_files: std::fs::read_dir(&stack.mail_dir)
+            .map(|d| d.count())
+            .unwrap_or(0),
+        daily: sqlx::query_as(
+            "SELECT currency, sum(orders)::bigint, sum(revenue_minor)::bigint, sum(cancellations)::bigint
+               FROM analytics.daily GROUP BY currency ORDER BY currency",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        units: sqlx::query_as(
+            "SELECT sku, units_ordered, units_sold FROM analytics.units_per_sku ORDER BY sku",
+        )
+        .fetch_all(p)
+        .await
+        .unwrap(),
+        processed: stack
+            .scalar("SELECT count(*) FROM consumers.processed_events")
+            .await,
+        outbox: stack.scalar("SELECT count(*) FROM outbox.events").await,
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_twice() {
+    let stack = Stack::start().await;
+    let groups = Groups::new();
+    let stop = CancellationToken::new();
+    let tasks = run_all(&stack, &groups, &stop).await;
+
+    // 200 orders in two currencies: a third paid, a third cancelled, a third left open; every
+    // tenth asks for more than the stock holds and is rejected by inventory.
+    let mut ids = Vec::new();
+    let (mut paid, mut cancelled, mut rejected) = (0i64, 0i64, 0i64);
+    for i in 0..200usize {
+        let sku = format!("SKU-{}", i % 50 + 1);
+        let quantity = if i % 10 == 9 {
+            50_000
+        } else {
+            (i % 3 + 1) as i64
+        };
+        let currency = if i % 2 == 0 { "EUR" } else { "USD" };
+        let mut body =
+            order(json!([{"sku": sku, "quantity": quantity, "unit_price_minor": 100 + i}]));
+        body["currency"] = json!(currency);
+        body["customer"]["id"] = json!(format!("c-{}", i % 17));
+        body["customer"]["email"] = json!(format!("customer{}@example.com", i % 17));
+        let created = stack.post("/orders", body).await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        // Read once so the cache holds version 1 before the order changes.
+        assert_eq!(stack.get(&format!("/orders/{id}")).await["version"], 1);
+        match i % 3 {
+            0 => {
+                stack.post(&format!("/orders/{id}/pay"), json!({})).await;
+                paid += 1;
+            }
+            1 => {
+                stack
+                    .post(&format!("/orders/{id}/cancel"), json!({"reason": "test"}))
+                    .await;
+                cancelled += 1;
+            }
+            _ => {}
+        }
+        if i % 10 == 9 {
+            rejected += 1;
+        }
+        ids.push(id);
+    }
+    let order_events = 200 + paid + cancelled;
+    let mails = order_events + rejected;
+
+    eventually(
+        "every group to catch up",
+        Duration::from_secs(180),
+        || async {
+            let done = stack.processed(&groups.inventory).await == order_events
+                && stack.processed(&groups.analytics).await == order_events
+                && stack.processed(&groups.cache).await == order_events
+                && stack.processed(&groups.notification).await == mails
+                && stack
+                    .scalar(
+                        "SELECT count(*) FROM notification.messages WHERE delivered_at IS NOT NULL",
+                    )
+                    .await
+                    == mails;
+            done.then_some(())
+        },
+    )
+    .await;
+
+    // Inventory: what the test did, SKU by SKU.
+    let mut expected: BTreeMap<String, (i32, i32)> = (1..=50)
+        .map(|n| (format!("SKU-{n}"), (10_000, 0)))
+        .collect();
+    for i in 0..200usize {
+        if i % 10 == 9 {
+            continue; // rejected: holds nothing
+        }
+        let q = (i % 3 + 1) as i32;
+        let entry = expected.get_mut(&format!("SKU-{}", i % 50 + 1)).unwrap();
+        match i % 3 {
+            0 => entry.0 -= q,
+            1 => {}
+            _ => entry.1 += q,
+        }
+    }
+    let before = effects(&stack).await;
+    let stock: BTreeMap<String, (i32, i32)> = before
+        .stock
+        .iter()
+        .filter(|(sku, _, _)| expected.contains_key(sku))
+        .map(|(sku, on_hand, reserved)| (sku.clone(), (*on_hand, *reserved)))
+        .collect();
+    assert_eq!(stock, expected);
+
+    // Notification: one message per customer-facing event, one file each, each its own Message-ID.
+    assert_eq!(before.messages.len() as i64, mails);
+    assert_eq!(before.mail_files as i64, mails);
+    let kinds = |k: &str| before.messages.iter().filter(|m| m.1 == k).count() as i64;
+    assert_eq!(
+        (
+            kinds("order-confirmation"),
+            kinds("payment-receipt"),
+            kinds("cancellation"),
+            kinds("out-of-stock")
+        ),
+        (200, paid, cancelled, rejected)
+    );
+    let some = &before.messages[0].0;
+    let eml = std::fs::read_to_string(stack.mail_dir.join(format!("{some}.eml"))).unwrap();
+    assert!(eml.contains(&format!("Message-ID: <{some}@keel>")), "{eml}");
+    assert!(
+        before
+            .messages
+            .iter()
+            .all(|m| m.2.as_deref().is_some_and(|r| r.ends_with("@example.com")))
+    );
+
+    // Analytics equals a direct computation over the order service's own tables.
+    let truth: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT currency, count(*), coalesce(sum(total_minor) FILTER (WHERE status = 'paid'), 0)::bigint,
+                count(*) FILTER (WHERE status = 'cancelled')
+           FROM orders.orders GROUP BY currency ORDER BY currency",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(before.daily, truth);
+    let units_truth: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT l.sku, sum(l.quantity)::bigint, coalesce(sum(l.quantity) FILTER (WHERE o.status = 'paid'), 0)::bigint
+           FROM orders.order_lines l JOIN orders.orders o ON o.id = l.order_id GROUP BY l.sku ORDER BY l.sku",
+    )
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(before.units, units_truth);
+    let (created, converted): (i64, i64) =
+        sqlx::query_as("SELECT created, paid FROM analytics.conversion")
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!((created, converted), (200, paid));
+
+    // Cache: every read now is fresh although every order was cached at version 1.
+    for id in &ids {
+        let (version, status): (i32, String) =
+            sqlx::query_as("SELECT version, status FROM orders.orders WHERE id = $1::uuid")
+                .bind(id)
+                .fetch_one(&stack.pool)
+                .await
+                .unwrap();
+        let read = stack.get(&format!("/orders/{id}")).await;
+        assert_eq!(
+            (read["version"].clone(), read["status"].clone()),
+            (json!(version), json!(status)),
+            "{id}"
+        );
+    }
+
+    // Deliver everything again: stop, move every group back to the beginning, restart.
+    stop_all(&stop, tasks).await;
+    let orders = stack.orders.name.as_str();
+    let inventory = stack.inventory.name.as_str();
+    for (group, topics) in [
+        (&groups.inventory, vec![orders]),
+        (&groups.analytics, vec![orders]),
+        (&groups.cache, vec![orders]),
+        (&groups.notification, vec![orders, inventory]),
+    ] {
+        keel_core::kafka::reset_offsets_to_beginning(&brokers(), group, &topics).unwrap();
+        assert!(
+            keel_core::kafka::lag(&brokers(), group, &topics).unwrap() > 0,
+            "{group} was reset"
+        );
+    }
+    let stop = CancellationToken::new();
+    let tasks = run_all(&stack, &groups, &stop).await;
+    eventually(
+        "every group to read everything again",
+        Duration::from_secs(180),
+        || async {
+            let lag =
+                |g: &str, t: &[&str]| keel_core::kafka::lag(&brokers(), g, t).unwrap_or(i64::MAX);
+            let done = lag(&groups.inventory, &[orders]) == 0
+                && lag(&groups.analytics, &[orders]) == 0
+                && lag(&groups.cache, &[orders]) == 0
+                && lag(&groups.notification, &[orders, inventory]) == 0;
+            done.then_some(())
+        },
+    )
+    .await;
+    stop_all(&stop, tasks).await;
+    assert_eq!(
+        effects(&stack).await,
+        before,
+        "a second delivery changes nothing"
+    );
+}
+
+/// A producer for records the relay would never write.
+fn raw_producer() -> FutureProducer {
+    keel_core::kafka::producer_config(&brokers())
+        .create()
+        .unwrap()
+}
+
+/// Deletes a topic the runtime created, when the test ends.
+struct DropTopic(String);
+
+impl Drop for DropTopic {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .map(|rt| rt.block_on(keel_core::kafka::delete_topics(&brokers(), &[&name])))
+        })
+        .join();
+    }
+}
+
+#[tokio::test]
+async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the_rest_flows() {
+    let stack = Stack::start().await;
+    let group = unique("inventory");
+    let dlq = DropTopic(dlq_topic(&stack.orders.name, &group));
+    let producer = raw_producer();
+    let random: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    let unknown_id = [&[0u8, 0x7f, 0xff, 0xff, 0xfe][..], b"\x02\x04body"].concat();
+    for (key, value) in [("random", &random[..]), ("unknown-id", &unknown_id[..])] {
+        producer
+            .send(
+                FutureRecord::to(&stack.orders.name)
+                    .key(key)
+                    .payload(value)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "traceparent",
+                        value: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                    })),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let created = stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-5", "quantity": 3, "unit_price_minor": 100}])),
+        )
+        .await;
+
+    let stop = CancellationToken::new();
+    let mut handler = Inventory::new(&stack.settings.topics);
+    handler.group = group.clone();
+    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    let relay = tokio::spawn(stack.relay().run(stop.clone()));
+    eventually(
+        "the order after the poison to be applied",
+        Duration::from_secs(60),
+        || async { (stack.processed(&group).await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(stack.stock("SKU-5").await, (10_000, 3));
+    let reservation: String =
+        sqlx::query_scalar("SELECT status FROM inventory.reservations WHERE order_id = $1::uuid")
+            .bind(created["id"].as_str().unwrap())
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
+    assert_eq!(reservation, "reserved");
+
+    let dead = read_topic(&dlq.0, Duration::from_secs(60), |m| m.len() >= 2).await;
+    assert_eq!(dead.len(), 2);
+    for m in &dead {
+        let header = |k: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == k).and_then(|h| h.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let expected_value = if key.as_deref() == Some("random") {
+            &random[..]
+        } else {
+            &unknown_id[..]
+        };
+        assert_eq!(
+            m.payload(),
+            Some(expected_value),
+            "the original value, untouched"
+        );
+        assert_eq!(
+            header(dlq_headers::TOPIC).as_deref(),
+            Some(stack.orders.name.as_str())
+        );
+        assert_eq!(header(dlq_headers::GROUP).as_deref(), Some(group.as_str()));
+        assert_eq!(
+            header(dlq_headers::ERROR_CLASS).as_deref(),
+            Some("permanent")
+        );
+        assert_eq!(header(dlq_headers::ATTEMPTS).as_deref(), Some("1"));
+        assert!(header(dlq_headers::PARTITION).is_some_and(|p| p.parse::<i32>().is_ok()));
+        assert!(header(dlq_headers::OFFSET).is_some_and(|o| o.parse::<i64>().is_ok()));
+        assert!(
+            header(dlq_headers::TIMESTAMP).is_some_and(|t| t.parse::<i64>().is_ok_and(|t| t > 0))
+        );
+        assert!(header("traceparent").is_some(), "original headers kept");
+        let error = header(dlq_headers::ERROR).unwrap_or_default();
+        assert!(error.contains("cannot decode"), "{error}");
+    }
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn while_redis_is_down_cache_invalidation_waits_and_catches_up_and_other_groups_go_on() {
+    let stack = Stack::start().await;
+    let redis = keel_core::testkit::redis_url();
+    let target = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let outage = Outage::forward(&target).await;
+    let mut settings = stack.settings();
+    settings.cache.redis_url = format!("redis://{}", outage.addr);
+    let mut cache = CacheInvalidation::new(&settings).unwrap();
+    cache.group = unique("cache");
+    let cache_group = cache.group.clone();
+    let mut inventory = Inventory::new(&stack.settings.topics);
+    inventory.group = unique("inventory");
+    let inventory_group = inventory.group.clone();
+
+    let stop = CancellationToken::new();
+    let tasks = [
+        tokio::spawn(stack.relay().run(stop.clone())),
+        tokio::spawn(stack.consumer(cache).await.run(stop.clone())),
+        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
+    ];
+
+    outage.set_down(true);
+    let created = stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-6", "quantity": 1, "unit_price_minor": 100}])),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        stack.get(&format!("/orders/{id}")).await["version"],
+        1,
+        "cached at version 1"
+    );
+    stack.post(&format!("/orders/{id}/pay"), json!({})).await;
+
+    eventually(
+        "inventory to go on while Redis is down",
+        Duration::from_secs(60),
+        || async { (stack.processed(&inventory_group).await == 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        stack.processed(&cache_group).await,
+        0,
+        "nothing invalidated while Redis is down"
+    );
+    assert_eq!(
+        stack.get(&format!("/orders/{id}")).await["version"],
+        1,
+        "stale until invalidated"
+    );
+
+    outage.set_down(false);
+    eventually(
+        "cache invalidation to catch up",
+        Duration::from_secs(60),
+        || async { (stack.processed(&cache_group).await == 2).then_some(()) },
+    )
+    .await;
+    let read = stack.get(&format!("/orders/{id}")).await;
+    assert_eq!(
+        (read["version"].clone(), read["status"].clone()),
+        (json!(2), json!("paid"))
+    );
+
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or_gaps() {
+    let stack = Stack::start().await;
+    let total = 400i64;
+    for chunk in 0..4 {
+        let mut tx = stack.pool.begin().await.unwrap();
+        for i in 0..100 {
+            let event = Event::OrderCreated(keel_schemas::OrderCreated {
+                event_id: uuid::Uuid::new_v4(),
+                occurred_at: 1_764_000_000_000,
+                order_id: uuid::Uuid::new_v4(),
+                order_version: 1,
+                customer: keel_schemas::Customer {
+                    id: format!("c-{chunk}-{i}"),
+                    email: "bulk@example.com".into(),
+                    name: "Bulk".into(),
+                },
+                currency: "EUR".into(),
+                lines: vec![keel_schemas::OrderLine {
+                    sku: format!("SKU-{}", i % 10 + 11),
+                    quantity: 1,
+                    unit_price_minor: 100,
+                }],
+                total_minor: 100,
+            });
+            keel_outbox::enqueue(&mut tx, &stack.orders.name, &event, &Default::default())
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(stack.relay().run(stop.clone()));
+
+    let mut first = keel(&stack, &["consume", "inventory"], &[]);
+    eventually(
+        "the consumer to apply something",
+        Duration::from_secs(120),
+        || async { (stack.processed("inventory").await > 0).then_some(()) },
+    )
+    .await;
+    first.kill9();
+    let at_kill = stack.processed("inventory").await;
+    assert!(
+        at_kill < total,
+        "killed mid-stream ({at_kill} of {total} applied)"
+    );
+
+    let mut second = keel(&stack, &["consume", "inventory"], &[]);
+    eventually(
+        "the restarted consumer to apply the rest",
+        Duration::from_secs(180),
+        || async { (stack.processed("inventory").await == total).then_some(()) },
+    )
+    .await;
+    assert!(second.terminate(), "SIGTERM: exits 0");
+    let reserved = stack
+        .scalar("SELECT sum(reserved)::bigint FROM inventory.stock")
+        .await;
+    assert_eq!(reserved, total, "every order held exactly one unit");
+    assert_eq!(
+        stack
+            .scalar("SELECT count(*) FROM inventory.reservations WHERE status = 'reserved'")
+            .await,
+        total
+    );
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+}
+
+/// A group that exists only here: it records every event it sees. Adding it took this impl and
+/// its table; nothing in producers/ or outbox/ knows about it.
+struct Audit {
+    group: String,
+    topics: Vec<String>,
+}
+
+impl Handler for Audit {
+    fn group(&self) -> &str {
+        &self.group
+    }
+
+    fn topics(&self) -> Vec<String> {
+        self.topics.clone()
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO audit_log (event_id, event_type, topic) VALUES ($1, $2, $3)")
+            .bind(event.event_id())
+            .bind(event.name())
+            .bind(&meta.topic)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_group_defined_only_in_test_code_receives_every_event() {
+    let stack = Stack::start().await;
+    sqlx::query("CREATE TABLE audit_log (event_id uuid PRIMARY KEY, event_type text NOT NULL, topic text NOT NULL)")
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let mut inventory = Inventory::new(&stack.settings.topics);
+    inventory.group = unique("inventory");
+    let audit = Audit {
+        group: unique("audit"),
+        topics: vec![stack.orders.name.clone(), stack.inventory.name.clone()],
+    };
+    let tasks = [
+        tokio::spawn(stack.relay().run(stop.clone())),
+        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
+        tokio::spawn(stack.consumer(audit).await.run(stop.clone())),
+    ];
+    for i in 0..10 {
+        let created = stack
+            .post(
+                "/orders",
+                order(json!([{"sku": format!("SKU-{}", 20 + i), "quantity": if i < 5 { 1 } else { 20_000 }, "unit_price_minor": 100}])),
+            )
+            .await;
+        if i % 2 == 0 {
+            stack
+                .post(
+                    &format!("/orders/{}/pay", created["id"].as_str().unwrap()),
+                    json!({}),
+                )
+                .await;
+        }
+    }
+    // 15 order events, and one inventory outcome per order.
+    eventually(
+        "the audit group to see every event",
+        Duration::from_secs(90),
+        || async { (stack.scalar("SELECT count(*) FROM audit_log").await == 25).then_some(()) },
+    )
+    .await;
+    let published: HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox.events")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    let audited: HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM audit_log")
+            .fetch_all(&stack.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    assert_eq!(audited, published);
+    let outcomes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT event_type, count(*) FROM audit_log WHERE topic = $1 GROUP BY 1 ORDER BY 1",
+    )
+    .bind(&stack.inventory.name)
+    .fetch_all(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("keel.inventory.InventoryRejected".to_owned(), 5),
+            ("keel.inventory.InventoryReserved".to_owned(), 5)
+        ]
+    );
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// Consumers depend on producers' contracts, never the other way round: adding a group can not
+/// require a change (or even a rebuild) of the order service or the relay.
+#[test]
+fn producers_and_outbox_do_not_depend_on_consumers() {
+    // What ships (normal and build dependencies), on this platform, as `cargo tree` resolves it.
+    let deps_of = |package: &str| -> HashSet<String> {
+        let out = std::process::Command::new(env!("CARGO"))
+            .args([
+                "tree",
+                "-p",
+                package,
+                "-e",
+                "normal,build",
+                "--prefix",
+                "none",
+                "--offline",
+                "--locked",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    };
+    for producer in ["keel-producers", "keel-outbox"] {
+        let deps = deps_of(producer);
+        assert!(
+            deps.contains("keel-schemas"),
+            "{producer} uses the contracts: {deps:?}"
+        );
+        assert!(
+            !deps.contains("keel-consumers"),
+            "{producer} must not depend on keel-consumers"
+        );
+    }
+    assert!(deps_of("keel-consumers").contains("keel-schemas"));
+}
