@@ -61,10 +61,7 @@ impl Handler for Analytics {
     }
 
     fn wants(&self, event: &Event) -> bool {
-        matches!(
-            event,
-            Event::OrderCreated(_) | Event::OrderPaid(_) | Event::OrderCancelled(_)
-        )
+        event.is_order_event()
     }
 
     async fn handle(

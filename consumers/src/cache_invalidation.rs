@@ -44,7 +44,7 @@ impl Handler for CacheInvalidation {
     }
 
     fn wants(&self, event: &Event) -> bool {
-        event.order_version().is_some()
+        event.is_order_event()
     }
 
     async fn handle(

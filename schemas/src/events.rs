@@ -240,6 +240,11 @@ impl Event {
             Event::InventoryReserved(_) | Event::InventoryRejected(_) => None,
         }
     }
+
+    /// Whether the order service wrote this event (topic `orders`).
+    pub fn is_order_event(&self) -> bool {
+        self.order_version().is_some()
+    }
 }
 
 /// A contract's name and schema, for registration and checks.
