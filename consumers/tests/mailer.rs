@@ -1,0 +1,214 @@
+//! The notification mailer on real PostgreSQL: delivery after commit, the resend after a crash
+//! between send and mark, and SMTP.
+
+use std::time::Duration;
+
+use keel_consumers::notification::{self, Delivery, Mailer, Transport};
+use keel_core::testkit::{TestDb, unique};
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use uuid::Uuid;
+
+const FROM: &str = "keel orders <orders@keel.invalid>";
+
+async fn database() -> (TestDb, PgPool) {
+    let db = TestDb::new().await;
+    keel_core::db::migrate(&db.url, notification::DB_SCHEMA, &notification::MIGRATOR)
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    (db, pool)
+}
+
+async fn message(pool: &PgPool, recipient: Option<&str>) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO notification.messages (event_id, order_id, customer_id, recipient, kind, subject, body)
+         VALUES ($1, $2, 'c-1', $3, 'order-confirmation', 'Your order is confirmed', 'Thank you.')",
+    )
+    .bind(id)
+    .bind(Uuid::new_v4())
+    .bind(recipient)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+async fn delivered(pool: &PgPool, id: Uuid) -> bool {
+    sqlx::query_scalar(
+        "SELECT delivered_at IS NOT NULL FROM notification.messages WHERE event_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn a_resend_after_a_crash_between_send_and_mark_leaves_one_file_with_the_same_message_id() {
+    let (_db, pool) = database().await;
+    let dir = TempDir(std::env::temp_dir().join(unique("keel-mail")));
+    let mailer = Mailer::new(pool.clone(), Transport::Files(dir.0.clone()), FROM).unwrap();
+    let unaddressed = message(&pool, None).await;
+    let id = message(&pool, Some("ada@example.com")).await;
+
+    assert_eq!(mailer.step().await.unwrap(), Delivery::Sent(id));
+    assert!(delivered(&pool, id).await);
+    assert_eq!(
+        mailer.step().await.unwrap(),
+        Delivery::Idle,
+        "an unaddressed message waits"
+    );
+    assert!(!delivered(&pool, unaddressed).await);
+    let path = dir.0.join(format!("{id}.eml"));
+    let first = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        first.contains(&format!("Message-ID: <{id}@keel>")),
+        "{first}"
+    );
+    assert!(first.contains("To: ada@example.com"), "{first}");
+
+    // The process died after writing the file but before its mark committed: the mark is gone.
+    sqlx::query("UPDATE notification.messages SET delivered_at = NULL WHERE event_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mailer.step().await.unwrap(), Delivery::Sent(id));
+    assert_eq!(
+        std::fs::read_dir(&dir.0).unwrap().count(),
+        1,
+        "still one file"
+    );
+    let again = std::fs::read_to_string(&path).unwrap();
+    assert!(again.contains(&format!("Message-ID: <{id}@keel>")));
+
+    // An address the mail library refuses is set aside, not retried forever.
+    let bad = message(&pool, Some("not an address")).await;
+    assert_eq!(mailer.step().await.unwrap(), Delivery::Refused(bad));
+    assert_eq!(mailer.step().await.unwrap(), Delivery::Idle);
+}
+
+/// A minimal SMTP server: accepts every message and hands each DATA section to the test.
+async fn smtp_sink() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 sink ESMTP\r\n").await?;
+                let mut data: Option<String> = None;
+                while let Some(line) = lines.next_line().await? {
+                    if let Some(body) = data.as_mut() {
+                        if line == "." {
+                            let _ = tx.send(data.take().unwrap_or_default());
+                            write.write_all(b"250 queued\r\n").await?;
+                        } else {
+                            body.push_str(&line);
+                            body.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 sink\r\n",
+                        "DATA" => {
+                            data = Some(String::new());
+                            b"354 go ahead\r\n"
+                        }
+                        "QUIT" => {
+                            write.write_all(b"221 bye\r\n").await?;
+                            break;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    write.write_all(reply).await?;
+                }
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn smtp_delivery_carries_the_event_id_as_message_id_and_a_dead_server_is_retried_later() {
+    let (_db, pool) = database().await;
+    let (port, mut received) = smtp_sink().await;
+    let settings = |url: String| keel_core::settings::MailSettings {
+        smtp_url: Some(url),
+        dir: std::env::temp_dir(),
+        from: FROM.into(),
+    };
+    let id = message(&pool, Some("ada@example.com")).await;
+
+    // Nothing listens on the port any more: the send fails and is scheduled for later.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dead = Mailer::new(
+        pool.clone(),
+        Transport::from_settings(&settings(format!("smtp://127.0.0.1:{dead_port}"))).unwrap(),
+        FROM,
+    )
+    .unwrap();
+    assert_eq!(dead.step().await.unwrap(), Delivery::Failed(id));
+    let (attempts, later): (i32, bool) = sqlx::query_as(
+        "SELECT attempts, next_attempt_at > now() FROM notification.messages WHERE event_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((attempts, later), (1, true));
+    assert_eq!(
+        dead.step().await.unwrap(),
+        Delivery::Idle,
+        "not before its time"
+    );
+
+    sqlx::query("UPDATE notification.messages SET next_attempt_at = now() WHERE event_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let live = Mailer::new(
+        pool.clone(),
+        Transport::from_settings(&settings(format!("smtp://127.0.0.1:{port}"))).unwrap(),
+        FROM,
+    )
+    .unwrap();
+    assert_eq!(live.step().await.unwrap(), Delivery::Sent(id));
+    let data = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(data.contains(&format!("Message-ID: <{id}@keel>")), "{data}");
+    assert!(data.contains("Subject: Your order is confirmed"), "{data}");
+    assert!(delivered(&pool, id).await);
+}
+
+#[test]
+fn a_malformed_smtp_url_names_its_key() {
+    let err = Transport::from_settings(&keel_core::settings::MailSettings {
+        smtp_url: Some("mail.example.com:25".into()),
+        dir: std::env::temp_dir(),
+        from: FROM.into(),
+    })
+    .err()
+    .unwrap();
+    assert!(err.to_string().starts_with("KEEL_SMTP_URL:"), "{err}");
+}
