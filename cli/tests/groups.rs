@@ -751,3 +751,113 @@ fn producers_and_outbox_do_not_depend_on_consumers() {
     }
     assert!(deps_of("keel-consumers").contains("keel-schemas"));
 }
+
+/// Counts the events a handler applied, to see which instance did the work.
+struct Counting<H> {
+    inner: H,
+    applied: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<H: Handler> Handler for Counting<H> {
+    fn group(&self) -> &str {
+        self.inner.group()
+    }
+
+    fn topics(&self) -> Vec<String> {
+        self.inner.topics()
+    }
+
+    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
+        self.inner.migrations()
+    }
+
+    fn wants(&self, event: &Event) -> bool {
+        self.inner.wants(event)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        self.inner.handle(tx, event, meta).await?;
+        self.applied
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn two_instances_of_a_group_share_the_partitions_and_apply_each_event_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let stack = Stack::start().await;
+    let group = unique("inventory");
+    let stop = CancellationToken::new();
+    let counters = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let mut tasks = vec![tokio::spawn(stack.relay().run(stop.clone()))];
+    for applied in &counters {
+        let mut inner = Inventory::new(&stack.settings.topics);
+        inner.group = group.clone();
+        let handler = Counting {
+            inner,
+            applied: applied.clone(),
+        };
+        tasks.push(tokio::spawn(
+            stack.consumer(handler).await.run(stop.clone()),
+        ));
+    }
+
+    // Orders keep coming (keyed over all six partitions) until both instances have done some.
+    let mut sent = 0i64;
+    eventually(
+        "both instances to apply events",
+        Duration::from_secs(90),
+        || {
+            sent += 12;
+            let pool = stack.pool.clone();
+            let topic = stack.orders.name.clone();
+            let counters = counters.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                for _ in 0..12 {
+                    let event = Event::OrderCancelled(keel_schemas::OrderCancelled {
+                        event_id: uuid::Uuid::new_v4(),
+                        occurred_at: 1_764_000_000_000,
+                        order_id: uuid::Uuid::new_v4(),
+                        order_version: 2,
+                        customer_id: "c-1".into(),
+                        reason: None,
+                        lines: vec![],
+                    });
+                    keel_outbox::enqueue(&mut tx, &topic, &event, &Default::default())
+                        .await
+                        .unwrap();
+                }
+                tx.commit().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await; // pacing the producer, not waiting on a condition
+                counters
+                    .iter()
+                    .all(|c| c.load(Ordering::SeqCst) > 0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    eventually(
+        "every event to be applied",
+        Duration::from_secs(90),
+        || async { (stack.processed(&group).await == sent).then_some(()) },
+    )
+    .await;
+    let applied: usize = counters.iter().map(|c| c.load(Ordering::SeqCst)).sum();
+    assert_eq!(
+        applied as i64, sent,
+        "each event applied by exactly one instance"
+    );
+    stop.cancel();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
