@@ -57,8 +57,11 @@ impl Notification {
     }
 }
 
+/// How a customer sees an order id: its last 8 hex digits (order ids are UUIDv7, whose leading
+/// digits are a timestamp and alike for orders placed together).
 fn short(order_id: Uuid) -> String {
-    order_id.simple().to_string()[..8].to_owned()
+    let hex = order_id.simple().to_string();
+    hex[hex.len() - 8..].to_owned()
 }
 
 fn money(minor: i64, currency: &str) -> String {
