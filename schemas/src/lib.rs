@@ -8,6 +8,8 @@
 //! - [`events`]: the Rust types of the contracts and the [`Event`] enum over them.
 //! - [`codec`]: Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro body)
 //!   through a Confluent-compatible registry, with `schema_registry_converter`.
+//! - [`history`]: published versions in the repository and the offline compatibility check
+//!   (`keel schema check`).
 //! - [`registry`]: keel's own Confluent-compatible Schema Registry (REST API backed by
 //!   PostgreSQL), the local default where Confluent's is not running.
 //!
@@ -19,6 +21,7 @@
 
 pub mod codec;
 pub mod events;
+pub mod history;
 pub mod registry;
 
 pub use codec::{DecodeError, Decoder, EncodeError, Encoder};
