@@ -549,6 +549,7 @@ async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or
                     unit_price_minor: 100,
                 }],
                 total_minor: 100,
+                channel: "store".into(),
             });
             keel_outbox::enqueue(&mut tx, &stack.orders.name, &event, &Default::default())
                 .await

@@ -102,6 +102,7 @@ fn lifecycle(i: usize) -> Vec<Event> {
         currency: "EUR".into(),
         lines: lines.clone(),
         total_minor: 100,
+        channel: "web".into(),
     });
     let second = if i.is_multiple_of(2) {
         Event::OrderPaid(OrderPaid {

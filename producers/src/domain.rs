@@ -34,6 +34,9 @@ pub struct NewOrder {
     pub customer: NewCustomer,
     pub currency: String,
     pub lines: Vec<NewLine>,
+    /// Where the order was placed; `"web"` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,7 +77,11 @@ pub struct ValidOrder {
     pub currency: String,
     pub lines: Vec<keel_schemas::OrderLine>,
     pub total_minor: i64,
+    pub channel: String,
 }
+
+/// The channel of an order that names none.
+pub const DEFAULT_CHANNEL: &str = "web";
 
 fn text(errors: &mut Vec<FieldError>, field: &str, value: &str, max: usize) {
     if value.trim().is_empty() {
@@ -142,6 +149,9 @@ pub fn validate(order: &NewOrder) -> Result<ValidOrder, Vec<FieldError>> {
         total =
             total.and_then(|t| t.checked_add(line.quantity.checked_mul(line.unit_price_minor)?));
     }
+    if let Some(channel) = &order.channel {
+        text(&mut errors, "channel", channel, 32);
+    }
     if total.is_none() && errors.is_empty() {
         errors.push(FieldError::new("lines", "order total is too large"));
     }
@@ -166,6 +176,11 @@ pub fn validate(order: &NewOrder) -> Result<ValidOrder, Vec<FieldError>> {
             })
             .collect(),
         total_minor: total.unwrap_or(0),
+        channel: order
+            .channel
+            .as_deref()
+            .map_or(DEFAULT_CHANNEL, str::trim)
+            .to_owned(),
     })
 }
 
@@ -238,6 +253,7 @@ pub struct Order {
     pub currency: String,
     pub lines: Vec<keel_schemas::OrderLine>,
     pub total_minor: i64,
+    pub channel: String,
     pub payment_reference: Option<String>,
     pub cancel_reason: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -261,6 +277,7 @@ mod tests {
                 quantity: 2,
                 unit_price_minor: 1999,
             }],
+            channel: None,
         }
     }
 

@@ -135,8 +135,8 @@ async fn create_order(
     let id = Uuid::now_v7();
     let at = now();
     sqlx::query(
-        "INSERT INTO orders.orders (id, customer_id, customer_email, customer_name, currency, status, total_minor, version, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, 'created', $6, 1, $7, $7)",
+        "INSERT INTO orders.orders (id, customer_id, customer_email, customer_name, currency, status, total_minor, version, created_at, updated_at, channel)
+         VALUES ($1, $2, $3, $4, $5, 'created', $6, 1, $7, $7, $8)",
     )
     .bind(id)
     .bind(&valid.customer.id)
@@ -145,6 +145,7 @@ async fn create_order(
     .bind(&valid.currency)
     .bind(valid.total_minor)
     .bind(at)
+    .bind(&valid.channel)
     .execute(&mut *tx)
     .await?;
     let line_no: Vec<i32> = (1..=valid.lines.len() as i32).collect();
@@ -171,6 +172,7 @@ async fn create_order(
         currency: valid.currency.clone(),
         lines: valid.lines.clone(),
         total_minor: valid.total_minor,
+        channel: valid.channel.clone(),
     });
     keel_outbox::enqueue(&mut tx, &state.topic, &event, &trace).await?;
     let order = Order {
@@ -181,6 +183,7 @@ async fn create_order(
         currency: valid.currency,
         lines: valid.lines,
         total_minor: valid.total_minor,
+        channel: valid.channel,
         payment_reference: None,
         cancel_reason: None,
         created_at: at,
@@ -217,7 +220,7 @@ pub async fn load_order(
 ) -> Result<Option<Order>, sqlx::Error> {
     let sql = format!(
         "SELECT id, customer_id, customer_email, customer_name, currency, status, total_minor, version,
-                payment_reference, cancel_reason, created_at, updated_at
+                channel, payment_reference, cancel_reason, created_at, updated_at
          FROM orders.orders WHERE id = $1{}",
         if lock { " FOR UPDATE" } else { "" }
     );
@@ -250,6 +253,7 @@ pub async fn load_order(
         currency: row.get("currency"),
         lines,
         total_minor: row.get("total_minor"),
+        channel: row.get("channel"),
         payment_reference: row.get("payment_reference"),
         cancel_reason: row.get("cancel_reason"),
         created_at: row.get("created_at"),

@@ -5,7 +5,7 @@
 //! id and caches them, so a running consumer keeps decoding while the registry is briefly away.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -173,8 +173,36 @@ impl Decoder {
             .name
             .map(|n| n.fullname(None))
             .ok_or_else(|| DecodeError::Permanent("writer schema is not a named record".into()))?;
-        event_from_value(&name, &decoded.value)
+        // Avro schema resolution: the writer's data, read with the contract this build knows.
+        // Fields the reader lacks are dropped; fields the writer lacked take their defaults.
+        let reader = reader_schema(&name)
+            .ok_or_else(|| DecodeError::Permanent(format!("unknown record type {name}")))?;
+        let value = decoded.value.resolve(reader).map_err(|e| {
+            DecodeError::Permanent(format!(
+                "{name}: the writer's schema (id {}) cannot be read with this build's contract: {e}",
+                schema_id(bytes)
+            ))
+        })?;
+        event_from_value(&name, &value)
     }
+}
+
+/// The schema id of a Confluent wire-format value (bytes 1..5, big-endian).
+fn schema_id(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]])
+}
+
+/// This build's contract for record `name`, parsed once.
+fn reader_schema(name: &str) -> Option<&'static apache_avro::Schema> {
+    static SCHEMAS: OnceLock<HashMap<&'static str, apache_avro::Schema>> = OnceLock::new();
+    SCHEMAS
+        .get_or_init(|| {
+            CONTRACTS
+                .iter()
+                .filter_map(|c| Some((c.name, apache_avro::Schema::parse_str(c.schema).ok()?)))
+                .collect()
+        })
+        .get(name)
 }
 
 /// Builds the [`Event`] for a decoded record named `name`.

@@ -54,6 +54,8 @@ pub struct OrderCreated {
     pub currency: String,
     pub lines: Vec<OrderLine>,
     pub total_minor: i64,
+    /// Since version 2 of the contract; `"web"` in data written with version 1.
+    pub channel: String,
 }
 contract!(OrderCreated, "keel.orders");
 
@@ -308,6 +310,7 @@ mod tests {
                 currency: "EUR".into(),
                 lines: lines(),
                 total_minor: 4498,
+                channel: "mobile".into(),
             }),
             Event::OrderPaid(OrderPaid {
                 event_id: Uuid::new_v4(),

@@ -323,6 +323,7 @@ fn sample() -> Event {
             unit_price_minor: 250,
         }],
         total_minor: 750,
+        channel: "web".into(),
     })
 }
 
