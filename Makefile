@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help up-kafka down demo test build fmt lint install-tansu
+.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -13,7 +13,7 @@ up-kafka: ## Start the backbone: broker, registry, migrations, topics, order ser
 down: ## Stop exactly what up-kafka started
 	@scripts/down.sh
 
-demo: ## Place a few orders through the API of a running backbone and show what inventory did
+demo: ## Place a few orders through the API of a running backbone and show what the groups did
 	@scripts/demo.sh
 
 test: ## Run every test; starts (and stops) the broker they need
@@ -28,6 +28,12 @@ fmt: ## Format the code
 lint: ## Check formatting and lints
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+schema-check: ## Check every Avro contract against its published versions (no registry needed)
+	cargo run --quiet --locked -p keel -- schema check --dir schemas
+
+schema-publish: ## Record changed, compatible contracts as their next published versions
+	cargo run --quiet --locked -p keel -- schema publish --dir schemas
 
 install-tansu: ## Install tansu 0.6.0 (done by up-kafka and test when missing)
 	@source scripts/lib.sh && ensure_tansu

@@ -89,3 +89,55 @@ pub fn print_settings() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+fn load_contracts(dir: &std::path::Path) -> anyhow::Result<keel_schemas::history::Repository> {
+    keel_schemas::history::Repository::load(dir).with_context(|| {
+        format!(
+            "cannot read the contracts in {} (run from the repository root, or pass --dir)",
+            dir.display()
+        )
+    })
+}
+
+pub fn schema_check(dir: &std::path::Path) -> anyhow::Result<()> {
+    let repo = load_contracts(dir)?;
+    let (report, ok) = keel_schemas::history::check(&repo);
+    print!("{report}");
+    anyhow::ensure!(
+        ok,
+        "the contracts do not pass the compatibility check (see above)"
+    );
+    Ok(())
+}
+
+pub fn schema_publish(dir: &std::path::Path) -> anyhow::Result<()> {
+    let written = keel_schemas::history::publish(&load_contracts(dir)?)?;
+    if written.is_empty() {
+        println!("nothing to publish: every contract is its latest published version");
+    }
+    for path in written {
+        println!("published {}", path.display());
+    }
+    Ok(())
+}
+
+pub async fn schema_register(s: &Settings, dir: &std::path::Path) -> anyhow::Result<()> {
+    let repo = load_contracts(dir)?;
+    for (topic, namespace) in [
+        (&s.topics.orders, "keel.orders"),
+        (&s.topics.inventory, "keel.inventory"),
+    ] {
+        let done = keel_schemas::history::register(&repo, &s.schema_registry_url, topic, namespace)
+            .await
+            .context("KEEL_SCHEMA_REGISTRY_URL")?;
+        for r in done {
+            let ids: Vec<String> = r
+                .ids
+                .iter()
+                .map(|(v, id)| format!("v{v}=id {id}"))
+                .collect();
+            println!("{} ({}): {}", r.subject, r.level, ids.join(", "));
+        }
+    }
+    Ok(())
+}

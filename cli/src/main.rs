@@ -29,12 +29,15 @@ enum Command {
     Relay,
     /// Run a consumer group.
     Consume {
-        /// The group: inventory.
+        /// The group: inventory, notification, analytics or cache-invalidation.
         group: String,
     },
     /// Manage topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Check, publish and register the Avro contracts.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Print every setting keel reads, its default and its current value.
     Settings,
 }
@@ -43,6 +46,27 @@ enum Command {
 enum TopicsCommand {
     /// Create keel's topics with their partition counts (existing ones are left alone).
     Create,
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Check every contract against its published versions, offline (exit 1 if one fails).
+    Check {
+        /// The contracts directory: avro/, published/, compatibility.json.
+        #[arg(long, default_value = "schemas")]
+        dir: std::path::PathBuf,
+    },
+    /// Record every changed, compatible contract as its next published version.
+    Publish {
+        #[arg(long, default_value = "schemas")]
+        dir: std::path::PathBuf,
+    },
+    /// Register the published contracts with the registry (KEEL_SCHEMA_REGISTRY_URL), setting
+    /// each subject's compatibility level. Idempotent.
+    Register {
+        #[arg(long, default_value = "schemas")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -64,6 +88,11 @@ async fn main() -> std::process::ExitCode {
         Command::Consume { group } => commands::consume(&settings, &group).await,
         Command::Topics(TopicsCommand::Create) => commands::create_topics(&settings).await,
         Command::Settings => commands::print_settings(),
+        Command::Schema(SchemaCommand::Check { dir }) => commands::schema_check(&dir),
+        Command::Schema(SchemaCommand::Publish { dir }) => commands::schema_publish(&dir),
+        Command::Schema(SchemaCommand::Register { dir }) => {
+            commands::schema_register(&settings, &dir).await
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
