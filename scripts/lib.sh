@@ -3,7 +3,8 @@
 
 RUN_DIR="${KEEL_RUN_DIR:-$PWD/.run}"
 TANSU_VERSION=0.6.0
-TANSU_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/keel/tansu-$TANSU_VERSION"
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/keel"
+TANSU_ROOT="$CACHE_DIR/tansu-$TANSU_VERSION"
 TANSU="${KEEL_TANSU:-$TANSU_ROOT/bin/tansu}"
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
@@ -46,6 +47,24 @@ ensure_tansu() {
   say "Installing tansu $TANSU_VERSION into $TANSU_ROOT (once per machine; about 11 minutes)"
   cargo install "tansu@$TANSU_VERSION" --locked --features dynostore,libsql --root "$TANSU_ROOT" \
     || die "cargo install tansu@$TANSU_VERSION failed"
+}
+
+# ensure_interop_python: a virtualenv with the independent Confluent client the interop tests
+# run (cli/tests/interop/requirements.txt), made once per machine and remade when the
+# requirements change; prints the interpreter's path.
+ensure_interop_python() {
+  local req=cli/tests/interop/requirements.txt
+  local venv="$CACHE_DIR/py-interop-$(sha256sum "$req" | cut -c1-12)"
+  if [[ ! -x "$venv/bin/python" ]]; then
+    command -v python3 >/dev/null || die "python3 is missing; the interop tests need it (apt install python3-venv)"
+    say "Installing the Python Confluent client for the interop tests into $venv (once per machine)" >&2
+    rm -rf "$venv.tmp"
+    python3 -m venv "$venv.tmp" >&2 || die "python3 -m venv failed (apt install python3-venv?)"
+    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2 \
+      || die "pip install -r $req failed"
+    mv "$venv.tmp" "$venv"
+  fi
+  echo "$venv/bin/python"
 }
 
 # running NAME: true when NAME's pid file names a live process.

@@ -7,6 +7,8 @@ source scripts/lib.sh
 
 check_services
 ensure_tansu
+TEST_INTEROP_PYTHON="$(ensure_interop_python)"
+export TEST_INTEROP_PYTHON
 export KEEL_RUN_DIR="$RUN_DIR/test"
 RUN_DIR="$KEEL_RUN_DIR"
 trap 'stop tansu-test' EXIT

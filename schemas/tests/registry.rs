@@ -376,3 +376,82 @@ async fn an_unreachable_registry_is_a_transient_decode_failure() {
         Err(DecodeError::Transient(_))
     ));
 }
+
+#[tokio::test]
+async fn a_restarted_registry_keeps_every_id() {
+    let db = TestDb::new().await;
+    let http = reqwest::Client::new();
+    let register = |url: String, subject: &'static str, schema: String| {
+        let http = http.clone();
+        async move {
+            let body: Value = http
+                .post(format!("{url}/subjects/{subject}/versions"))
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(json!({"schema": schema}).to_string())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["id"].as_i64().expect("an id")
+        }
+    };
+    let a = record(json!([{"name": "a", "type": "string"}]));
+    let b = record(
+        json!([{"name": "a", "type": "string"}, {"name": "b", "type": "int", "default": 0}]),
+    );
+
+    let first = CancellationToken::new();
+    let (addr, task) =
+        keel_schemas::registry::spawn(&db.url, "127.0.0.1:0".parse().unwrap(), first.clone())
+            .await
+            .unwrap();
+    let url = format!("http://{addr}");
+    let ids = (
+        register(url.clone(), "one", a.clone()).await,
+        register(url.clone(), "one", b.clone()).await,
+        register(url.clone(), "two", a.clone()).await,
+    );
+    assert_eq!(ids.0, ids.2, "one schema, one id across subjects");
+    first.cancel();
+    task.await.unwrap().unwrap();
+
+    let second = CancellationToken::new();
+    let (addr, _) =
+        keel_schemas::registry::spawn(&db.url, "127.0.0.1:0".parse().unwrap(), second.clone())
+            .await
+            .unwrap();
+    let url = format!("http://{addr}");
+    let schema_of = |id: i64| {
+        let url = url.clone();
+        async move {
+            let body: Value = reqwest::get(format!("{url}/schemas/ids/{id}"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["schema"].as_str().map(str::to_owned)
+        }
+    };
+    assert!(
+        schema_of(ids.0)
+            .await
+            .is_some_and(|s| s.contains("\"a\"") && !s.contains("\"b\""))
+    );
+    assert!(schema_of(ids.1).await.is_some_and(|s| s.contains("\"b\"")));
+    assert_eq!(
+        register(url.clone(), "one", b).await,
+        ids.1,
+        "re-registering finds the old id"
+    );
+    let versions: Value = reqwest::get(format!("{url}/subjects/one/versions"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(versions, json!([1, 2]));
+    second.cancel();
+}
