@@ -114,73 +114,168 @@ pub async fn delete_topics(brokers: &str, names: &[&str]) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Where a group stands on one partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionState {
+    pub topic: String,
+    pub partition: i32,
+    /// The earliest offset still retained.
+    pub low: i64,
+    /// The end: the offset the next record will get.
+    pub high: i64,
+    /// The group's committed offset (the next record it will read), if it committed one.
+    pub committed: Option<i64>,
+}
+
+impl PartitionState {
+    /// Records the group has not yet committed past (from `low` if it never committed).
+    pub fn lag(&self) -> i64 {
+        (self.high - self.committed.unwrap_or(self.low).max(self.low)).max(0)
+    }
+}
+
+/// A consumer in `group` that never joins it: for reading and committing offsets from outside.
+fn outsider(brokers: &str, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    Ok(client_config(brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `group`'s committed offsets and each partition's watermarks, for every partition of `topics`.
+pub fn group_offsets(
+    brokers: &str,
+    group: &str,
+    topics: &[&str],
+) -> anyhow::Result<Vec<PartitionState>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer = outsider(brokers, group)?;
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
+        for p in 0..partitions as i32 {
+            list.add_partition(topic, p);
+        }
+    }
+    let committed = consumer.committed_offsets(list, ADMIN_TIMEOUT)?;
+    let mut states = Vec::new();
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), ADMIN_TIMEOUT)?;
+        states.push(PartitionState {
+            topic: e.topic().to_owned(),
+            partition: e.partition(),
+            low,
+            high,
+            committed: match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            },
+        });
+    }
+    states.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(states)
+}
+
+/// Commits `offsets` (`topic, partition, offset`) for `group` from outside it. The group must
+/// have no running members: Kafka refuses commits from outside an active generation.
+pub fn commit_offsets(
+    brokers: &str,
+    group: &str,
+    offsets: &[(String, i32, i64)],
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::{CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer = outsider(brokers, group)?;
+    let mut list = TopicPartitionList::new();
+    for (topic, partition, offset) in offsets {
+        list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.commit(&list, CommitMode::Sync)?;
+    Ok(())
+}
+
+/// The first offset at or after `timestamp_ms` on each partition of `topics` (the end offset
+/// where no record is that recent), as the broker answers ListOffsets by time.
+pub fn offsets_for_time(
+    brokers: &str,
+    topics: &[&str],
+    timestamp_ms: i64,
+) -> anyhow::Result<Vec<(String, i32, i64)>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer = outsider(brokers, "keel-admin")?;
+    let mut list = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        for p in 0..partitions as i32 {
+            list.add_partition_offset(topic, p, Offset::Offset(timestamp_ms))?;
+        }
+    }
+    let found = consumer.offsets_for_times(list, ADMIN_TIMEOUT)?;
+    let mut out = Vec::new();
+    for e in found.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => o,
+            // No record at or after the time: the end.
+            _ => {
+                consumer
+                    .fetch_watermarks(e.topic(), e.partition(), ADMIN_TIMEOUT)?
+                    .1
+            }
+        };
+        out.push((e.topic().to_owned(), e.partition(), offset));
+    }
+    Ok(out)
+}
+
+/// The members `group` has now (0 when nobody runs it).
+pub fn group_members(brokers: &str, group: &str) -> anyhow::Result<usize> {
+    use rdkafka::consumer::Consumer;
+    let consumer = outsider(brokers, "keel-admin")?;
+    let groups = consumer.fetch_group_list(Some(group), ADMIN_TIMEOUT)?;
+    Ok(groups
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .map(|g| g.members().len())
+        .sum())
+}
+
 /// Moves `group`'s committed offsets on every partition of `topics` to the beginning (the
 /// earliest offset still retained), so the group's next run reads them again. The group must
-/// have no running members: Kafka refuses commits from outside an active generation.
+/// have no running members.
 pub fn reset_offsets_to_beginning(
     brokers: &str,
     group: &str,
     topics: &[&str],
 ) -> anyhow::Result<usize> {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = client_config(brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let timeout = Duration::from_secs(10);
-    let mut list = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        anyhow::ensure!(
-            partitions > 0,
-            "topic {topic} has no partitions (does it exist?)"
-        );
-        for p in 0..partitions as i32 {
-            let (low, _) = consumer.fetch_watermarks(topic, p, timeout)?;
-            list.add_partition_offset(topic, p, Offset::Offset(low))?;
-        }
-    }
-    consumer.commit(&list, CommitMode::Sync)?;
-    Ok(list.count())
+    let targets: Vec<(String, i32, i64)> = group_offsets(brokers, group, topics)?
+        .into_iter()
+        .map(|p| (p.topic, p.partition, p.low))
+        .collect();
+    commit_offsets(brokers, group, &targets)?;
+    Ok(targets.len())
 }
 
-/// Records `group` has not yet committed past on `topics`: high watermark minus committed offset,
-/// summed over partitions (a partition with no commit counts from its low watermark).
+/// Records `group` has not yet committed past on `topics`, summed over partitions.
 pub fn lag(brokers: &str, group: &str, topics: &[&str]) -> anyhow::Result<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = client_config(brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let timeout = Duration::from_secs(10);
-    let mut list = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        for p in 0..partitions as i32 {
-            list.add_partition(topic, p);
-        }
-    }
-    let committed = consumer.committed_offsets(list, timeout)?;
-    let mut lag = 0;
-    for e in committed.elements() {
-        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
-        let at = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => low,
-        };
-        lag += (high - at).max(0);
-    }
-    Ok(lag)
+    Ok(group_offsets(brokers, group, topics)?
+        .iter()
+        .map(PartitionState::lag)
+        .sum())
 }
