@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use keel_core::Settings;
 
 mod commands;
+mod ops;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +36,35 @@ enum Command {
     /// Manage topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Per group and partition: committed offset, end offset, lag.
+    Lag {
+        /// One group; all of them when absent.
+        group: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// Move a stopped group's offsets so that it reads again from a point (its effects are
+    /// idempotent: a replay changes no effect). Exit 3 if the group has live members.
+    Replay {
+        group: String,
+        /// earliest, latest, an offset, or an RFC 3339 time (2026-11-25T08:00:00Z).
+        #[arg(long)]
+        from: ops::From,
+        /// Only this topic of the group's.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Show the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait up to this many seconds for the group's members to leave.
+        #[arg(long)]
+        wait: Option<u64>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// The outbox.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Check, publish and register the Avro contracts.
     #[command(subcommand)]
     Schema(SchemaCommand),
@@ -46,6 +76,15 @@ enum Command {
 enum TopicsCommand {
     /// Create keel's topics with their partition counts (existing ones are left alone).
     Create,
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Pending rows, the oldest pending row's age, the publish rate.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +127,29 @@ async fn main() -> std::process::ExitCode {
         Command::Consume { group } => commands::consume(&settings, &group).await,
         Command::Topics(TopicsCommand::Create) => commands::create_topics(&settings).await,
         Command::Settings => commands::print_settings(),
+        Command::Lag { group, output } => ops::lag(&settings, group.as_deref(), output),
+        Command::Replay {
+            group,
+            from,
+            topic,
+            dry_run,
+            wait,
+            output,
+        } => {
+            ops::replay(
+                &settings,
+                &group,
+                &from,
+                topic.as_deref(),
+                dry_run,
+                wait.map(std::time::Duration::from_secs),
+                output,
+            )
+            .await
+        }
+        Command::Outbox(OutboxCommand::Status { output }) => {
+            ops::outbox_status(&settings, output).await
+        }
         Command::Schema(SchemaCommand::Check { dir }) => commands::schema_check(&dir),
         Command::Schema(SchemaCommand::Publish { dir }) => commands::schema_publish(&dir),
         Command::Schema(SchemaCommand::Register { dir }) => {
@@ -99,7 +161,11 @@ async fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "keel failed");
             eprintln!("keel: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.is::<ops::GroupBusy>() {
+                std::process::ExitCode::from(3)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

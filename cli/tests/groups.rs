@@ -297,32 +297,42 @@ async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_t
     stop_all(&stop, tasks).await;
     let orders = stack.orders.name.as_str();
     let inventory = stack.inventory.name.as_str();
-    for (group, topics) in [
+    let subscriptions = [
         (&groups.inventory, vec![orders]),
         (&groups.analytics, vec![orders]),
         (&groups.cache, vec![orders]),
         (&groups.notification, vec![orders, inventory]),
-    ] {
-        keel_core::kafka::reset_offsets_to_beginning(&brokers(), group, &topics).unwrap();
-        assert!(
-            keel_core::kafka::lag(&brokers(), group, &topics).unwrap() > 0,
-            "{group} was reset"
-        );
+    ];
+    // Committed offsets say how far a group has read. (Not lag against the end offset: tansu
+    // 0.6 under-reports end offsets when the last batch holds several records.)
+    let committed = || -> Vec<Vec<i64>> {
+        subscriptions
+            .iter()
+            .map(|(group, topics)| {
+                keel_core::kafka::group_offsets(&brokers(), group, topics)
+                    .map(|ps| {
+                        ps.into_iter()
+                            .map(|p| p.committed.unwrap_or(p.low))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    let read_everything = committed();
+    for (group, topics) in &subscriptions {
+        keel_core::kafka::reset_offsets_to_beginning(&brokers(), group, topics).unwrap();
     }
+    assert!(
+        committed().iter().flatten().all(|c| *c == 0),
+        "every group was reset"
+    );
     let stop = CancellationToken::new();
     let tasks = run_all(&stack, &groups, &stop).await;
     eventually(
         "every group to read everything again",
         Duration::from_secs(180),
-        || async {
-            let lag =
-                |g: &str, t: &[&str]| keel_core::kafka::lag(&brokers(), g, t).unwrap_or(i64::MAX);
-            let done = lag(&groups.inventory, &[orders]) == 0
-                && lag(&groups.analytics, &[orders]) == 0
-                && lag(&groups.cache, &[orders]) == 0
-                && lag(&groups.notification, &[orders, inventory]) == 0;
-            done.then_some(())
-        },
+        || async { (committed() == read_everything).then_some(()) },
     )
     .await;
     stop_all(&stop, tasks).await;

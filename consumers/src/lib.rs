@@ -36,6 +36,17 @@ pub const GROUPS: &[&str] = &[
     cache_invalidation::GROUP,
 ];
 
+/// The topics `group` reads, for operations tools (lag, replay); `None` for an unknown group.
+pub fn group_topics(group: &str, s: &Settings) -> Option<Vec<String>> {
+    Some(match group {
+        inventory::GROUP => inventory::Inventory::new(&s.topics).topics(),
+        notification::GROUP => notification::Notification::new(&s.topics).topics(),
+        analytics::GROUP => analytics::Analytics::new(&s.topics).topics(),
+        cache_invalidation::GROUP => cache_invalidation::CacheInvalidation::new(s).ok()?.topics(),
+        _ => return None,
+    })
+}
+
 /// Runs consumer group `group` until `shutdown`: its migrations, then its consumer (and, for
 /// notification, its mailer). The registry of groups: a new group is one line here.
 pub async fn run_group(

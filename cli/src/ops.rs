@@ -1,0 +1,335 @@
+//! Day-2 operations: where the groups stand, replaying them, and the outbox's state.
+//!
+//! Exit codes scripts can rely on: 0 done, 1 failed, 2 configuration error, 3 refused because
+//! the group has live members (stop them, or pass `--wait`).
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_core::Settings;
+use keel_core::kafka::{self, PartitionState};
+
+/// How a command prints what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// The replay was refused: the group is running. `main` exits 3.
+#[derive(Debug, thiserror::Error)]
+#[error("group {group} has {members} live member(s); stop them first or pass --wait <seconds>")]
+pub struct GroupBusy {
+    pub group: String,
+    pub members: usize,
+}
+
+/// A plain text table: columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn topics_of(s: &Settings, group: &str) -> anyhow::Result<Vec<String>> {
+    keel_consumers::group_topics(group, s).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown consumer group {group:?}; known groups: {}",
+            keel_consumers::GROUPS.join(", ")
+        )
+    })
+}
+
+fn offsets(s: &Settings, group: &str, topics: &[String]) -> anyhow::Result<Vec<PartitionState>> {
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    kafka::group_offsets(&s.kafka_brokers, group, &topics)
+        .with_context(|| format!("KEEL_KAFKA_BROKERS: cannot read the offsets of {group}"))
+}
+
+/// `keel lag [group]`.
+pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let groups: Vec<&str> = match group {
+        Some(g) => vec![g],
+        None => keel_consumers::GROUPS.to_vec(),
+    };
+    let mut report = Vec::new();
+    for g in groups {
+        let topics = topics_of(s, g)?;
+        for p in offsets(s, g, &topics)? {
+            report.push((g.to_owned(), p));
+        }
+    }
+    match output {
+        Output::Json => {
+            let rows: Vec<serde_json::Value> = report
+                .iter()
+                .map(|(g, p)| {
+                    serde_json::json!({
+                        "group": g, "topic": p.topic, "partition": p.partition,
+                        "committed": p.committed, "start": p.low, "end": p.high, "lag": p.lag(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = report
+                .iter()
+                .map(|(g, p)| {
+                    vec![
+                        g.clone(),
+                        p.topic.clone(),
+                        p.partition.to_string(),
+                        p.committed.map_or("-".into(), |c| c.to_string()),
+                        p.high.to_string(),
+                        p.lag().to_string(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["GROUP", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"],
+                    &rows
+                )
+            );
+            let total: i64 = report.iter().map(|(_, p)| p.lag()).sum();
+            println!("total lag: {total}");
+        }
+    }
+    Ok(())
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum From {
+    Earliest,
+    Latest,
+    Offset(i64),
+    /// Milliseconds since the epoch.
+    Time(i64),
+}
+
+impl std::str::FromStr for From {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "earliest" => Ok(From::Earliest),
+            "latest" => Ok(From::Latest),
+            _ => {
+                if let Ok(o) = s.parse::<i64>() {
+                    return if o >= 0 {
+                        Ok(From::Offset(o))
+                    } else {
+                        Err(format!("offset {o} is negative"))
+                    };
+                }
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map(|t| From::Time(t.timestamp_millis()))
+                    .map_err(|_| {
+                        format!("{s:?} is not earliest, latest, an offset or an RFC 3339 time (2026-11-25T08:00:00Z)")
+                    })
+            }
+        }
+    }
+}
+
+/// One partition's replay plan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Move {
+    pub topic: String,
+    pub partition: i32,
+    pub current: Option<i64>,
+    pub target: i64,
+    /// Records read again (or skipped, if negative) compared with where the group is now.
+    pub reread: i64,
+}
+
+/// `keel replay`: plans, waits for the group to be empty if asked, commits, reports.
+pub async fn replay(
+    s: &Settings,
+    group: &str,
+    from: &From,
+    topic: Option<&str>,
+    dry_run: bool,
+    wait: Option<Duration>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut topics = topics_of(s, group)?;
+    if let Some(t) = topic {
+        anyhow::ensure!(
+            topics.iter().any(|x| x == t),
+            "group {group} does not read topic {t}; it reads {}",
+            topics.join(", ")
+        );
+        topics = vec![t.to_owned()];
+    }
+    let states = offsets(s, group, &topics)?;
+    let by_time = match from {
+        From::Time(ms) => {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            kafka::offsets_for_time(&s.kafka_brokers, &names, *ms)?
+        }
+        _ => Vec::new(),
+    };
+    let moves: Vec<Move> = states
+        .iter()
+        .map(|p| {
+            let target = match from {
+                From::Earliest => p.low,
+                From::Latest => p.high,
+                From::Offset(o) => (*o).clamp(p.low, p.high),
+                From::Time(_) => by_time
+                    .iter()
+                    .find(|(t, part, _)| *t == p.topic && *part == p.partition)
+                    .map_or(p.high, |(_, _, o)| *o)
+                    .clamp(p.low, p.high),
+            };
+            let now = p.committed.unwrap_or(p.low);
+            Move {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                current: p.committed,
+                target,
+                reread: now - target,
+            }
+        })
+        .collect();
+    let print = |moves: &[Move], done: bool| -> anyhow::Result<()> {
+        match output {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"group": group, "dry_run": dry_run, "done": done, "partitions": moves})
+                )?
+            ),
+            Output::Table => {
+                let rows: Vec<Vec<String>> = moves
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.topic.clone(),
+                            m.partition.to_string(),
+                            m.current.map_or("-".into(), |c| c.to_string()),
+                            m.target.to_string(),
+                            m.reread.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &["TOPIC", "PARTITION", "CURRENT", "TARGET", "RE-READ"],
+                        &rows
+                    )
+                );
+                let total: i64 = moves.iter().map(|m| m.reread.max(0)).sum();
+                println!(
+                    "{group}: {total} record(s) to read again{}",
+                    if done {
+                        "; offsets moved"
+                    } else if dry_run {
+                        " (dry run: nothing changed)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        Ok(())
+    };
+    if dry_run {
+        return print(&moves, false);
+    }
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        let members = kafka::group_members(&s.kafka_brokers, group)?;
+        if members == 0 {
+            break;
+        }
+        match deadline {
+            Some(d) if Instant::now() < d => tokio::time::sleep(Duration::from_millis(500)).await,
+            _ => {
+                return Err(GroupBusy {
+                    group: group.to_owned(),
+                    members,
+                }
+                .into());
+            }
+        }
+    }
+    let targets: Vec<(String, i32, i64)> = moves
+        .iter()
+        .map(|m| (m.topic.clone(), m.partition, m.target))
+        .collect();
+    kafka::commit_offsets(&s.kafka_brokers, group, &targets)
+        .with_context(|| format!("committing {group}'s new offsets"))?;
+    print(&moves, true)
+}
+
+/// `keel outbox status`.
+pub async fn outbox_status(s: &Settings, output: Output) -> anyhow::Result<()> {
+    let pool = keel_core::db::pool(&s.database_url, 1)
+        .await
+        .context("KEEL_DATABASE_URL")?;
+    let (pending, failed, oldest_secs, published_last_minute): (i64, i64, Option<f64>, i64) =
+        sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE published_at IS NULL AND failed_at IS NULL),
+                    count(*) FILTER (WHERE failed_at IS NOT NULL),
+                    extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL AND failed_at IS NULL))::float8,
+                    count(*) FILTER (WHERE published_at > now() - interval '1 minute')
+               FROM outbox.events",
+        )
+        .fetch_one(&pool)
+        .await?;
+    let rate = published_last_minute as f64 / 60.0;
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "pending": pending, "failed": failed,
+                "oldest_pending_age_secs": oldest_secs,
+                "published_per_sec_last_minute": rate,
+            })
+        ),
+        Output::Table => {
+            let age = oldest_secs.map_or("-".into(), |a| format!("{a:.1}s"));
+            print!(
+                "{}",
+                table(
+                    &[
+                        "PENDING",
+                        "FAILED",
+                        "OLDEST PENDING",
+                        "PUBLISHED/S (LAST MINUTE)"
+                    ],
+                    &[vec![
+                        pending.to_string(),
+                        failed.to_string(),
+                        age,
+                        format!("{rate:.1}")
+                    ]]
+                )
+            );
+        }
+    }
+    Ok(())
+}
