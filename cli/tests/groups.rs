@@ -10,7 +10,7 @@ use keel_consumers::inventory::Inventory;
 use keel_consumers::notification::{Mailer, Notification, Transport};
 use keel_consumers::runtime::dlq_headers;
 use keel_consumers::{Handler, HandlerError, Meta, dlq_topic};
-use keel_core::testkit::{Outage, brokers, eventually, read_topic, unique};
+use keel_core::testkit::{Outage, TestTopic, brokers, eventually, read_topic, unique};
 use keel_schemas::Event;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -350,25 +350,11 @@ fn raw_producer() -> FutureProducer {
         .unwrap()
 }
 
-/// Deletes a topic the runtime created, when the test ends.
-struct DropTopic(String);
-
-impl Drop for DropTopic {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .map(|rt| rt.block_on(keel_core::kafka::delete_topics(&brokers(), &[&name])))
-        })
-        .join();
-    }
-}
-
 #[tokio::test]
 async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the_rest_flows() {
     let stack = Stack::start().await;
     let group = unique("inventory");
-    let dlq = DropTopic(dlq_topic(&stack.orders.name, &group));
+    let dlq = TestTopic::adopt(dlq_topic(&stack.orders.name, &group));
     let producer = raw_producer();
     let random: Vec<u8> = (0..64u8)
         .map(|i| i.wrapping_mul(37).wrapping_add(11))
@@ -416,7 +402,7 @@ async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the
             .unwrap();
     assert_eq!(reservation, "reserved");
 
-    let dead = read_topic(&dlq.0, Duration::from_secs(60), |m| m.len() >= 2).await;
+    let dead = read_topic(&dlq.name, Duration::from_secs(60), |m| m.len() >= 2).await;
     assert_eq!(dead.len(), 2);
     for m in &dead {
         let header = |k: &str| {

@@ -334,11 +334,8 @@ impl Mailer {
                 Ok(Delivery::Sent(event_id))
             }
             Err(e) => {
-                let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
-                let mut delay = Duration::ZERO;
-                for _ in 0..=attempts.clamp(0, 20) {
-                    delay = backoff.next_delay();
-                }
+                let delay = Backoff::new(Duration::from_secs(1), Duration::from_secs(300))
+                    .delay_for_attempt(attempts.max(0) as u32);
                 tracing::warn!(%event_id, attempt = attempts + 1, retry_in_ms = delay.as_millis() as u64, error = %e, "Cannot send a notification; will retry");
                 sqlx::query(
                     "UPDATE notification.messages SET attempts = attempts + 1, last_error = $2,

@@ -22,9 +22,16 @@ impl Backoff {
 
     /// The next delay to wait before retrying.
     pub fn next_delay(&mut self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
-        let ceiling = self.initial.saturating_mul(factor).min(self.max);
+        let delay = self.delay_for_attempt(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// The delay before retry number `attempt` (0 for the first), for callers that keep the
+    /// attempt count elsewhere (e.g. in a database row).
+    pub fn delay_for_attempt(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
+        let ceiling = self.initial.saturating_mul(factor).min(self.max);
         let half = ceiling / 2;
         half + half.mul_f64(jitter())
     }

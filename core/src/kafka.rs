@@ -144,6 +144,19 @@ fn outsider(brokers: &str, group: &str) -> anyhow::Result<rdkafka::consumer::Bas
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many partitions `topic` has; an error if it does not exist.
+fn partitions(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+    use rdkafka::consumer::Consumer;
+    let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    let count = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    anyhow::ensure!(count > 0, "topic {topic} does not exist");
+    Ok(count as i32)
+}
+
 /// `group`'s committed offsets and each partition's watermarks, for every partition of `topics`.
 pub fn group_offsets(
     brokers: &str,
@@ -155,15 +168,7 @@ pub fn group_offsets(
     let consumer = outsider(brokers, group)?;
     let mut list = TopicPartitionList::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        anyhow::ensure!(partitions > 0, "topic {topic} does not exist");
-        for p in 0..partitions as i32 {
+        for p in 0..partitions(&consumer, topic)? {
             list.add_partition(topic, p);
         }
     }
@@ -216,13 +221,7 @@ pub fn offsets_for_time(
     let consumer = outsider(brokers, "keel-admin")?;
     let mut list = TopicPartitionList::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        for p in 0..partitions as i32 {
+        for p in 0..partitions(&consumer, topic)? {
             list.add_partition_offset(topic, p, Offset::Offset(timestamp_ms))?;
         }
     }

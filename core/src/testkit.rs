@@ -87,6 +87,12 @@ pub struct TestTopic {
 }
 
 impl TestTopic {
+    /// Takes charge of a topic something else created (e.g. a dead-letter topic), so that it is
+    /// deleted when the test ends.
+    pub fn adopt(name: String) -> Self {
+        Self { name }
+    }
+
     pub async fn new(prefix: &str, partitions: i32) -> Self {
         let name = unique(prefix);
         kafka::create_topics(&brokers(), &[TopicSpec::new(&name, partitions)])
