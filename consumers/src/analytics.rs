@@ -2,8 +2,17 @@
 //!
 //! Facts are upserted per order; every figure (`analytics.daily`, `analytics.units_per_sku`,
 //! `analytics.conversion`) is a view over them. Applying an event writes the same values however
-//! often it runs, so the warehouse is rebuilt from history by emptying the facts, forgetting the
-//! group's processed events and replaying the topics from the beginning.
+//! often it runs.
+//!
+//! # Rebuilding from history
+//! `keel analytics rebuild` fills a fresh schema ([`REBUILD_SCHEMA`]) under its own group
+//! ([`REBUILD_GROUP`]) while the live group goes on, then swaps it in with [`swap_in_rebuild`]:
+//! in one transaction that holds the live facts against writes, it checks that every event the
+//! live group applied (from the rebuild's starting offsets on) is in the rebuild too
+//! ([`missing_from_rebuild`]), drops the live schema and renames the rebuild to `analytics`.
+//! Readers see the old figures or the new ones, never a half-built state. The live group carries
+//! on writing into the new tables; events it applies again were already in the rebuild, and
+//! every write is an idempotent upsert.
 
 use chrono::DateTime;
 use keel_schemas::Event;
@@ -14,37 +23,165 @@ use crate::runtime::{Handler, HandlerError, Meta};
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/analytics");
 pub const DB_SCHEMA: &str = "analytics";
 pub const GROUP: &str = "analytics";
+/// The group and schema `keel analytics rebuild` fills before swapping it in (see [`rebuild`]).
+pub const REBUILD_GROUP: &str = "analytics-rebuild";
+pub const REBUILD_SCHEMA: &str = "analytics_rebuild";
 
 pub struct Analytics {
     pub group: String,
     pub orders_topic: String,
+    /// The PostgreSQL schema written to: [`DB_SCHEMA`], or [`REBUILD_SCHEMA`] while rebuilding.
+    schema: &'static str,
+    sql: Statements,
+}
+
+/// The upserts, written for one schema.
+struct Statements {
+    created: String,
+    line: String,
+    paid: String,
+    cancelled: String,
+}
+
+impl Statements {
+    fn new(schema: &str) -> Self {
+        Self {
+            created: format!(
+                "INSERT INTO {schema}.orders (order_id, customer_id, currency, total_minor, created_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id,
+                     currency = EXCLUDED.currency, total_minor = EXCLUDED.total_minor,
+                     created_at = EXCLUDED.created_at"
+            ),
+            line: format!(
+                "INSERT INTO {schema}.order_lines (order_id, line_no, sku, quantity, unit_price_minor)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (order_id, line_no) DO UPDATE SET sku = EXCLUDED.sku,
+                     quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor"
+            ),
+            paid: format!(
+                "INSERT INTO {schema}.orders (order_id, customer_id, currency, paid_at, paid_amount_minor)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (order_id) DO UPDATE SET paid_at = EXCLUDED.paid_at,
+                     paid_amount_minor = EXCLUDED.paid_amount_minor,
+                     currency = coalesce({schema}.orders.currency, EXCLUDED.currency)"
+            ),
+            cancelled: format!(
+                "INSERT INTO {schema}.orders (order_id, customer_id, cancelled_at)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (order_id) DO UPDATE SET cancelled_at = EXCLUDED.cancelled_at"
+            ),
+        }
+    }
 }
 
 impl Analytics {
+    /// The live group, writing the warehouse dashboards read.
     pub fn new(topics: &keel_core::settings::Topics) -> Self {
+        Self::writing(topics, GROUP, DB_SCHEMA)
+    }
+
+    /// The rebuild's group, writing the schema that replaces the warehouse when it is complete.
+    pub fn rebuilder(topics: &keel_core::settings::Topics) -> Self {
+        Self::writing(topics, REBUILD_GROUP, REBUILD_SCHEMA)
+    }
+
+    fn writing(topics: &keel_core::settings::Topics, group: &str, schema: &'static str) -> Self {
         Self {
-            group: GROUP.to_owned(),
+            group: group.to_owned(),
             orders_topic: topics.orders.clone(),
+            schema,
+            sql: Statements::new(schema),
         }
     }
+}
+
+/// Starts a rebuild afresh: an empty [`REBUILD_SCHEMA`] with the warehouse's migrations, and no
+/// processed events for [`REBUILD_GROUP`]. The live schema is migrated too, so it can be swapped.
+pub async fn prepare_rebuild(database_url: &str) -> anyhow::Result<()> {
+    keel_core::db::migrate(database_url, DB_SCHEMA, &MIGRATOR).await?;
+    let pool = keel_core::db::pool(database_url, 1).await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {REBUILD_SCHEMA} CASCADE"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM consumers.processed_events WHERE group_id = $1")
+        .bind(REBUILD_GROUP)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    pool.close().await;
+    keel_core::db::migrate(database_url, REBUILD_SCHEMA, &MIGRATOR).await
+}
+
+/// Events the live group applied, at or after the rebuild's starting offset of their partition
+/// (`starts`: topic, partition, offset), that the rebuild has not applied (yet).
+pub async fn missing_from_rebuild(
+    conn: &mut PgConnection,
+    starts: &[(String, i32, i64)],
+) -> Result<i64, sqlx::Error> {
+    let topics: Vec<&str> = starts.iter().map(|s| s.0.as_str()).collect();
+    let partitions: Vec<i32> = starts.iter().map(|s| s.1).collect();
+    let offsets: Vec<i64> = starts.iter().map(|s| s.2).collect();
+    sqlx::query_scalar(
+        "SELECT count(*) FROM consumers.processed_events live
+           JOIN unnest($2::text[], $3::int[], $4::bigint[]) AS start (topic, kafka_partition, kafka_offset)
+             ON start.topic = live.topic AND start.kafka_partition = live.kafka_partition
+          WHERE live.group_id = $1 AND live.kafka_offset >= start.kafka_offset
+            AND NOT EXISTS (SELECT 1 FROM consumers.processed_events r
+                             WHERE r.group_id = $5 AND r.event_id = live.event_id)",
+    )
+    .bind(GROUP)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(REBUILD_GROUP)
+    .fetch_one(conn)
+    .await
+}
+
+/// In the swap's transaction: holds the live facts against writes (readers go on) until the
+/// transaction ends. The live group's next write waits here.
+pub async fn hold_live_writes(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "LOCK TABLE {DB_SCHEMA}.orders, {DB_SCHEMA}.order_lines IN EXCLUSIVE MODE"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// In the swap's transaction, after [`hold_live_writes`] and with the rebuild's consumer
+/// stopped: replaces the live schema with the rebuild and forgets the rebuild's processed events.
+/// Fails (changing nothing) if the rebuild lacks an event the live group applied.
+pub async fn swap_in_rebuild(
+    tx: &mut PgConnection,
+    starts: &[(String, i32, i64)],
+) -> anyhow::Result<()> {
+    let missing = missing_from_rebuild(&mut *tx, starts).await?;
+    anyhow::ensure!(
+        missing == 0,
+        "the rebuild lacks {missing} event(s) the live group applied; not swapping"
+    );
+    for statement in [
+        format!("DROP SCHEMA {DB_SCHEMA} CASCADE"),
+        format!("ALTER SCHEMA {REBUILD_SCHEMA} RENAME TO {DB_SCHEMA}"),
+    ] {
+        sqlx::query(&statement).execute(&mut *tx).await?;
+    }
+    sqlx::query("DELETE FROM consumers.processed_events WHERE group_id = $1")
+        .bind(REBUILD_GROUP)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 fn at(millis: i64) -> Result<DateTime<chrono::Utc>, HandlerError> {
     DateTime::from_timestamp_millis(millis)
         .ok_or_else(|| HandlerError::Permanent(format!("occurred_at {millis} is out of range")))
-}
-
-/// Empties the warehouse's facts and the group's processed events, so that a replay from the
-/// beginning of the topics rebuilds it.
-pub async fn reset(conn: &mut PgConnection, group: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("TRUNCATE analytics.order_lines, analytics.orders")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("DELETE FROM consumers.processed_events WHERE group_id = $1")
-        .bind(group)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 impl Handler for Analytics {
@@ -57,7 +194,7 @@ impl Handler for Analytics {
     }
 
     fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
-        Some((DB_SCHEMA, &MIGRATOR))
+        Some((self.schema, &MIGRATOR))
     }
 
     fn wants(&self, event: &Event) -> bool {
@@ -72,63 +209,42 @@ impl Handler for Analytics {
     ) -> Result<(), HandlerError> {
         match event {
             Event::OrderCreated(e) => {
-                sqlx::query(
-                    "INSERT INTO analytics.orders (order_id, customer_id, currency, total_minor, created_at)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (order_id) DO UPDATE SET customer_id = EXCLUDED.customer_id,
-                         currency = EXCLUDED.currency, total_minor = EXCLUDED.total_minor,
-                         created_at = EXCLUDED.created_at",
-                )
-                .bind(e.order_id)
-                .bind(&e.customer.id)
-                .bind(&e.currency)
-                .bind(e.total_minor)
-                .bind(at(e.occurred_at)?)
-                .execute(&mut *tx)
-                .await?;
-                for (i, line) in e.lines.iter().enumerate() {
-                    sqlx::query(
-                        "INSERT INTO analytics.order_lines (order_id, line_no, sku, quantity, unit_price_minor)
-                         VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (order_id, line_no) DO UPDATE SET sku = EXCLUDED.sku,
-                             quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor",
-                    )
+                sqlx::query(&self.sql.created)
                     .bind(e.order_id)
-                    .bind(i as i32)
-                    .bind(&line.sku)
-                    .bind(line.quantity)
-                    .bind(line.unit_price_minor)
+                    .bind(&e.customer.id)
+                    .bind(&e.currency)
+                    .bind(e.total_minor)
+                    .bind(at(e.occurred_at)?)
                     .execute(&mut *tx)
                     .await?;
+                for (i, line) in e.lines.iter().enumerate() {
+                    sqlx::query(&self.sql.line)
+                        .bind(e.order_id)
+                        .bind(i as i32)
+                        .bind(&line.sku)
+                        .bind(line.quantity)
+                        .bind(line.unit_price_minor)
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
             Event::OrderPaid(e) => {
-                sqlx::query(
-                    "INSERT INTO analytics.orders (order_id, customer_id, currency, paid_at, paid_amount_minor)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (order_id) DO UPDATE SET paid_at = EXCLUDED.paid_at,
-                         paid_amount_minor = EXCLUDED.paid_amount_minor,
-                         currency = coalesce(analytics.orders.currency, EXCLUDED.currency)",
-                )
-                .bind(e.order_id)
-                .bind(&e.customer_id)
-                .bind(&e.currency)
-                .bind(at(e.occurred_at)?)
-                .bind(e.amount_minor)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(&self.sql.paid)
+                    .bind(e.order_id)
+                    .bind(&e.customer_id)
+                    .bind(&e.currency)
+                    .bind(at(e.occurred_at)?)
+                    .bind(e.amount_minor)
+                    .execute(&mut *tx)
+                    .await?;
             }
             Event::OrderCancelled(e) => {
-                sqlx::query(
-                    "INSERT INTO analytics.orders (order_id, customer_id, cancelled_at)
-                     VALUES ($1, $2, $3)
-                     ON CONFLICT (order_id) DO UPDATE SET cancelled_at = EXCLUDED.cancelled_at",
-                )
-                .bind(e.order_id)
-                .bind(&e.customer_id)
-                .bind(at(e.occurred_at)?)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(&self.sql.cancelled)
+                    .bind(e.order_id)
+                    .bind(&e.customer_id)
+                    .bind(at(e.occurred_at)?)
+                    .execute(&mut *tx)
+                    .await?;
             }
             _ => {}
         }
