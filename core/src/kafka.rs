@@ -60,6 +60,8 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub replication: i32,
+    /// Topic configuration (`retention.ms`, `cleanup.policy`) set at creation.
+    pub config: Vec<(String, String)>,
 }
 
 impl TopicSpec {
@@ -68,6 +70,7 @@ impl TopicSpec {
             name: name.into(),
             partitions,
             replication: 1,
+            config: Vec::new(),
         }
     }
 }
@@ -80,24 +83,99 @@ fn admin_options() -> AdminOptions {
     AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)))
 }
 
-/// Creates the topics that do not exist yet; an existing topic is left as it is.
-pub async fn create_topics(brokers: &str, specs: &[TopicSpec]) -> anyhow::Result<()> {
+/// Creates the topics that do not exist yet; an existing topic is left as it is. Returns the
+/// names of those it created.
+pub async fn create_topics(brokers: &str, specs: &[TopicSpec]) -> anyhow::Result<Vec<String>> {
     let admin = admin(brokers)?;
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {
-            NewTopic::new(
+            let mut topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(s.replication),
-            )
+            );
+            for (key, value) in &s.config {
+                topic = topic.set(key, value);
+            }
+            topic
         })
         .collect();
+    let mut created = Vec::new();
     for result in admin.create_topics(&new, &admin_options()).await? {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
         }
+    }
+    Ok(created)
+}
+
+/// A topic as the cluster has it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: i32,
+    /// Replicas of partition 0.
+    pub replication: i32,
+    /// The configuration the broker reports (empty if it does not answer DescribeConfigs).
+    pub config: std::collections::BTreeMap<String, String>,
+}
+
+/// Every topic of the cluster (but its internal ones), or just `only`; without configuration.
+pub fn list_topics(brokers: &str, only: Option<&str>) -> anyhow::Result<Vec<TopicInfo>> {
+    use rdkafka::consumer::Consumer;
+    let consumer = outsider(brokers, "keel-admin")?;
+    let metadata = consumer.fetch_metadata(only, ADMIN_TIMEOUT)?;
+    let mut topics: Vec<TopicInfo> = metadata
+        .topics()
+        .iter()
+        .filter(|t| {
+            t.error().is_none() && !t.partitions().is_empty() && !t.name().starts_with("__")
+        })
+        .map(|t| TopicInfo {
+            name: t.name().to_owned(),
+            partitions: t.partitions().len() as i32,
+            replication: t
+                .partitions()
+                .first()
+                .map_or(0, |p| p.replicas().len() as i32),
+            config: Default::default(),
+        })
+        .collect();
+    topics.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(topics)
+}
+
+/// Fills in each topic's configuration, as far as the broker answers.
+pub async fn describe_configs(brokers: &str, topics: &mut [TopicInfo]) -> anyhow::Result<()> {
+    use rdkafka::admin::{ConfigSource, ResourceSpecifier};
+    let admin = admin(brokers)?;
+    let resources: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(&t.name))
+        .collect();
+    let answers = admin.describe_configs(&resources, &admin_options()).await?;
+    // One answer per topic, in order: fill the configs in after the borrow of the names ends.
+    let mut configs = Vec::new();
+    for answer in answers {
+        let mut config = std::collections::BTreeMap::new();
+        if let Ok(resource) = answer {
+            for entry in resource.entries {
+                let explicit = matches!(entry.source, ConfigSource::DynamicTopic);
+                if let Some(value) = entry.value
+                    && (explicit
+                        || matches!(entry.name.as_str(), "retention.ms" | "cleanup.policy"))
+                {
+                    config.insert(entry.name, value);
+                }
+            }
+        }
+        configs.push(config);
+    }
+    for (topic, config) in topics.iter_mut().zip(configs) {
+        topic.config = config;
     }
     Ok(())
 }
@@ -277,4 +355,69 @@ pub fn lag(brokers: &str, group: &str, topics: &[&str]) -> anyhow::Result<i64> {
         .iter()
         .map(PartitionState::lag)
         .sum())
+}
+
+/// Whether `topic` exists.
+pub fn topic_exists(brokers: &str, topic: &str) -> anyhow::Result<bool> {
+    use rdkafka::consumer::Consumer;
+    let consumer = outsider(brokers, "keel-admin")?;
+    let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    Ok(metadata
+        .topics()
+        .first()
+        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+}
+
+/// Reads partition `partition` of `topic` from `from` (or its beginning) without joining a group
+/// and committing nothing: at most `limit` records, stopping when none arrives for `idle`.
+///
+/// "The end" is judged by that silence, not by the end offset: tansu 0.6 under-reports end
+/// offsets when the last batch holds several records, and a reader that stopped there would miss
+/// them.
+pub fn read_partition(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    from: Option<i64>,
+    limit: usize,
+    idle: Duration,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer = outsider(brokers, "keel-reader")?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(
+        topic,
+        partition,
+        from.map_or(Offset::Beginning, Offset::Offset),
+    )?;
+    consumer.assign(&list)?;
+    let mut read = Vec::new();
+    while read.len() < limit {
+        match consumer.poll(idle) {
+            None => break,
+            Some(Ok(m)) => read.push(m.detach()),
+            Some(Err(e)) => anyhow::bail!("reading {topic}/{partition}: {e}"),
+        }
+    }
+    read.sort_by_key(|m| m.offset());
+    Ok(read)
+}
+
+/// The timestamp (milliseconds since the epoch) of the record at `offset` of `topic`/`partition`,
+/// if it is there to read within `wait`.
+pub fn record_timestamp(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    wait: Duration,
+) -> anyhow::Result<Option<i64>> {
+    use rdkafka::message::Message;
+    let read = read_partition(brokers, topic, partition, Some(offset), 1, wait)?;
+    Ok(read
+        .first()
+        .filter(|m| m.offset() == offset)
+        .and_then(|m| m.timestamp().to_millis()))
 }
