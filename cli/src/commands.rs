@@ -2,11 +2,7 @@
 
 use anyhow::Context;
 use keel_core::Settings;
-use keel_core::kafka::TopicSpec;
 use keel_core::shutdown;
-
-/// Partitions of the orders topic: the ceiling on how many instances of one group share work.
-pub const ORDERS_PARTITIONS: i32 = 6;
 
 pub async fn migrate(s: &Settings) -> anyhow::Result<()> {
     let url = &s.database_url;
@@ -61,25 +57,6 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
 
 pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
     keel_consumers::run_group(group, s, shutdown::on_signal()).await
-}
-
-pub async fn create_topics(s: &Settings) -> anyhow::Result<()> {
-    let topics = [
-        TopicSpec::new(&s.topics.orders, ORDERS_PARTITIONS),
-        TopicSpec::new(&s.topics.inventory, ORDERS_PARTITIONS),
-    ];
-    keel_core::kafka::create_topics(&s.kafka_brokers, &topics)
-        .await
-        .with_context(|| {
-            format!(
-                "KEEL_KAFKA_BROKERS: cannot create topics on {}",
-                s.kafka_brokers
-            )
-        })?;
-    for t in &topics {
-        println!("topic {} ({} partitions)", t.name, t.partitions);
-    }
-    Ok(())
 }
 
 pub fn print_settings() -> anyhow::Result<()> {

@@ -11,6 +11,7 @@
 //! - [`cache`]: the versioned Redis cache of orders (read by the order service, invalidated by
 //!   the cache-invalidation group).
 //! - [`backoff`]: bounded exponential backoff with jitter for retry loops.
+//! - [`topics`]: the topic layout declared in `topics.toml`.
 
 pub mod backoff;
 pub mod cache;
@@ -21,5 +22,6 @@ pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod topics;
 
 pub use settings::Settings;

@@ -52,6 +52,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Topic carrying inventory's outcomes (reserved, rejected), keyed by order id",
     ),
     (
+        "KEEL_TOPICS_FILE",
+        "topics.toml",
+        "The declared topic layout (partitions, retention, clean-up) `keel topics create` applies",
+    ),
+    (
         "KEEL_REDIS_URL",
         "redis://127.0.0.1:6379",
         "Redis holding the order service's read-through cache",
@@ -131,6 +136,8 @@ pub struct Settings {
     pub kafka_brokers: String,
     pub schema_registry_url: String,
     pub topics: Topics,
+    /// The declared topic layout (see [`crate::topics`]).
+    pub topics_file: std::path::PathBuf,
     pub order_service_addr: SocketAddr,
     pub registry_addr: SocketAddr,
     pub relay: RelaySettings,
@@ -225,6 +232,7 @@ impl Settings {
                 orders: source.parse("KEEL_TOPIC_ORDERS")?,
                 inventory: source.parse("KEEL_TOPIC_INVENTORY")?,
             },
+            topics_file: source.parse("KEEL_TOPICS_FILE")?,
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
             relay: RelaySettings {
