@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu
+.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ down: ## Stop exactly what up-kafka started
 
 demo: ## Place a few orders through the API of a running backbone and show what the groups did
 	@scripts/demo.sh
+
+replay-analytics: ## Rebuild the analytics warehouse from the topics and swap it in (backbone running)
+	@scripts/keel.sh analytics rebuild
 
 test: ## Run every test; starts (and stops) the broker they need
 	@scripts/test.sh

@@ -114,3 +114,9 @@ start_tansu() {
     --storage-engine "$3"
   wait_for "tansu on 127.0.0.1:$2" 30 port_open 127.0.0.1 "$2"
 }
+
+# keel_bin: builds the keel binary of this checkout (quietly, when stale) and prints its path.
+keel_bin() {
+  cargo build --quiet --locked -p keel >&2 || die "cargo build -p keel failed"
+  echo "$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/debug/keel"
+}

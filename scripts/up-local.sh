@@ -9,8 +9,7 @@ source scripts/lib.sh
 check_services
 ensure_tansu
 say "Building keel"
-cargo build --quiet -p keel
-KEEL="$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/debug/keel"
+KEEL="$(keel_bin)"
 
 # Fail now, naming the key, rather than in every background process.
 "$KEEL" settings >/dev/null

@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use keel_core::Settings;
 
 mod commands;
+mod dlq;
 mod ops;
+mod rebuild;
+mod topics;
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +39,8 @@ enum Command {
     /// Manage topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
-    /// Per group and partition: committed offset, end offset, lag.
+    /// Per group and partition: committed offset, end offset, lag, and the age of the oldest
+    /// record not yet consumed.
     Lag {
         /// One group; all of them when absent.
         group: Option<String>,
@@ -62,6 +66,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         output: ops::Output,
     },
+    /// A group's dead letters: list them, show them decoded, send them back.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// The analytics warehouse.
+    #[command(subcommand)]
+    Analytics(AnalyticsCommand),
     /// The outbox.
     #[command(subcommand)]
     Outbox(OutboxCommand),
@@ -74,8 +84,75 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TopicsCommand {
-    /// Create keel's topics with their partition counts (existing ones are left alone).
-    Create,
+    /// Create the topics declared in KEEL_TOPICS_FILE that are missing (existing ones are left
+    /// alone: partitions only grow, and growing them moves keys).
+    Create {
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// Every topic of the cluster, with partitions and replicas.
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// The declared topics as the cluster has them; exit 1 if one is missing or differs.
+    Describe {
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Every dead letter of a group: where it came from, why, whether it was redriven.
+    List {
+        group: String,
+        /// Only the dead letters of this topic of the group's.
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// Dead letters in full: headers, key, the value decoded as JSON (or its bytes).
+    Show {
+        group: String,
+        /// A record's id as `keel dlq list` prints it (<topic>:<offset>); repeatable.
+        #[arg(long = "id", required = true)]
+        ids: Vec<String>,
+        #[arg(long, value_enum, default_value = "json")]
+        output: ops::Output,
+    },
+    /// Republish dead letters to their original topic, marked with keel-redriven-from.
+    Redrive {
+        group: String,
+        /// A record's id (<topic>:<offset>); repeatable.
+        #[arg(long = "id", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every dead letter not redriven before.
+        #[arg(long)]
+        all: bool,
+        /// Show what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum AnalyticsCommand {
+    /// Rebuild the warehouse from the topics into fresh tables while the live group runs, then
+    /// swap them in atomically. Exit 3 if another rebuild is running.
+    Rebuild {
+        /// earliest, or an RFC 3339 time (2026-11-25T08:00:00Z): where the history starts.
+        #[arg(long, default_value = "earliest")]
+        from: ops::From,
+        /// Give up (leaving the live warehouse untouched) after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,7 +202,13 @@ async fn main() -> std::process::ExitCode {
         Command::OrderService => commands::order_service(&settings).await,
         Command::Relay => commands::relay(&settings).await,
         Command::Consume { group } => commands::consume(&settings, &group).await,
-        Command::Topics(TopicsCommand::Create) => commands::create_topics(&settings).await,
+        Command::Topics(TopicsCommand::Create { output }) => {
+            topics::create(&settings, output).await
+        }
+        Command::Topics(TopicsCommand::List { output }) => topics::list(&settings, output),
+        Command::Topics(TopicsCommand::Describe { output }) => {
+            topics::describe(&settings, output).await
+        }
         Command::Settings => commands::print_settings(),
         Command::Lag { group, output } => ops::lag(&settings, group.as_deref(), output),
         Command::Replay {
@@ -143,6 +226,34 @@ async fn main() -> std::process::ExitCode {
                 topic.as_deref(),
                 dry_run,
                 wait.map(std::time::Duration::from_secs),
+                output,
+            )
+            .await
+        }
+        Command::Dlq(DlqCommand::List {
+            group,
+            topic,
+            output,
+        }) => dlq::list(&settings, &group, topic.as_deref(), output).await,
+        Command::Dlq(DlqCommand::Show { group, ids, output }) => {
+            dlq::show(&settings, &group, &ids, output).await
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            group,
+            ids,
+            all,
+            dry_run,
+            output,
+        }) => dlq::redrive(&settings, &group, &ids, all, dry_run, output).await,
+        Command::Analytics(AnalyticsCommand::Rebuild {
+            from,
+            timeout,
+            output,
+        }) => {
+            rebuild::rebuild(
+                &settings,
+                &from,
+                std::time::Duration::from_secs(timeout),
                 output,
             )
             .await

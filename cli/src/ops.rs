@@ -49,7 +49,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn topics_of(s: &Settings, group: &str) -> anyhow::Result<Vec<String>> {
+pub fn topics_of(s: &Settings, group: &str) -> anyhow::Result<Vec<String>> {
     keel_consumers::group_topics(group, s).ok_or_else(|| {
         anyhow::anyhow!(
             "unknown consumer group {group:?}; known groups: {}",
@@ -71,20 +71,35 @@ pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<
         None => keel_consumers::GROUPS.to_vec(),
     };
     let mut report = Vec::new();
+    let now = chrono::Utc::now().timestamp_millis();
     for g in groups {
         let topics = topics_of(s, g)?;
         for p in offsets(s, g, &topics)? {
-            report.push((g.to_owned(), p));
+            // The age of the next record the group will read, when there is one to read.
+            let age = if p.lag() > 0 {
+                kafka::record_timestamp(
+                    &s.kafka_brokers,
+                    &p.topic,
+                    p.partition,
+                    p.committed.unwrap_or(p.low).max(p.low),
+                    Duration::from_secs(2),
+                )?
+                .map(|t| (now - t).max(0) as f64 / 1000.0)
+            } else {
+                None
+            };
+            report.push((g.to_owned(), p, age));
         }
     }
     match output {
         Output::Json => {
             let rows: Vec<serde_json::Value> = report
                 .iter()
-                .map(|(g, p)| {
+                .map(|(g, p, age)| {
                     serde_json::json!({
                         "group": g, "topic": p.topic, "partition": p.partition,
                         "committed": p.committed, "start": p.low, "end": p.high, "lag": p.lag(),
+                        "oldest_unconsumed_age_secs": age,
                     })
                 })
                 .collect();
@@ -93,7 +108,7 @@ pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<
         Output::Table => {
             let rows: Vec<Vec<String>> = report
                 .iter()
-                .map(|(g, p)| {
+                .map(|(g, p, age)| {
                     vec![
                         g.clone(),
                         p.topic.clone(),
@@ -101,17 +116,26 @@ pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<
                         p.committed.map_or("-".into(), |c| c.to_string()),
                         p.high.to_string(),
                         p.lag().to_string(),
+                        age.map_or("-".into(), |a| format!("{a:.1}s")),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
                 table(
-                    &["GROUP", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"],
+                    &[
+                        "GROUP",
+                        "TOPIC",
+                        "PARTITION",
+                        "COMMITTED",
+                        "END",
+                        "LAG",
+                        "OLDEST UNCONSUMED"
+                    ],
                     &rows
                 )
             );
-            let total: i64 = report.iter().map(|(_, p)| p.lag()).sum();
+            let total: i64 = report.iter().map(|(_, p, _)| p.lag()).sum();
             println!("total lag: {total}");
         }
     }

@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use keel_core::testkit::{brokers, eventually};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -154,6 +156,17 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
         committed(topics).iter().all(|c| *c == 0),
         "back at the start"
     );
+    // Now the group lags, and its oldest unread record has an age: when it was written.
+    let lagging = json_of(&keel_run(&stack, &["lag", "analytics", "--output", "json"]));
+    let ages: Vec<f64> = lagging
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["lag"].as_i64().unwrap() > 0)
+        .map(|r| r["oldest_unconsumed_age_secs"].as_f64().unwrap())
+        .collect();
+    assert!(!ages.is_empty(), "{lagging}");
+    assert!(ages.iter().all(|a| *a > 0.0 && *a < 600.0), "{ages:?}");
 
     let mut again = keel(&stack, &["consume", "analytics"], &[]);
     // Caught up when the committed offsets are back where they were (tansu 0.6 under-reports
@@ -192,4 +205,368 @@ fn replay_rejects_what_it_cannot_do_with_a_clear_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("known groups: inventory"));
+}
+
+/// A record the inventory group dead-lettered for a reason since fixed: a real `OrderCreated`,
+/// encoded as the relay would, with the headers the runtime writes.
+async fn dead_letter_a_fixable_order(stack: &Stack, dlq: &str) -> (String, String) {
+    let created = stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-41", "quantity": 2, "unit_price_minor": 500}])),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    // Taken out of the outbox, so only the dead letter carries it.
+    let (payload, event_id): (Value, String) = sqlx::query_as(
+        "DELETE FROM outbox.events WHERE message_key = $1 RETURNING payload, event_id::text",
+    )
+    .bind(&id)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    let event: keel_schemas::Event = serde_json::from_value(payload).unwrap();
+    let encoder = keel_schemas::Encoder::new(&stack.registry_url).unwrap();
+    encoder
+        .prepare(&stack.orders.name, "keel.orders")
+        .await
+        .unwrap();
+    let value = encoder.encode(&stack.orders.name, &event).await.unwrap();
+    keel_core::kafka::create_topics(&brokers(), &[keel_core::kafka::TopicSpec::new(dlq, 1)])
+        .await
+        .unwrap();
+    let mut headers = OwnedHeaders::new();
+    for (key, value) in [
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("keel-dlq-original-topic", stack.orders.name.as_str()),
+        ("keel-dlq-original-partition", "0"),
+        ("keel-dlq-original-offset", "41"),
+        ("keel-dlq-group", "inventory"),
+        ("keel-dlq-error-class", "transient"),
+        ("keel-dlq-error", "transient: a bug since fixed"),
+        ("keel-dlq-attempts", "8"),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    producer()
+        .send(
+            FutureRecord::to(dlq)
+                .key(id.as_str())
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    (id, event_id)
+}
+
+async fn reserved(stack: &Stack) -> i64 {
+    stack
+        .scalar(
+            "SELECT coalesce(sum(reserved), 0)::bigint FROM inventory.stock WHERE sku = 'SKU-41'",
+        )
+        .await
+}
+
+fn producer() -> FutureProducer {
+    keel_core::kafka::producer_config(&brokers())
+        .create()
+        .unwrap()
+}
+
+// Multi-threaded: the registry runs in this process and must answer while `keel` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_shown_decoded_and_redriven_once_each() {
+    let stack = Stack::start().await;
+    let dlq = keel_consumers::dlq_topic(&stack.orders.name, "inventory");
+    let _dlq = keel_core::testkit::TestTopic::adopt(dlq.clone());
+    let (order_id, event_id) = dead_letter_a_fixable_order(&stack, &dlq).await;
+    let poison: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(53).wrapping_add(7))
+        .collect();
+    producer()
+        .send(
+            FutureRecord::to(&stack.orders.name)
+                .key("poison")
+                .payload(&poison),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let mut consumer = keel(&stack, &["consume", "inventory"], &[]);
+    let fixable = format!("{}:0", stack.orders.name);
+    let poisoned = format!("{}:1", stack.orders.name);
+
+    let list = || {
+        json_of(&keel_run(
+            &stack,
+            &["dlq", "list", "inventory", "--output", "json"],
+        ))
+    };
+    let letters = eventually(
+        "the poison to be dead-lettered",
+        Duration::from_secs(60),
+        || async {
+            let l = list();
+            (l.as_array().unwrap().len() == 2).then_some(l)
+        },
+    )
+    .await;
+    let ids: Vec<&str> = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [fixable.as_str(), poisoned.as_str()]);
+    let poison_letter = &letters[1];
+    assert_eq!(poison_letter["error_class"], "permanent");
+    assert!(
+        poison_letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot decode")
+    );
+    assert_eq!(
+        poison_letter["original"]["topic"],
+        stack.orders.name.as_str()
+    );
+    assert!(
+        letters
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["redriven_at"].is_null())
+    );
+
+    // Shown decoded: the event as JSON, the poison as its bytes.
+    let shown = json_of(&keel_run(
+        &stack,
+        &[
+            "dlq",
+            "show",
+            "inventory",
+            "--id",
+            &fixable,
+            "--id",
+            &poisoned,
+        ],
+    ));
+    assert_eq!(
+        shown[0]["value"]["event"], "keel.orders.OrderCreated",
+        "{shown}"
+    );
+    assert_eq!(
+        shown[0]["value"]["payload"]["OrderCreated"]["order_id"],
+        order_id.as_str(),
+        "{shown}"
+    );
+    assert_eq!(shown[0]["key"], order_id.as_str());
+    assert_eq!(
+        shown[0]["headers"]["keel-dlq-error"],
+        "transient: a bug since fixed"
+    );
+    let hex: String = poison.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(shown[1]["value"]["bytes_hex"], hex.as_str());
+    let missing = keel_run(&stack, &["dlq", "show", "inventory", "--id", "nope:9"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no dead letter nope:9"));
+
+    // A dry run sends nothing.
+    let plan = json_of(&keel_run(
+        &stack,
+        &[
+            "dlq",
+            "redrive",
+            "inventory",
+            "--all",
+            "--dry-run",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(plan["records"].as_array().unwrap().len(), 2);
+    assert_eq!(reserved(&stack).await, 0);
+
+    // The fixed record, redriven, is applied once.
+    let sent = json_of(&keel_run(
+        &stack,
+        &[
+            "dlq",
+            "redrive",
+            "inventory",
+            "--id",
+            &fixable,
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(sent["records"][0]["redriven"], true, "{sent}");
+    assert_eq!(sent["records"][0]["to"], stack.orders.name.as_str());
+    eventually(
+        "the redriven order to be reserved",
+        Duration::from_secs(60),
+        || async { (reserved(&stack).await == 2).then_some(()) },
+    )
+    .await;
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM consumers.processed_events WHERE group_id = 'inventory' AND event_id = $1::uuid",
+    )
+    .bind(&event_id)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(applied, 1);
+
+    // --all: only what was never redriven. The poison fails again and is recognisable.
+    let sent = json_of(&keel_run(
+        &stack,
+        &["dlq", "redrive", "inventory", "--all", "--output", "json"],
+    ));
+    let sent_ids: Vec<&str> = sent["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(sent_ids, [poisoned.as_str()]);
+    let letters = eventually(
+        "the poison to come back",
+        Duration::from_secs(60),
+        || async {
+            let l = list();
+            (l.as_array().unwrap().len() == 3).then_some(l)
+        },
+    )
+    .await;
+    assert_eq!(letters[2]["redriven_from"], format!("{dlq}:1").as_str());
+    assert_eq!(letters[2]["error_class"], "permanent");
+    assert!(letters[0]["redriven_at"].is_string() && letters[1]["redriven_at"].is_string());
+    assert!(letters[2]["redriven_at"].is_null());
+    let shown = json_of(&keel_run(
+        &stack,
+        &[
+            "dlq",
+            "show",
+            "inventory",
+            "--id",
+            &format!("{}:2", stack.orders.name),
+        ],
+    ));
+    assert_eq!(shown[0]["headers"]["keel-redrive-count"], "1");
+    assert_eq!(shown[0]["key"], "poison");
+    assert_eq!(reserved(&stack).await, 2, "applied once");
+    assert!(consumer.terminate());
+}
+
+#[tokio::test]
+async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
+    let orders = keel_core::testkit::unique("orders");
+    let audit = keel_core::testkit::unique("audit");
+    let _cleanup = [
+        keel_core::testkit::TestTopic::adopt(orders.clone()),
+        keel_core::testkit::TestTopic::adopt(audit.clone()),
+    ];
+    let dir = std::env::temp_dir().join(keel_core::testkit::unique("keel-topics"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("topics.toml");
+    let declare = |audit_partitions: i32| {
+        std::fs::write(
+            &file,
+            format!(
+                "[orders]\npartitions = 4\nretention = \"7d\"\n\n[{audit}]\npartitions = {audit_partitions}\ncleanup = \"compact\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(args)
+            .env("KEEL_KAFKA_BROKERS", brokers())
+            .env("KEEL_TOPIC_ORDERS", &orders)
+            .env("KEEL_TOPICS_FILE", &file)
+            .output()
+            .unwrap()
+    };
+    declare(2);
+    let created = json_of(&run(&["topics", "create", "--output", "json"]));
+    let states: Vec<(&str, bool)> = created
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["topic"].as_str().unwrap(),
+                t["created"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let mut expected = vec![(audit.as_str(), true), (orders.as_str(), true)];
+    expected.sort();
+    let mut states_sorted = states.clone();
+    states_sorted.sort();
+    assert_eq!(states_sorted, expected);
+    let again = json_of(&run(&["topics", "create", "--output", "json"]));
+    assert!(
+        again
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["created"] == false),
+        "existing topics are left alone: {again}"
+    );
+
+    let listed = json_of(&run(&["topics", "list", "--output", "json"]));
+    let partitions = |name: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["partitions"].as_i64().unwrap())
+    };
+    assert_eq!(partitions(&orders), Some(4));
+    assert_eq!(partitions(&audit), Some(2));
+
+    let described = run(&["topics", "describe", "--output", "json"]);
+    let rows = json_of(&described);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["differences"].as_array().unwrap().is_empty()),
+        "{rows}"
+    );
+
+    // The file now asks for more partitions than the cluster has: reported, exit 1, not changed.
+    declare(3);
+    let drift = run(&["topics", "describe", "--output", "json"]);
+    assert_eq!(drift.status.code(), Some(1));
+    let rows: Value = serde_json::from_slice(&drift.stdout).unwrap();
+    let differences = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["topic"] == audit.as_str())
+        .unwrap()["differences"]
+        .clone();
+    assert_eq!(differences, json!(["2 partitions, 3 declared"]));
+    assert!(String::from_utf8_lossy(&drift.stderr).contains("1 topic(s) differ"));
+
+    std::fs::write(&file, "[orders]\npartitions = 0\n").unwrap();
+    let bad = run(&["topics", "create"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("[orders] partitions must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
