@@ -195,7 +195,14 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    keel_core::telemetry::init("keel");
+    let service = match &cli.command {
+        Command::OrderService => "keel-order-service".to_owned(),
+        Command::Relay => "keel-relay".to_owned(),
+        Command::Registry => "keel-registry".to_owned(),
+        Command::Consume { group } => format!("keel-{group}"),
+        _ => "keel".to_owned(),
+    };
+    keel_core::telemetry::init(&service);
     let result = match cli.command {
         Command::Migrate => commands::migrate(&settings).await,
         Command::Registry => commands::registry(&settings).await,
@@ -267,6 +274,7 @@ async fn main() -> std::process::ExitCode {
             commands::schema_register(&settings, &dir).await
         }
     };
+    keel_core::telemetry::shutdown();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

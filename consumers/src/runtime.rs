@@ -42,6 +42,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Where a record came from, and the trace it belongs to.
 #[derive(Debug, Clone)]
@@ -87,6 +88,18 @@ impl From<redis::RedisError> for HandlerError {
             HandlerError::Unavailable(e.into())
         } else {
             HandlerError::Transient(e.into())
+        }
+    }
+}
+
+impl Outcome {
+    /// The outcome as spans and metrics name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Ignored => "ignored",
+            Outcome::DeadLettered { .. } => "dead_lettered",
         }
     }
 }
@@ -249,20 +262,43 @@ impl<H: Handler> Consumer<H> {
         message: &BorrowedMessage<'_>,
         shutdown: &CancellationToken,
     ) -> Option<Outcome> {
+        let received = trace_headers(message);
+        // With tracing on, a consumer span in the producer's trace; handlers pass its context on.
+        let span = if keel_core::telemetry::recording() {
+            let span = process_span(message, self.handler.group());
+            keel_core::telemetry::continue_trace(&span, &received);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let trace = if span.is_none() {
+            received
+        } else {
+            let caller = keel_core::telemetry::extract(|k| received.get(k).cloned());
+            span.in_scope(|| keel_core::telemetry::headers_for_current(&caller))
+        };
         let meta = Meta {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
-            trace: trace_headers(message),
+            trace,
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let error = match self.try_apply(message, &meta).await {
-                Ok(outcome) => return Some(outcome),
+            let error = match self
+                .try_apply(message, &meta)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(outcome) => {
+                    span.record("keel.outcome", outcome.name());
+                    return Some(outcome);
+                }
                 Err(e) => e,
             };
+            span.record("keel.attempts", attempts);
             let budget_spent = match &error {
                 HandlerError::Unavailable(_) => false,
                 HandlerError::Transient(_) => attempts >= self.config.max_attempts,
@@ -287,6 +323,7 @@ impl<H: Handler> Consumer<H> {
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
+                span.record("keel.outcome", "dead_lettered");
                 return Some(outcome);
             }
             let delay = backoff.next_delay();
@@ -320,6 +357,17 @@ impl<H: Handler> Consumer<H> {
         if !self.handler.wants(&event) {
             return Ok(Outcome::Ignored);
         }
+        let transaction = tracing::info_span!(
+            "transaction",
+            otel.name = "BEGIN consumers",
+            otel.kind = "client",
+            db.system.name = "postgresql",
+        );
+        self.transact(&event, meta).instrument(transaction).await
+    }
+
+    /// The dedupe row and the handler's effect, in one transaction.
+    async fn transact(&self, event: &Event, meta: &Meta) -> Result<Outcome, HandlerError> {
         let mut tx = self.pool.begin().await?;
         let new = sqlx::query(
             "INSERT INTO consumers.processed_events (group_id, event_id, topic, kafka_partition, kafka_offset)
@@ -338,7 +386,7 @@ impl<H: Handler> Consumer<H> {
             tx.rollback().await?;
             return Ok(Outcome::Duplicate);
         }
-        self.handler.handle(&mut tx, &event, meta).await?;
+        self.handler.handle(&mut tx, event, meta).await?;
         tx.commit().await?;
         Ok(Outcome::Applied)
     }
@@ -452,6 +500,36 @@ impl<H: Handler> Consumer<H> {
         tracing::info!(group, "Consumer stopped");
         Ok(())
     }
+}
+
+/// The consumer span of one record (OpenTelemetry messaging conventions).
+fn process_span(message: &BorrowedMessage<'_>, group: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    let event_id = message.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == "keel-event-id")
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    });
+    tracing::info_span!(
+        "process",
+        otel.name = format!("process {}", message.topic()),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = message.topic(),
+        messaging.destination.partition.id = message.partition().to_string(),
+        messaging.kafka.offset = message.offset(),
+        messaging.consumer.group.name = group,
+        messaging.message.id = event_id,
+        messaging.kafka.message.key = message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        keel.outcome = Empty,
+        keel.attempts = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    )
 }
 
 /// The W3C trace context carried in the record's headers.

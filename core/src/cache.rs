@@ -91,6 +91,7 @@ impl OrderCache {
     }
 
     /// The cached body of `order_id`, if a fresh one is there.
+    #[tracing::instrument(name = "redis", skip_all, fields(otel.name = "HGET", otel.kind = "client", db.system.name = "redis"))]
     pub async fn get(&self, order_id: Uuid) -> redis::RedisResult<Option<String>> {
         let mut c = self.connection().await?;
         redis::cmd("HGET")
@@ -102,6 +103,7 @@ impl OrderCache {
 
     /// Stores `body` at `version` unless the cache holds something at least as fresh. The TTL
     /// gets up to 10% at random so entries written together do not expire together.
+    #[tracing::instrument(name = "redis", skip_all, fields(otel.name = "EVALSHA put", otel.kind = "client", db.system.name = "redis"))]
     pub async fn put(&self, order_id: Uuid, version: i32, body: &str) -> redis::RedisResult<bool> {
         let mut c = self.connection().await?;
         let written: i32 = self
@@ -116,6 +118,7 @@ impl OrderCache {
     }
 
     /// The order reached `version`: no reader may serve or store anything older.
+    #[tracing::instrument(name = "redis", skip_all, fields(otel.name = "EVALSHA invalidate", otel.kind = "client", db.system.name = "redis"))]
     pub async fn invalidate(&self, order_id: Uuid, version: i32) -> redis::RedisResult<bool> {
         let mut c = self.connection().await?;
         let replaced: i32 = self

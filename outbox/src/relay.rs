@@ -98,6 +98,30 @@ struct Pending {
     headers: TraceHeaders,
 }
 
+/// The producer span of one row (OpenTelemetry messaging conventions), a child of the context
+/// the writer stored with it; it ends when the broker acknowledged the record.
+fn publish_span(row: &Pending, event_id: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = format!("publish {}", row.topic),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = %row.topic,
+        messaging.message.id = event_id,
+        messaging.kafka.message.key = %row.key,
+        messaging.destination.partition.id = Empty,
+        messaging.kafka.offset = Empty,
+        outbox.id = row.id,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    keel_core::telemetry::continue_trace(&span, &row.headers);
+    span
+}
+
 pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
@@ -191,6 +215,7 @@ impl Relay {
     /// Encodes and produces every claimed row, and waits until Kafka acknowledged all of them.
     pub async fn produce(&self, claim: &Claim) -> Result<(), RelayError> {
         let mut deliveries = Vec::with_capacity(claim.rows.len());
+        let mut spans = Vec::with_capacity(claim.rows.len());
         for row in &claim.rows {
             let value = self.encoder.encode(&row.topic, &row.event).await?;
             let event_id = row.event.event_id().to_string();
@@ -203,7 +228,16 @@ impl Relay {
                     key: "keel-event-id",
                     value: Some(event_id.as_str()),
                 });
-            for (k, v) in &row.headers {
+            // With tracing on, a producer span in the writer's trace; its context goes on.
+            let span = keel_core::telemetry::recording().then(|| publish_span(row, &event_id));
+            let trace = match &span {
+                Some(span) => {
+                    let writer = keel_core::telemetry::extract(|k| row.headers.get(k).cloned());
+                    span.in_scope(|| keel_core::telemetry::headers_for_current(&writer))
+                }
+                None => row.headers.clone(),
+            };
+            for (k, v) in &trace {
                 headers = headers.insert(Header {
                     key: k,
                     value: Some(v.as_str()),
@@ -218,6 +252,7 @@ impl Relay {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
+                        spans.push(span);
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -237,9 +272,18 @@ impl Relay {
         let total = deliveries.len();
         let mut failed = 0;
         let mut first = None;
-        for outcome in join_all(deliveries).await {
+        for (outcome, span) in join_all(deliveries).await.into_iter().zip(spans) {
             let error = match outcome {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(delivered)) => {
+                    if let Some(span) = span {
+                        span.record(
+                            "messaging.destination.partition.id",
+                            delivered.partition.to_string(),
+                        );
+                        span.record("messaging.kafka.offset", delivered.offset);
+                    }
+                    continue;
+                }
                 Ok(Err((e, _))) => e.to_string(),
                 Err(_) => "delivery future cancelled (producer dropped)".to_owned(),
             };

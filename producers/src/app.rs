@@ -9,6 +9,50 @@ use tower_http::trace::TraceLayer;
 
 use crate::routes::{AppState, router};
 
+/// The server span of one request, in the caller's trace when it sent `traceparent`
+/// (OpenTelemetry HTTP conventions: `http.request.method`, `http.route`, status).
+fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    use tracing::field::Empty;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(
+            || request.uri().path().to_owned(),
+            |m| m.as_str().to_owned(),
+        );
+    let span = tracing::info_span!(
+        "request",
+        otel.name = format!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    let parent = keel_core::telemetry::extract(|k| {
+        request
+            .headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    // Fails only when tracing is off; the caller's context is then forwarded as it came.
+    let _ = span.set_parent(parent);
+    keel_core::telemetry::record_ids(&span);
+    span
+}
+
+fn record_status<B>(
+    response: &axum::http::Response<B>,
+    _latency: std::time::Duration,
+    span: &tracing::Span,
+) {
+    span.record("http.response.status_code", response.status().as_u16());
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
@@ -62,7 +106,11 @@ impl Application {
         };
         Ok(Self {
             listener,
-            router: router(state).layer(TraceLayer::new_for_http()),
+            router: router(state).layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(request_span)
+                    .on_response(record_status),
+            ),
         })
     }
 

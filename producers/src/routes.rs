@@ -15,7 +15,6 @@ use keel_core::telemetry::{self, TraceHeaders};
 use keel_schemas::{Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool, Row};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::domain::{self, Cancellation, NewOrder, Order, Payment, Status};
@@ -42,18 +41,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Joins the caller's trace (if it sent `traceparent`) and returns the context to store with the
-/// event.
+/// The trace context to store with the event: the request's span (a child of the caller's trace,
+/// see `app::request_span`), or the caller's own context when tracing is off.
 fn trace_context(headers: &HeaderMap) -> TraceHeaders {
-    let parent = telemetry::extract(|k| {
+    let caller = telemetry::extract(|k| {
         headers
             .get(k)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     });
-    // Ignored when tracing is off: the caller's context is then forwarded as it came.
-    let _ = tracing::Span::current().set_parent(parent.clone());
-    telemetry::headers_for_current(&parent)
+    telemetry::headers_for_current(&caller)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
