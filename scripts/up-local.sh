@@ -21,15 +21,20 @@ start registry "$KEEL" registry
 wait_for "the schema registry" 30 curl -fsS http://127.0.0.1:8081/ready
 start order-service "$KEEL" order-service
 wait_for "the order service" 30 curl -fsS http://127.0.0.1:8080/ready
-start relay "$KEEL" relay
+# Each background process serves /health, /ready and /metrics on its own port.
+KEEL_ADMIN_ADDR=127.0.0.1:9101 start relay "$KEEL" relay
+port=9102
 for group in inventory notification analytics cache-invalidation; do
-  start "$group" "$KEEL" consume "$group"
+  KEEL_ADMIN_ADDR=127.0.0.1:$port start "$group" "$KEEL" consume "$group"
+  port=$((port + 1))
 done
 
 cat <<MSG
 
 keel is up (local stack: tansu, no Docker):
-  order API        http://127.0.0.1:8080   (POST /orders, GET /orders/{id}, /health, /ready)
+  order API        http://127.0.0.1:8080   (POST /orders, GET /orders/{id}, /health, /ready, /metrics)
+  relay            http://127.0.0.1:9101   (/health, /ready, /metrics)
+  groups           http://127.0.0.1:9102..9105 (inventory, notification, analytics, cache-invalidation)
   schema registry  http://127.0.0.1:8081   (Confluent REST API)
   Kafka broker     127.0.0.1:9092          (tansu $TANSU_VERSION, ${TANSU_STORAGE:-memory://tansu/})
   PostgreSQL       ${KEEL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/keel}

@@ -44,6 +44,8 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
     )
     .await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
+    let token = shutdown::on_signal();
+    let admin = admin(s, &token, pool.clone()).await?;
     let relay = keel_outbox::Relay::new(pool, keel_outbox::RelayConfig::from_settings(s))?;
     relay
         .prepare(&[
@@ -52,11 +54,38 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
         ])
         .await
         .context("KEEL_SCHEMA_REGISTRY_URL: the registry did not accept keel's contracts")?;
-    relay.run(shutdown::on_signal()).await
+    let result = relay.run(token).await;
+    admin.cancel();
+    result
 }
 
 pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
-    keel_consumers::run_group(group, s, shutdown::on_signal()).await
+    let token = shutdown::on_signal();
+    let pool = keel_core::db::pool(&s.database_url, 1)
+        .await
+        .context("KEEL_DATABASE_URL")?;
+    let admin = admin(s, &token, pool).await?;
+    let result = keel_consumers::run_group(group, s, token).await;
+    admin.cancel();
+    result
+}
+
+/// Serves `/health`, `/ready` and `/metrics` on `KEEL_ADMIN_ADDR`, if set, until the returned
+/// token is cancelled: after the service stopped, so that `/ready` reports the shutdown meanwhile.
+async fn admin(
+    s: &Settings,
+    shutdown: &tokio_util::sync::CancellationToken,
+    pool: sqlx::PgPool,
+) -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = s.admin_addr {
+        let checks = keel_core::health::Checks::new(shutdown.clone(), s.liveness_timeout)
+            .database(pool)
+            .broker(&s.kafka_brokers)
+            .registry(&s.schema_registry_url);
+        keel_core::health::serve(addr, checks, stop.clone()).await?;
+    }
+    Ok(stop)
 }
 
 pub fn print_settings() -> anyhow::Result<()> {

@@ -203,6 +203,8 @@ pub struct Consumer<H: Handler> {
     config: ConsumerConfig,
     /// Dead-letter topics known to exist.
     dlq_ready: Mutex<HashSet<String>>,
+    /// This loop's name for liveness: `consumer:<group>`.
+    health_loop: String,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -218,6 +220,7 @@ impl<H: Handler> Consumer<H> {
         let topics = handler.topics();
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
+        let handler_group = handler.group().to_owned();
         let decoder = Decoder::new(&config.registry_url)?;
         Ok(Self {
             handler,
@@ -227,6 +230,7 @@ impl<H: Handler> Consumer<H> {
             decoder,
             config,
             dlq_ready: Mutex::default(),
+            health_loop: format!("consumer:{}", handler_group),
         })
     }
 
@@ -237,6 +241,8 @@ impl<H: Handler> Consumer<H> {
     /// The next record, or `None` if `shutdown` came first.
     pub async fn next(&self, shutdown: &CancellationToken) -> Option<BorrowedMessage<'_>> {
         loop {
+            // Waiting for records is progress: beat at least every second while idle.
+            keel_core::health::beat(&self.health_loop);
             let error = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return None,
@@ -244,6 +250,7 @@ impl<H: Handler> Consumer<H> {
                     Ok(m) => return Some(m),
                     Err(e) => e,
                 },
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
             tracing::warn!(group = self.handler.group(), error = %error, "Kafka consumer error");
             tokio::select! {
@@ -326,6 +333,14 @@ impl<H: Handler> Consumer<H> {
                 span.record("keel.outcome", "dead_lettered");
                 return Some(outcome);
             }
+            keel_core::metrics::metrics()
+                .consumer_retries
+                .get_or_create(&keel_core::metrics::RetryLabels {
+                    group: self.handler.group().to_owned(),
+                    class: error.class().to_owned(),
+                })
+                .inc();
+            keel_core::health::beat(&self.health_loop);
             let delay = backoff.next_delay();
             tracing::warn!(
                 group = self.handler.group(), topic = %meta.topic, partition = meta.partition, offset = meta.offset,
@@ -388,6 +403,15 @@ impl<H: Handler> Consumer<H> {
         }
         self.handler.handle(&mut tx, event, meta).await?;
         tx.commit().await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        keel_core::metrics::metrics()
+            .consumer_end_to_end
+            .get_or_create(&keel_core::metrics::GroupLabels {
+                group: self.handler.group().to_owned(),
+            })
+            .observe((now_ms - event.occurred_at()).max(0) as f64 / 1000.0);
         Ok(Outcome::Applied)
     }
 
@@ -474,10 +498,32 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.handler.group().to_owned();
         tracing::info!(group, topics = ?self.handler.topics(), "Consumer started");
+        let lag = tokio::spawn(measure_lag(
+            self.config.brokers.clone(),
+            group.clone(),
+            self.handler.topics(),
+            shutdown.clone(),
+        ));
+        let metrics = keel_core::metrics::metrics();
+        let group_labels = keel_core::metrics::GroupLabels {
+            group: group.clone(),
+        };
         while let Some(message) = self.next(&shutdown).await {
+            let started = std::time::Instant::now();
             let Some(outcome) = self.apply(&message, &shutdown).await else {
                 break;
             };
+            metrics
+                .consumer_processing
+                .get_or_create(&group_labels)
+                .observe(started.elapsed().as_secs_f64());
+            metrics
+                .consumer_records
+                .get_or_create(&keel_core::metrics::OutcomeLabels {
+                    group: group.clone(),
+                    outcome: outcome.name().to_owned(),
+                })
+                .inc();
             if outcome == Outcome::Duplicate {
                 tracing::debug!(
                     group,
@@ -497,8 +543,48 @@ impl<H: Handler> Consumer<H> {
             // Nothing stored since the last commit is reported as an error too; harmless.
             tracing::debug!(group, error = %e, "Final commit");
         }
+        keel_core::health::done(&self.health_loop);
+        lag.abort();
         tracing::info!(group, "Consumer stopped");
         Ok(())
+    }
+}
+
+/// Every ten seconds until `shutdown`: the group's lag per partition, from its committed offsets
+/// and the partitions' end offsets (as lag exporters measure it).
+async fn measure_lag(
+    brokers: String,
+    group: String,
+    topics: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (b, g, t) = (brokers.clone(), group.clone(), topics.clone());
+        let states = tokio::task::spawn_blocking(move || {
+            let t: Vec<&str> = t.iter().map(String::as_str).collect();
+            keel_core::kafka::group_offsets(&b, &g, &t)
+        })
+        .await;
+        match states {
+            Ok(Ok(states)) => {
+                for p in states {
+                    keel_core::metrics::metrics()
+                        .consumer_lag
+                        .get_or_create(&keel_core::metrics::PartitionLabels {
+                            group: group.clone(),
+                            topic: p.topic.clone(),
+                            partition: p.partition,
+                        })
+                        .set(p.lag());
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(group, error = %e, "Cannot measure lag"),
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
     }
 }
 

@@ -421,3 +421,13 @@ pub fn record_timestamp(
         .filter(|m| m.offset() == offset)
         .and_then(|m| m.timestamp().to_millis()))
 }
+
+/// Whether a broker answers a metadata request within `timeout`.
+pub fn probe(brokers: &str, timeout: Duration) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer;
+    let consumer = outsider(brokers, "keel-admin")?;
+    consumer
+        .fetch_metadata(None, timeout)
+        .map_err(|e| anyhow::anyhow!("{brokers}: {e}"))?;
+    Ok(())
+}

@@ -11,12 +11,16 @@
 //! - [`cache`]: the versioned Redis cache of orders (read by the order service, invalidated by
 //!   the cache-invalidation group).
 //! - [`backoff`]: bounded exponential backoff with jitter for retry loops.
+//! - [`metrics`]: the Prometheus metrics every process exposes on `/metrics`.
+//! - [`health`]: liveness (`/health`), readiness (`/ready`) and the admin listener.
 //! - [`topics`]: the topic layout declared in `topics.toml`.
 
 pub mod backoff;
 pub mod cache;
 pub mod db;
+pub mod health;
 pub mod kafka;
+pub mod metrics;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

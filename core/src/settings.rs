@@ -52,6 +52,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Topic carrying inventory's outcomes (reserved, rejected), keyed by order id",
     ),
     (
+        "KEEL_ADMIN_ADDR",
+        "",
+        "Where a relay or consumer process serves /health, /ready and /metrics (empty: not served; the order service and registry serve them on their own address)",
+    ),
+    (
+        "KEEL_LIVENESS_TIMEOUT_SECS",
+        "60",
+        "/health fails when a service loop has made no progress for this long",
+    ),
+    (
         "KEEL_TOPICS_FILE",
         "topics.toml",
         "The declared topic layout (partitions, retention, clean-up) `keel topics create` applies",
@@ -138,6 +148,9 @@ pub struct Settings {
     pub topics: Topics,
     /// The declared topic layout (see [`crate::topics`]).
     pub topics_file: std::path::PathBuf,
+    /// `/health`, `/ready`, `/metrics` of a relay or consumer process; `None`: not served.
+    pub admin_addr: Option<SocketAddr>,
+    pub liveness_timeout: Duration,
     pub order_service_addr: SocketAddr,
     pub registry_addr: SocketAddr,
     pub relay: RelaySettings,
@@ -233,6 +246,13 @@ impl Settings {
                 inventory: source.parse("KEEL_TOPIC_INVENTORY")?,
             },
             topics_file: source.parse("KEEL_TOPICS_FILE")?,
+            admin_addr: match source.optional("KEEL_ADMIN_ADDR") {
+                None => None,
+                Some(a) => Some(a.parse().map_err(|e: std::net::AddrParseError| {
+                    source.invalid("KEEL_ADMIN_ADDR", &e.to_string())
+                })?),
+            },
+            liveness_timeout: Duration::from_secs(source.parse("KEEL_LIVENESS_TIMEOUT_SECS")?),
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
             relay: RelaySettings {

@@ -96,6 +96,8 @@ struct Pending {
     key: String,
     event: Event,
     headers: TraceHeaders,
+    /// When the writer inserted the row (milliseconds since the epoch).
+    created_ms: f64,
 }
 
 /// The producer span of one row (OpenTelemetry messaging conventions), a child of the context
@@ -121,6 +123,9 @@ fn publish_span(row: &Pending, event_id: &str) -> tracing::Span {
     keel_core::telemetry::continue_trace(&span, &row.headers);
     span
 }
+
+/// The relay loop's name for liveness (`/health`).
+pub const HEALTH_LOOP: &str = "relay";
 
 pub struct Relay {
     pool: PgPool,
@@ -166,7 +171,8 @@ impl Relay {
             return Ok(None);
         }
         let rows = sqlx::query(
-            "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers
+            "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers,
+                    extract(epoch FROM created_at)::float8 * 1000 AS created_ms
              FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL
              ORDER BY id LIMIT $1 FOR UPDATE",
         )
@@ -192,6 +198,7 @@ impl Relay {
                     key: row.get("message_key"),
                     event,
                     headers,
+                    created_ms: row.get("created_ms"),
                 }),
                 Err(reason) => {
                     tracing::error!(
@@ -272,7 +279,27 @@ impl Relay {
         let total = deliveries.len();
         let mut failed = 0;
         let mut first = None;
-        for (outcome, span) in join_all(deliveries).await.into_iter().zip(spans) {
+        let metrics = keel_core::metrics::metrics();
+        for ((outcome, span), row) in join_all(deliveries)
+            .await
+            .into_iter()
+            .zip(spans)
+            .zip(&claim.rows)
+        {
+            let topic = keel_core::metrics::TopicLabels {
+                topic: row.topic.clone(),
+            };
+            if matches!(outcome, Ok(Ok(_))) {
+                metrics.relay_published.get_or_create(&topic).inc();
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+                metrics
+                    .relay_commit_to_ack
+                    .observe(((now_ms - row.created_ms) / 1000.0).max(0.0));
+            } else {
+                metrics.relay_failed.get_or_create(&topic).inc();
+            }
             let error = match outcome {
                 Ok(Ok(delivered)) => {
                     if let Some(span) = span {
@@ -318,9 +345,29 @@ impl Relay {
             return Ok(Step::NotLeader);
         };
         if !claim.is_empty() {
+            keel_core::metrics::metrics()
+                .relay_batch_size
+                .observe(claim.rows.len() as f64);
             self.produce(&claim).await?;
         }
         Ok(Step::Published(self.mark(claim).await?))
+    }
+
+    /// Sets the outbox gauges: pending rows, the oldest pending row's age, rows set aside.
+    pub async fn measure_backlog(&self) -> Result<(), sqlx::Error> {
+        let (pending, oldest, failed): (i64, Option<f64>, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL),
+                    (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox.events
+                      WHERE published_at IS NULL AND failed_at IS NULL),
+                    (SELECT count(*) FROM outbox.events WHERE failed_at IS NOT NULL)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let m = keel_core::metrics::metrics();
+        m.outbox_pending.set(pending);
+        m.outbox_oldest_age.set(oldest.unwrap_or(0.0).max(0.0));
+        m.outbox_failed.set(failed);
+        Ok(())
     }
 
     /// Deletes published rows older than the retention, a bounded number at a time.
@@ -344,8 +391,16 @@ impl Relay {
         listener.listen("keel_outbox").await?;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut last_cleanup: Option<Instant> = None;
+        let mut last_measure: Option<Instant> = None;
         tracing::info!(batch_size = self.config.batch_size, "Relay started");
         while !shutdown.is_cancelled() {
+            keel_core::health::beat(HEALTH_LOOP);
+            if last_measure.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                last_measure = Some(Instant::now());
+                if let Err(e) = self.measure_backlog().await {
+                    tracing::debug!(error = %e, "Cannot measure the outbox backlog");
+                }
+            }
             let idle = match self.step().await {
                 Ok(Step::Published(n)) => {
                     backoff.reset();
@@ -389,6 +444,7 @@ impl Relay {
         }
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
+        keel_core::health::done(HEALTH_LOOP);
         tracing::info!("Relay stopped");
         Ok(())
     }

@@ -60,6 +60,8 @@ pub struct Config {
     pub orders_topic: String,
     /// Redis URL and TTL of the order cache; `None` disables the cache.
     pub cache: Option<(String, std::time::Duration)>,
+    /// `/health` fails after a loop made no progress for this long (the service has none).
+    pub liveness_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -69,6 +71,7 @@ impl Config {
             addr: s.order_service_addr,
             orders_topic: s.topics.orders.clone(),
             cache: Some((s.cache.redis_url.clone(), s.cache.ttl)),
+            liveness_timeout: s.liveness_timeout,
         }
     }
 }
@@ -76,6 +79,34 @@ impl Config {
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    /// Cancelled when shutdown begins, so that `/ready` fails while requests drain.
+    stopping: CancellationToken,
+}
+
+/// Counts and times every request by route template and status (`keel_http_*`).
+async fn measure(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let m = keel_core::metrics::metrics();
+    m.http_requests
+        .get_or_create(&keel_core::metrics::HttpLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&keel_core::metrics::RouteLabels { method, route })
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 impl Application {
@@ -104,13 +135,20 @@ impl Application {
             topic: Arc::from(config.orders_topic.as_str()),
             cache,
         };
+        let stopping = CancellationToken::new();
+        let checks = keel_core::health::Checks::new(stopping.clone(), config.liveness_timeout)
+            .database(state.pool.clone());
         Ok(Self {
             listener,
-            router: router(state).layer(
-                TraceLayer::new_for_http()
-                    .make_span_with(request_span)
-                    .on_response(record_status),
-            ),
+            stopping,
+            router: router(state)
+                .merge(keel_core::health::router(checks))
+                .route_layer(axum::middleware::from_fn(measure))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_response(record_status),
+                ),
         })
     }
 
@@ -123,8 +161,12 @@ impl Application {
     /// Serves until `shutdown`; requests in progress are finished first.
     pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "Order service listening");
+        let stopping = self.stopping.clone();
         axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                stopping.cancel();
+            })
             .await?;
         Ok(())
     }

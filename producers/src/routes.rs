@@ -3,7 +3,6 @@
 //! equal to the order's event order (see `keel_outbox`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -13,7 +12,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
 use keel_core::telemetry::{self, TraceHeaders};
 use keel_schemas::{Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -36,8 +35,6 @@ pub fn router(state: AppState) -> Router {
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/pay", post(pay_order))
         .route("/orders/{id}/cancel", post(cancel_order))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/ready", get(ready))
         .with_state(state)
 }
 
@@ -387,25 +384,4 @@ async fn transition(
     tx.commit().await?;
     tracing::info!(order_id = %uuid, status = to.as_str(), version = order.version, "Order updated");
     Ok(Json(order))
-}
-
-async fn ready(State(state): State<AppState>) -> Response {
-    let check = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.pool),
-    )
-    .await;
-    match check {
-        Ok(Ok(_)) => Json(json!({"status": "ready"})).into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "database": e.to_string()})),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "database": "timed out"})),
-        )
-            .into_response(),
-    }
 }

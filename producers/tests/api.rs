@@ -35,6 +35,7 @@ async fn spawn_app_with(cache: Option<(String, Duration)>) -> App {
         addr: "127.0.0.1:0".parse().unwrap(),
         orders_topic: "orders".into(),
         cache,
+        liveness_timeout: Duration::from_secs(60),
     })
     .await
     .expect("order service builds");
@@ -337,13 +338,37 @@ async fn a_retried_request_with_the_same_idempotency_key_creates_nothing_new() {
 }
 
 #[tokio::test]
-async fn health_and_readiness_answer() {
+async fn health_readiness_and_metrics_answer() {
     let app = spawn_app().await;
+    let (status, body) = app.get("/health").await;
     assert_eq!(
-        app.get("/health").await,
-        (StatusCode::OK, json!({"status": "ok"}))
+        (status, body["status"].clone()),
+        (StatusCode::OK, json!("ok"))
     );
-    assert_eq!(app.get("/ready").await.1["status"], "ready");
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"status": "ready", "database": "ok"}));
+
+    // Requests are counted by route template, not by path.
+    let missing = format!("/orders/{}", uuid::Uuid::now_v7());
+    assert_eq!(app.get(&missing).await.0, StatusCode::NOT_FOUND);
+    let metrics = reqwest::get(format!("{}/metrics", app.url)).await.unwrap();
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"keel_http_requests_total{method="GET",route="/orders/{id}",status="404"}"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains(
+        r#"keel_http_request_duration_seconds_count{method="GET",route="/orders/{id}"}"#
+    ));
 }
 
 /// Cache-aside with versions: a read fills the cache, the next read is served from it, an
