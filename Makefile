@@ -2,13 +2,13 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics
+.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics compose-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-up-kafka: ## Start the backbone: broker, registry, migrations, topics, order service, relay, consumers
-	@scripts/up-local.sh
+up-kafka: ## Start the backbone (compose if a Docker engine answers, else tansu; KEEL_STACK=local|compose)
+	@scripts/up.sh
 
 down: ## Stop exactly what up-kafka started
 	@scripts/down.sh
@@ -31,6 +31,9 @@ fmt: ## Format the code
 lint: ## Check formatting and lints
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+compose-check: ## Check compose/ and the Dockerfile without Docker: schema, pins, ports, settings, hadolint
+	@scripts/compose-check.sh
 
 schema-check: ## Check every Avro contract against its published versions (no registry needed)
 	cargo run --quiet --locked -p keel -- schema check --dir schemas

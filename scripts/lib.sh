@@ -49,22 +49,29 @@ ensure_tansu() {
     || die "cargo install tansu@$TANSU_VERSION failed"
 }
 
-# ensure_interop_python: a virtualenv with the independent Confluent client the interop tests
-# run (cli/tests/interop/requirements.txt), made once per machine and remade when the
-# requirements change; prints the interpreter's path.
-ensure_interop_python() {
-  local req=cli/tests/interop/requirements.txt
-  local venv="$CACHE_DIR/py-interop-$(sha256sum "$req" | cut -c1-12)"
-  if [[ ! -x "$venv/bin/python" ]]; then
-    command -v python3 >/dev/null || die "python3 is missing; the interop tests need it (apt install python3-venv)"
-    say "Installing the Python Confluent client for the interop tests into $venv (once per machine)" >&2
-    rm -rf "$venv.tmp"
-    python3 -m venv "$venv.tmp" >&2 || die "python3 -m venv failed (apt install python3-venv?)"
-    "$venv.tmp/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2 \
+# ensure_venv REQUIREMENTS: a virtualenv with REQUIREMENTS installed, made once per machine and
+# remade when the file changes; prints its bin directory.
+ensure_venv() {
+  local req=$1
+  local venv="$CACHE_DIR/py-$(basename "$(dirname "$req")")-$(sha256sum "$req" | cut -c1-12)"
+  # Built in place (scripts in a venv name its path) and marked complete at the end, so an
+  # interrupted install is redone.
+  if [[ ! -f "$venv/.complete" ]]; then
+    command -v python3 >/dev/null || die "python3 is missing (apt install python3-venv)"
+    say "Installing $req into $venv (once per machine)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || die "python3 -m venv failed (apt install python3-venv?)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req" >&2 \
       || die "pip install -r $req failed"
-    mv "$venv.tmp" "$venv"
+    touch "$venv/.complete"
   fi
-  echo "$venv/bin/python"
+  echo "$venv/bin"
+}
+
+# ensure_interop_python: the independent Confluent client the interop tests run
+# (cli/tests/interop/requirements.txt); prints the interpreter's path.
+ensure_interop_python() {
+  echo "$(ensure_venv cli/tests/interop/requirements.txt)/python"
 }
 
 # running NAME: true when NAME's pid file names a live process.

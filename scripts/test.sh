@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # make test: everything the tests need, then the tests. A broker of its own on 127.0.0.1:19092
 # (so a running `make up-kafka` is not disturbed), stopped when the tests end, pass or fail.
+# TEST_KAFKA_BROKERS=host:port runs them against that broker instead (the compose stack's Apache
+# Kafka: TEST_KAFKA_BROKERS=localhost:9092 make test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 check_services
-ensure_tansu
 TEST_INTEROP_PYTHON="$(ensure_interop_python)"
 export TEST_INTEROP_PYTHON
 export KEEL_RUN_DIR="$RUN_DIR/test"
 RUN_DIR="$KEEL_RUN_DIR"
-trap 'stop tansu-test' EXIT
-stop tansu-test # a leftover from an interrupted run
-start_tansu tansu-test 19092 memory://tansu/
-export TEST_KAFKA_BROKERS=127.0.0.1:19092
+if [[ -n "${TEST_KAFKA_BROKERS:-}" ]]; then
+  say "Testing against the broker at $TEST_KAFKA_BROKERS"
+else
+  ensure_tansu
+  trap 'stop tansu-test' EXIT
+  stop tansu-test # a leftover from an interrupted run
+  start_tansu tansu-test 19092 memory://tansu/
+  export TEST_KAFKA_BROKERS=127.0.0.1:19092
+fi
 export TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432
 
 # Databases left by tests that were interrupted (a test drops its own when it ends).

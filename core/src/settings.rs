@@ -133,8 +133,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "KEEL_STACK",
-        "local",
-        "Which stack `make up-kafka` starts (scripts only)",
+        "",
+        "Which stack `make up-kafka` starts: local (tansu), compose, or empty: compose when a Docker engine answers (scripts only)",
     ),
     ("KEEL_TANSU", "", "Path of the tansu binary (scripts only)"),
 ];

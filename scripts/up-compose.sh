@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# make up-kafka (compose stack): builds keel's image and starts compose/docker-compose.yml,
+# returning when every healthcheck passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+command -v docker >/dev/null || die "docker is not installed; run KEEL_STACK=local make up-kafka"
+docker info >/dev/null 2>&1 || die "the Docker engine does not answer (docker info failed); run KEEL_STACK=local make up-kafka"
+docker compose version >/dev/null 2>&1 || die "the docker compose plugin is missing (Compose v2 is required)"
+say "Building keel's image and starting the compose stack (first build: several minutes)"
+docker compose -f compose/docker-compose.yml up --build --detach --wait
+
+cat <<MSG
+
+keel is up (compose stack: Apache Kafka, Confluent Schema Registry):
+  order API        http://localhost:8080   (POST /orders, GET /orders/{id}, /health, /ready, /metrics)
+  Kafka broker     localhost:9092          (apache/kafka, KRaft; kafka:19092 inside the network)
+  schema registry  http://localhost:8081   (Confluent)
+  PostgreSQL       postgres://postgres@localhost:5432/keel
+  Redis            redis://localhost:6379
+  traces (Jaeger)  http://localhost:16686
+  metrics          http://localhost:9090   (Prometheus; keel admin ports 9101-9105)
+  mail (Mailpit)   http://localhost:8025
+
+Try it:  make demo      Stop it:  make down      Logs: docker compose -f compose/docker-compose.yml logs -f
+MSG
