@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics compose-check
+.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics compose-check bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ replay-analytics: ## Rebuild the analytics warehouse from the topics and swap it
 
 test: ## Run every test; starts (and stops) the broker they need
 	@scripts/test.sh
+
+bench: ## Throughput and latency against raw baselines (bench/README.md); ARGS="--rows 100000" to scale
+	@scripts/bench.sh $(ARGS)
 
 build: ## Build the keel binary
 	cargo build -p keel

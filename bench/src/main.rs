@@ -1,0 +1,883 @@
+//! `make bench`: how fast keel moves events, as ratios against the raw parts measured in the same
+//! run on the same machine (absolute numbers on a shared machine are noise; ratios are not).
+//!
+//! Scenarios (see `bench/README.md`): relay drain, order write path, end-to-end latency at two
+//! open-loop arrival rates, consumer catch-up, and each service's peak memory. keel's services
+//! run as `keel` processes (the release binary in `BENCH_KEEL_BIN`), so their memory is their own.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use keel_consumers::Handler;
+use keel_core::kafka::{self, TopicSpec};
+use keel_schemas::{Customer, Event, OrderCreated, OrderLine};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+mod report;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Outbox rows the relay drains (scenario 1).
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: i64,
+    /// Concurrent clients on the order write path (scenario 2).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Seconds each timed window lasts (scenarios 2 and 3).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Events in the backlog each consumer group catches up on (scenario 4).
+    #[arg(long, default_value_t = 20_000)]
+    backlog: usize,
+    /// Run only these scenarios (comma separated: drain, write, e2e, catchup).
+    #[arg(long, value_delimiter = ',', default_value = "drain,write,e2e,catchup")]
+    only: Vec<String>,
+    /// Where the results go.
+    #[arg(long, default_value = "bench/results")]
+    out: std::path::PathBuf,
+}
+
+/// What every scenario shares.
+struct Bench {
+    args: Args,
+    db_url: String,
+    brokers: String,
+    registry_url: String,
+    keel_bin: String,
+    pool: PgPool,
+    run: String,
+}
+
+fn var(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A `keel` process, stopped (SIGTERM) when dropped.
+struct Service {
+    name: String,
+    child: Child,
+}
+
+impl Service {
+    /// Peak resident memory so far (VmHWM), in MiB.
+    fn peak_rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait()?;
+        anyhow::ensure!(status.success(), "{} exited with {status}", self.name);
+        Ok(())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bench {
+    fn keel(&self, name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Service> {
+        let logs = self.args.out.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = std::fs::File::create(logs.join(format!("{}-{name}.log", self.run)))?;
+        let mut cmd = Command::new(&self.keel_bin);
+        cmd.args(args)
+            .env("KEEL_DATABASE_URL", &self.db_url)
+            .env("KEEL_KAFKA_BROKERS", &self.brokers)
+            .env("KEEL_SCHEMA_REGISTRY_URL", &self.registry_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(Service {
+            name: name.to_owned(),
+            child: cmd
+                .spawn()
+                .with_context(|| format!("starting {}", self.keel_bin))?,
+        })
+    }
+
+    async fn topic(&self, name: &str) -> anyhow::Result<String> {
+        let topic = format!("bench-{}-{name}", self.run);
+        kafka::create_topics(&self.brokers, &[TopicSpec::new(&topic, 6)]).await?;
+        Ok(topic)
+    }
+
+    async fn scalar(&self, sql: &str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
+    }
+
+    async fn processed(&self, group: &str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM consumers.processed_events WHERE group_id = $1",
+        )
+        .bind(group)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, or fails after `timeout`.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A realistic order: three lines, a customer, about 300 bytes of Avro.
+fn order_event(i: usize) -> Event {
+    let order_id = uuid::Uuid::new_v4();
+    Event::OrderCreated(OrderCreated {
+        event_id: uuid::Uuid::new_v4(),
+        occurred_at: chrono::Utc::now().timestamp_millis(),
+        order_id,
+        order_version: 1,
+        customer: Customer {
+            id: format!("customer-{}", i % 5000),
+            email: format!("customer{}@example.com", i % 5000),
+            name: "Ada Lovelace".into(),
+        },
+        currency: "EUR".into(),
+        lines: (0..3)
+            .map(|l| OrderLine {
+                sku: format!("SKU-{}", 1 + (i + l) % 50),
+                quantity: 1,
+                unit_price_minor: 1999 + l as i64,
+            })
+            .collect(),
+        total_minor: 1999 * 3 + 3,
+        channel: "web".into(),
+    })
+}
+
+fn order_body() -> Value {
+    json!({
+        "customer": {"id": "c-bench", "email": "bench@example.com", "name": "Ada Lovelace"},
+        "currency": "EUR",
+        "lines": [
+            {"sku": "SKU-1", "quantity": 1, "unit_price_minor": 1999},
+            {"sku": "SKU-2", "quantity": 1, "unit_price_minor": 2000},
+            {"sku": "SKU-3", "quantity": 1, "unit_price_minor": 2001}
+        ]
+    })
+}
+
+fn rate(n: f64, took: Duration) -> f64 {
+    n / took.as_secs_f64().max(1e-9)
+}
+
+/// Sends every `(key, value)` with the producer settings keel uses, many in flight, and waits for
+/// every acknowledgement.
+async fn produce_all(
+    brokers: &str,
+    topic: &str,
+    records: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka::producer_config(brokers).create()?;
+    let mut pending = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        let mut record = FutureRecord::to(topic)
+            .key(key.as_str())
+            .payload(value.as_slice());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    for delivery in futures::future::join_all(pending).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("delivery failed: {e}"),
+            Err(_) => anyhow::bail!("delivery cancelled"),
+        }
+    }
+    Ok(())
+}
+
+/// Encodes `n` distinct orders for `topic` as the relay would.
+async fn encoded(bench: &Bench, topic: &str, n: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let encoder = keel_schemas::Encoder::new(&bench.registry_url)?;
+    encoder.prepare(topic, "keel.orders").await?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let event = order_event(i);
+        let key = event.aggregate_id().to_string();
+        out.push((key, encoder.encode(topic, &event).await?));
+    }
+    Ok(out)
+}
+
+/// Scenario 1: the relay drains `rows` pending outbox rows; baselines: the claim-and-mark SQL
+/// loop alone, and a raw producer sending the same kind of bytes.
+async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Result<()> {
+    let rows = bench.args.rows;
+    let topic = bench.topic("drain").await?;
+    let template = serde_json::to_value(order_event(0))?;
+    eprintln!("bench: seeding {rows} outbox rows");
+    sqlx::query(
+        "INSERT INTO outbox.events (topic, message_key, event_type, event_id, payload)
+         SELECT $1, k::text, 'keel.orders.OrderCreated', e,
+                jsonb_set(jsonb_set($2::jsonb, '{OrderCreated,event_id}', to_jsonb(e::text)),
+                          '{OrderCreated,order_id}', to_jsonb(k::text))
+           FROM (SELECT gen_random_uuid() AS k, gen_random_uuid() AS e FROM generate_series(1, $3)) s",
+    )
+    .bind(&topic)
+    .bind(&template)
+    .bind(rows)
+    .execute(&bench.pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE outbox.events")
+        .execute(&bench.pool)
+        .await?;
+
+    // (a) The relay's own claim and mark, without Kafka.
+    let relay = keel_outbox::Relay::new(
+        bench.pool.clone(),
+        keel_outbox::RelayConfig {
+            brokers: bench.brokers.clone(),
+            registry_url: bench.registry_url.clone(),
+            batch_size: 500,
+            poll_interval: Duration::from_millis(100),
+            retention: Duration::from_secs(86_400),
+        },
+    )?;
+    let started = Instant::now();
+    loop {
+        let claim = relay.claim().await?.context("not the relay leader")?;
+        if claim.is_empty() {
+            break;
+        }
+        relay.mark(claim).await?;
+    }
+    let sql = rate(rows as f64, started.elapsed());
+    sqlx::query("UPDATE outbox.events SET published_at = NULL WHERE topic = $1")
+        .bind(&topic)
+        .execute(&bench.pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE outbox.events")
+        .execute(&bench.pool)
+        .await?;
+
+    // (b) A raw producer, the same settings, bytes encoded beforehand.
+    let raw_topic = bench.topic("drain-raw").await?;
+    eprintln!("bench: encoding {rows} events for the raw producer");
+    let records = encoded(bench, &raw_topic, rows as usize).await?;
+    let started = Instant::now();
+    produce_all(&bench.brokers, &raw_topic, &records).await?;
+    let raw = rate(rows as f64, started.elapsed());
+    drop(records);
+
+    // The relay, as a process.
+    // Timed from its first published batch: start-up (connecting, registering the contracts) is
+    // not throughput.
+    let pending_sql =
+        "SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL";
+    let relay = bench.keel(
+        "relay-drain",
+        &["relay"],
+        &[("KEEL_TOPIC_ORDERS", topic.clone())],
+    )?;
+    wait_for(
+        "the relay's first batch",
+        Duration::from_secs(120),
+        || async { Ok(bench.scalar(pending_sql).await? < rows) },
+    )
+    .await?;
+    let started = Instant::now();
+    let remaining = bench.scalar(pending_sql).await?;
+    wait_for("the relay to drain", Duration::from_secs(1800), || async {
+        Ok(bench.scalar(pending_sql).await? == 0)
+    })
+    .await?;
+    let keel = rate(remaining as f64, started.elapsed());
+    report.memory("relay", relay.peak_rss_mib());
+    relay.stop()?;
+    report.scenario(
+        "relay drain",
+        json!({"rows": rows, "relay_per_s": keel, "sql_loop_per_s": sql, "raw_producer_per_s": raw}),
+        keel / sql.min(raw),
+        0.8,
+    );
+    Ok(())
+}
+
+/// Latencies in milliseconds, sorted.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs `clients` loops of `op` for `window`; returns (operations per second, sorted latencies).
+async fn closed_loop<F, Fut>(
+    clients: usize,
+    window: Duration,
+    op: F,
+) -> anyhow::Result<(f64, Vec<f64>)>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let deadline = started + window;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                op().await?;
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let took = started.elapsed();
+    all.sort_by(f64::total_cmp);
+    Ok((rate(all.len() as f64, took), all))
+}
+
+/// Scenario 2: `POST /orders` with N clients against the same transaction issued directly.
+/// Returns the HTTP path's orders per second (the capacity scenario 3 loads to 20% and 80%).
+async fn write_path(bench: &Bench, report: &mut report::Report) -> anyhow::Result<f64> {
+    let topic = bench.topic("write").await?;
+    let port = free_port()?;
+    let service = bench.keel(
+        "order-service",
+        &["order-service"],
+        &[
+            ("KEEL_ORDER_SERVICE_ADDR", format!("127.0.0.1:{port}")),
+            ("KEEL_TOPIC_ORDERS", topic.clone()),
+        ],
+    )?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("the order service", Duration::from_secs(60), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            Ok(http
+                .get(format!("{url}/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()))
+        }
+    })
+    .await?;
+    let window = Duration::from_secs(bench.args.seconds);
+    let body = order_body();
+    let (http_rate, http_lat) = {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        closed_loop(bench.args.clients, window, move || {
+            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            async move {
+                let r = http
+                    .post(format!("{url}/orders"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 201, "POST /orders answered {}", r.status());
+                Ok(())
+            }
+        })
+        .await?
+    };
+    report.memory("order-service", service.peak_rss_mib());
+    service.stop()?;
+
+    let new: keel_producers::domain::NewOrder = serde_json::from_value(body)?;
+    let valid = keel_producers::domain::validate(&new)
+        .map_err(|e| anyhow::anyhow!("bench order invalid: {e:?}"))?;
+    let (pool, topic2) = (bench.pool.clone(), topic.clone());
+    let (sql_rate, sql_lat) = closed_loop(bench.args.clients, window, move || {
+        let (pool, topic, valid) = (pool.clone(), topic2.clone(), valid.clone());
+        async move {
+            let mut tx = pool.begin().await?;
+            keel_producers::routes::insert_order(&mut tx, &topic, valid, &Default::default())
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        }
+    })
+    .await?;
+    // Not published by anyone: the relay of scenario 3 must not find them.
+    sqlx::query("DELETE FROM outbox.events WHERE topic = $1")
+        .bind(&topic)
+        .execute(&bench.pool)
+        .await?;
+    report.scenario(
+        "order write path",
+        json!({
+            "clients": bench.args.clients,
+            "http_per_s": http_rate, "http_p50_ms": percentile(&http_lat, 50.0), "http_p99_ms": percentile(&http_lat, 99.0),
+            "sql_per_s": sql_rate, "sql_p50_ms": percentile(&sql_lat, 50.0), "sql_p99_ms": percentile(&sql_lat, 99.0),
+        }),
+        http_rate / sql_rate,
+        0.7,
+    );
+    Ok(http_rate)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Raw produce → consume round trips through the same broker, one at a time (milliseconds).
+async fn raw_round_trips(bench: &Bench, n: usize) -> anyhow::Result<Vec<f64>> {
+    let topic = bench.topic("ping").await?;
+    let producer: FutureProducer = kafka::producer_config(&bench.brokers).create()?;
+    let consumer: StreamConsumer =
+        kafka::consumer_config(&bench.brokers, &format!("bench-ping-{}", bench.run))
+            .set("enable.auto.offset.store", "true")
+            .create()?;
+    consumer.subscribe(&[&topic])?;
+    // Joined and assigned before timing: one message through first.
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..=n {
+        let key = i.to_string();
+        let started = Instant::now();
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&key).payload("ping"),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .context("round trip timed out")??;
+            if m.key() == Some(key.as_bytes()) {
+                break;
+            }
+        }
+        if i > 0 {
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+/// Scenario 3: order commit → inventory's commit at 20% and 80% of the write path's capacity,
+/// arrivals on a fixed schedule (open loop: a slow answer does not delay the next request).
+async fn end_to_end(
+    bench: &Bench,
+    capacity: f64,
+    report: &mut report::Report,
+) -> anyhow::Result<()> {
+    let orders = bench.topic("e2e-orders").await?;
+    let inventory = bench.topic("e2e-inventory").await?;
+    let port = free_port()?;
+    let env = [
+        ("KEEL_TOPIC_ORDERS", orders.clone()),
+        ("KEEL_TOPIC_INVENTORY", inventory.clone()),
+        ("KEEL_ORDER_SERVICE_ADDR", format!("127.0.0.1:{port}")),
+    ];
+    let service = bench.keel("order-service-e2e", &["order-service"], &env)?;
+    let relay = bench.keel("relay-e2e", &["relay"], &env)?;
+    let consumer = bench.keel("inventory-e2e", &["consume", "inventory"], &env)?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("the order service", Duration::from_secs(60), || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            Ok(http
+                .get(format!("{url}/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()))
+        }
+    })
+    .await?;
+    let baseline = raw_round_trips(bench, 500).await?;
+    let raw_p50 = percentile(&baseline, 50.0);
+    let raw_p99 = percentile(&baseline, 99.0);
+    report.series("raw round trip", baseline);
+
+    // Warm up: the group joins and the first events flow.
+    let warm = order_body();
+    for _ in 0..20 {
+        http.post(format!("{url}/orders"))
+            .json(&warm)
+            .send()
+            .await?;
+    }
+    wait_for("inventory to warm up", Duration::from_secs(120), || async {
+        Ok(bench.processed("inventory").await? >= 20)
+    })
+    .await?;
+
+    let mut results = serde_json::Map::new();
+    for (label, share) in [("20%", 0.2), ("80%", 0.8)] {
+        let per_s = (capacity * share).max(1.0);
+        let n = (per_s * bench.args.seconds as f64) as usize;
+        let before = bench.processed("inventory").await?;
+        let started = tokio::time::Instant::now();
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let at = started + Duration::from_secs_f64(i as f64 / per_s);
+            let (http, url, body) = (http.clone(), url.clone(), order_body());
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let r = http
+                    .post(format!("{url}/orders"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 201, "POST /orders answered {}", r.status());
+                let v: Value = r.json().await?;
+                Ok(v["id"].as_str().unwrap_or_default().to_owned())
+            }));
+        }
+        let mut ids = Vec::with_capacity(n);
+        for t in tasks {
+            ids.push(t.await??);
+        }
+        let target = before + n as i64;
+        wait_for(
+            "inventory to apply the load",
+            Duration::from_secs(600),
+            || async { Ok(bench.processed("inventory").await? >= target) },
+        )
+        .await?;
+        // From the order's commit (its created_at, set in the writing transaction) to
+        // inventory's (processed_at, set in the applying transaction): one clock, PostgreSQL's.
+        let mut latencies: Vec<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM p.processed_at - o.created_at) * 1000)::float8
+               FROM orders.orders o
+               JOIN outbox.events e ON e.message_key = o.id::text AND e.event_type = 'keel.orders.OrderCreated'
+               JOIN consumers.processed_events p ON p.event_id = e.event_id AND p.group_id = 'inventory'
+              WHERE o.id::text = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&bench.pool)
+        .await?;
+        anyhow::ensure!(
+            latencies.len() == n,
+            "{} of {n} orders measured",
+            latencies.len()
+        );
+        latencies.sort_by(f64::total_cmp);
+        let p50 = percentile(&latencies, 50.0);
+        let p99 = percentile(&latencies, 99.0);
+        results.insert(
+            label.into(),
+            json!({
+                "orders_per_s": per_s, "orders": n,
+                "p50_ms": p50, "p99_ms": p99, "p999_ms": percentile(&latencies, 99.9),
+                "p50_over_raw": p50 / raw_p50, "p99_over_raw": p99 / raw_p99,
+            }),
+        );
+        report.series(&format!("order → inventory at {label}"), latencies);
+    }
+    report.memory("order-service", service.peak_rss_mib());
+    report.memory("relay", relay.peak_rss_mib());
+    report.memory("inventory", consumer.peak_rss_mib());
+    consumer.stop()?;
+    relay.stop()?;
+    service.stop()?;
+    let p50_20 = results["20%"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    let p99_20 = results["20%"]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+    results.insert(
+        "raw_round_trip".into(),
+        json!({"p50_ms": raw_p50, "p99_ms": raw_p99}),
+    );
+    report.target("end-to-end p50 at 20% (ms)", p50_20, 10.0, false);
+    report.target("end-to-end p99 at 20% (ms)", p99_20, 50.0, false);
+    report.scenario(
+        "end-to-end latency",
+        Value::Object(results),
+        raw_p50 / p50_20,
+        f64::NAN,
+    );
+    Ok(())
+}
+
+/// Scenario 4: each group catches up on a backlog; baselines: a raw consumer reading the topic,
+/// and the group's dedupe-and-apply SQL run without Kafka.
+async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<()> {
+    let n = bench.args.backlog;
+    for group in ["inventory", "analytics"] {
+        let topic = bench.topic(&format!("backlog-{group}")).await?;
+        let records = encoded(bench, &topic, n).await?;
+        produce_all(&bench.brokers, &topic, &records).await?;
+        eprintln!("bench: {group}: {n} events in {topic}; reading them raw");
+
+        // Raw consume: one client assigned every partition, reading until it has them all.
+        let raw_consume = {
+            let (brokers, topic) = (bench.brokers.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || raw_read(&brokers, &topic, n)).await??
+        };
+        eprintln!("bench: {group}: raw consume {raw_consume:.0}/s; applying them without Kafka");
+
+        // The group's SQL, without Kafka: decode, dedupe row, effect, commit, per event.
+        let decoder = keel_schemas::Decoder::new(&bench.registry_url)?;
+        let mut events = Vec::with_capacity(n);
+        for (_, value) in &records {
+            events.push(decoder.decode(Some(value)).await?);
+        }
+        drop(records);
+        let topics = keel_core::settings::Topics {
+            orders: topic.clone(),
+            inventory: bench.topic(&format!("outcomes-{group}")).await?,
+        };
+        let sql_group = format!("bench-sql-{group}");
+        let started = Instant::now();
+        match group {
+            "inventory" => {
+                apply_all(
+                    &bench.pool,
+                    &keel_consumers::inventory::Inventory::new(&topics),
+                    &sql_group,
+                    &topic,
+                    &events,
+                )
+                .await?
+            }
+            _ => {
+                apply_all(
+                    &bench.pool,
+                    &keel_consumers::analytics::Analytics::new(&topics),
+                    &sql_group,
+                    &topic,
+                    &events,
+                )
+                .await?
+            }
+        }
+        let raw_sql = rate(n as f64, started.elapsed());
+        reset_effects(&bench.pool).await?;
+        eprintln!("bench: {group}: raw SQL {raw_sql:.0}/s; running the group");
+
+        // The group, as a process.
+        let service = bench.keel(
+            &format!("{group}-backlog"),
+            &["consume", group],
+            &[
+                ("KEEL_TOPIC_ORDERS", topic.clone()),
+                ("KEEL_TOPIC_INVENTORY", topics.inventory.clone()),
+            ],
+        )?;
+        let before = bench.processed(group).await?;
+        wait_for("the group to start", Duration::from_secs(120), || async {
+            Ok(bench.processed(group).await? > before)
+        })
+        .await?;
+        let started = Instant::now();
+        let from = bench.processed(group).await?;
+        wait_for(
+            "the group to catch up",
+            Duration::from_secs(1800),
+            || async { Ok(bench.processed(group).await? >= before + n as i64) },
+        )
+        .await?;
+        let keel = rate((before + n as i64 - from) as f64, started.elapsed());
+        report.memory(group, service.peak_rss_mib());
+        service.stop()?;
+        reset_effects(&bench.pool).await?;
+        report.scenario(
+            &format!("catch-up: {group}"),
+            json!({"backlog": n, "group_per_s": keel, "raw_consume_per_s": raw_consume, "raw_sql_per_s": raw_sql}),
+            keel / raw_consume.min(raw_sql),
+            0.75,
+        );
+    }
+    Ok(())
+}
+
+/// Reads `n` records of `topic` from the beginning with a plain assigned consumer (no group, no
+/// processing); records per second.
+fn raw_read(brokers: &str, topic: &str, n: usize) -> anyhow::Result<f64> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = kafka::client_config(brokers)
+        .set("group.id", "bench-raw")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut list = TopicPartitionList::new();
+    for p in 0..6 {
+        list.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&list)?;
+    let started = Instant::now();
+    let mut read = 0;
+    while read < n {
+        match consumer.poll(Duration::from_secs(30)) {
+            Some(Ok(_)) => read += 1,
+            Some(Err(e)) => anyhow::bail!("raw read: {e}"),
+            None => anyhow::bail!("raw read: nothing for 30 s after {read} of {n} records"),
+        }
+    }
+    Ok(rate(n as f64, started.elapsed()))
+}
+
+/// What the consumer runtime does per event, minus Kafka.
+async fn apply_all<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    group: &str,
+    topic: &str,
+    events: &[Event],
+) -> anyhow::Result<()> {
+    for (i, event) in events.iter().enumerate() {
+        let meta = keel_consumers::Meta {
+            topic: topic.to_owned(),
+            partition: 0,
+            offset: i as i64,
+            trace: Default::default(),
+        };
+        let mut tx = pool.begin().await?;
+        let new = sqlx::query(
+            "INSERT INTO consumers.processed_events (group_id, event_id, topic, kafka_partition, kafka_offset)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(group)
+        .bind(event.event_id())
+        .bind(topic)
+        .bind(meta.partition)
+        .bind(meta.offset)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if new {
+            handler
+                .handle(&mut tx, event, &meta)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Empties the groups' effects so the next measurement applies everything afresh.
+async fn reset_effects(pool: &PgPool) -> anyhow::Result<()> {
+    for sql in [
+        "TRUNCATE inventory.reservation_lines, inventory.reservations",
+        "UPDATE inventory.stock SET reserved = 0",
+        "TRUNCATE analytics.order_lines, analytics.orders",
+        "DELETE FROM outbox.events",
+    ] {
+        sqlx::query(sql).execute(pool).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let run = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
+    let server = var("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432");
+    let db_url = format!("{}/keel_bench", server.trim_end_matches('/'));
+    keel_core::db::drop_database(&db_url).await?;
+    keel_core::db::ensure_database(&db_url).await?;
+    let keel_bin = var("BENCH_KEEL_BIN", "target/release/keel");
+    let migrate = Command::new(&keel_bin)
+        .arg("migrate")
+        .env("KEEL_DATABASE_URL", &db_url)
+        .env("RUST_LOG", "warn")
+        .status()
+        .with_context(|| format!("running {keel_bin} migrate"))?;
+    anyhow::ensure!(migrate.success(), "keel migrate failed");
+    let shutdown = CancellationToken::new();
+    let (registry, _) =
+        keel_schemas::registry::spawn(&db_url, "127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    let bench = Bench {
+        pool: keel_core::db::pool(&db_url, 20).await?,
+        db_url,
+        brokers: var("BENCH_KAFKA_BROKERS", "127.0.0.1:29092"),
+        registry_url: format!("http://{registry}"),
+        keel_bin,
+        run: run.clone(),
+        args: args.clone(),
+    };
+    let mut report = report::Report::new(&run, &args_json(&args));
+    let only = |s: &str| args.only.iter().any(|o| o == s);
+    if only("drain") {
+        relay_drain(&bench, &mut report).await?;
+    }
+    let mut capacity = 500.0;
+    if only("write") {
+        capacity = write_path(&bench, &mut report).await?;
+    }
+    if only("e2e") {
+        end_to_end(&bench, capacity, &mut report).await?;
+    }
+    if only("catchup") {
+        catch_up(&bench, &mut report).await?;
+    }
+    for (service, mib) in report.peak_memory() {
+        report.target(&format!("peak RSS {service} (MiB)"), mib, 100.0, false);
+    }
+    report.finish(&args.out)?;
+    shutdown.cancel();
+    Ok(())
+}
+
+fn args_json(args: &Args) -> BTreeMap<&'static str, Value> {
+    BTreeMap::from([
+        ("rows", json!(args.rows)),
+        ("clients", json!(args.clients)),
+        ("seconds", json!(args.seconds)),
+        ("backlog", json!(args.backlog)),
+    ])
+}
