@@ -36,7 +36,7 @@ const IDLE: Duration = Duration::from_millis(1500);
 const LIMIT: usize = 100_000;
 
 /// One dead-lettered record.
-struct Letter {
+pub(crate) struct Letter {
     /// `<original topic>:<dlq offset>`.
     id: String,
     dlq_topic: String,
@@ -54,6 +54,11 @@ impl Letter {
             .find(|(k, _)| k == key)
             .and_then(|(_, v)| v.as_deref())
             .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The dead-lettered record's value: the original bytes.
+    pub(crate) fn payload(&self) -> Option<&[u8]> {
+        self.message.payload()
     }
 
     fn original_topic(&self) -> anyhow::Result<String> {
@@ -160,6 +165,14 @@ async fn pool(s: &Settings) -> anyhow::Result<sqlx::PgPool> {
     keel_core::db::pool(&s.database_url, 2)
         .await
         .context("KEEL_DATABASE_URL")
+}
+
+/// Every dead letter of `group`, for other commands (the audit).
+pub(crate) async fn read_all(s: &Settings, group: &str) -> anyhow::Result<Vec<Letter>> {
+    let pool = pool(s).await?;
+    let letters = read(s, &pool, group, None).await;
+    pool.close().await;
+    letters
 }
 
 /// `keel dlq list <group>`.

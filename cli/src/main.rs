@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use keel_core::Settings;
 
+mod audit;
 mod commands;
 mod dlq;
 mod ops;
@@ -63,6 +64,19 @@ enum Command {
         /// Wait up to this many seconds for the group's members to leave.
         #[arg(long)]
         wait: Option<u64>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// Check, from the orders and their outbox events, that every group applied every event's
+    /// effect exactly once (or dead-lettered it). Exit 4 if a check fails.
+    Audit {
+        /// Audit orders created since this RFC 3339 time [default: now minus
+        /// KEEL_OUTBOX_RETENTION_SECS: the outbox still holds all their events].
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Every SKU's stock before the first order: checks on-hand stock too.
+        #[arg(long)]
+        opening_stock: Option<i32>,
         #[arg(long, value_enum, default_value = "table")]
         output: ops::Output,
     },
@@ -237,6 +251,11 @@ async fn main() -> std::process::ExitCode {
             )
             .await
         }
+        Command::Audit {
+            since,
+            opening_stock,
+            output,
+        } => audit::audit(&settings, since, opening_stock, output).await,
         Command::Dlq(DlqCommand::List {
             group,
             topic,
@@ -282,6 +301,8 @@ async fn main() -> std::process::ExitCode {
             eprintln!("keel: {e:#}");
             if e.is::<ops::GroupBusy>() {
                 std::process::ExitCode::from(3)
+            } else if e.is::<audit::AuditFailed>() {
+                std::process::ExitCode::from(4)
             } else {
                 std::process::ExitCode::FAILURE
             }

@@ -12,17 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 mod common;
 
-use common::{Stack, keel, order};
-
-/// Runs `keel <args>` to completion against `stack`.
-fn keel_run(stack: &Stack, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
-        .envs(stack.env())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
+use common::{Stack, keel, keel_run, order};
 
 fn json_of(out: &Output) -> Value {
     assert!(

@@ -208,6 +208,16 @@ impl Proc {
     }
 }
 
+/// Runs `keel <args>` to completion against `stack`.
+pub fn keel_run(stack: &Stack, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .envs(stack.env())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
 /// Starts `keel <args>` against `stack`.
 pub fn keel(stack: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
