@@ -164,6 +164,8 @@ pub struct ConsumerConfig {
     pub max_retry_backoff: Duration,
     /// Attempts at a record failing with a transient error before it is dead-lettered.
     pub max_attempts: u32,
+    /// Static membership: this instance's `group.instance.id` (see `KEEL_CONSUMER_INSTANCE_ID`).
+    pub instance_id: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -173,6 +175,7 @@ impl ConsumerConfig {
             registry_url: s.schema_registry_url.clone(),
             max_retry_backoff: s.consumer.max_retry_backoff,
             max_attempts: s.consumer.max_attempts,
+            instance_id: s.consumer.instance_id.clone(),
         }
     }
 }
@@ -210,10 +213,14 @@ pub struct Consumer<H: Handler> {
 impl<H: Handler> Consumer<H> {
     /// Joins `handler`'s group and subscribes to its topics.
     pub fn new(handler: H, pool: PgPool, config: ConsumerConfig) -> anyhow::Result<Self> {
-        let consumer: StreamConsumer =
-            keel_core::kafka::consumer_config(&config.brokers, handler.group())
-                .create()
-                .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
+        let mut client = keel_core::kafka::consumer_config(&config.brokers, handler.group());
+        if let Some(id) = &config.instance_id {
+            // Unique per group: one process may run several groups under one instance name.
+            client.set("group.instance.id", format!("{}-{id}", handler.group()));
+        }
+        let consumer: StreamConsumer = client
+            .create()
+            .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
         let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;

@@ -112,6 +112,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Attempts at a record that keeps failing before it goes to the dead-letter topic",
     ),
     (
+        "KEEL_CONSUMER_INSTANCE_ID",
+        "",
+        "Static group membership (Kafka group.instance.id): a stable name per instance, e.g. the pod name; a restarted instance takes its partitions back without a rebalance",
+    ),
+    (
         "KEEL_SMTP_URL",
         "",
         "SMTP server for notifications, e.g. smtp://mail:25; empty writes .eml files to KEEL_MAIL_DIR",
@@ -177,6 +182,8 @@ pub struct RelaySettings {
 pub struct ConsumerSettings {
     pub max_retry_backoff: Duration,
     pub max_attempts: u32,
+    /// `group.instance.id`; `None`: dynamic membership.
+    pub instance_id: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -265,6 +272,7 @@ impl Settings {
                     source.parse("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS")?,
                 ),
                 max_attempts,
+                instance_id: source.optional("KEEL_CONSUMER_INSTANCE_ID"),
             },
             cache: CacheSettings {
                 redis_url: source.parse("KEEL_REDIS_URL")?,
