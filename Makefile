@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics compose-check bench
+.PHONY: help up-kafka down demo test build fmt lint schema-check schema-publish install-tansu replay-analytics compose-check bench chaos
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ test: ## Run every test; starts (and stops) the broker they need
 
 bench: ## Throughput and latency against raw baselines (bench/README.md); ARGS="--rows 100000" to scale
 	@scripts/bench.sh $(ARGS)
+
+chaos: ## Faults, restarts and bad input under load, each audited (keel audit); ARGS="--quick" is CI's form
+	@scripts/chaos.sh $(ARGS)
 
 build: ## Build the keel binary
 	cargo build -p keel

@@ -1,0 +1,413 @@
+//! One scenario's backbone: a database and topics of its own, keel's registry, order service,
+//! relay and four groups as `keel` processes, with PostgreSQL and Redis reached through
+//! forwarders the scenario can cut.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_core::kafka::{self, TopicSpec};
+use keel_core::testkit::{Outage, Process, wait_until};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// The stock every SKU starts with (the inventory migration's seed).
+pub const OPENING_STOCK: i32 = 10_000;
+
+/// The groups, as `keel consume` names them.
+pub const GROUPS: &[&str] = &[
+    "inventory",
+    "notification",
+    "analytics",
+    "cache-invalidation",
+];
+
+/// What every scenario's stack is built from.
+#[derive(Clone)]
+pub struct Parts {
+    pub keel_bin: String,
+    pub postgres: String,
+    pub redis: String,
+    pub logs: std::path::PathBuf,
+    pub run: String,
+}
+
+pub struct Stack {
+    pub parts: Parts,
+    pub name: String,
+    /// The scenario's database, reached directly (the auditor and checks use it).
+    pub db_url: String,
+    db_name: String,
+    pub pool: PgPool,
+    /// The services reach PostgreSQL and Redis through these.
+    pub postgres: Outage,
+    pub redis: Outage,
+    pub brokers: String,
+    pub orders_topic: String,
+    pub inventory_topic: String,
+    pub api: String,
+    api_port: u16,
+    registry_port: u16,
+    mail_dir: std::path::PathBuf,
+    /// Running processes by instance name (`relay`, `relay-2`, `inventory`, …).
+    procs: BTreeMap<String, Process>,
+    /// Each instance's admin port (/ready, /metrics).
+    admin: BTreeMap<String, u16>,
+    /// The last `keel_consumer_records_total{outcome="duplicate"}` read from each instance.
+    duplicates: BTreeMap<String, f64>,
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Stack {
+    /// Everything up and ready, on the broker at `brokers`.
+    pub async fn start(parts: &Parts, name: &str, brokers: &str) -> anyhow::Result<Self> {
+        let brokers = brokers.to_owned();
+        let db_name = format!("keel_chaos_{}_{}", parts.run, name.replace('-', "_"));
+        let db_url = format!("postgres://postgres@{}/{db_name}", parts.postgres);
+        let postgres = Outage::forward(&parts.postgres).await;
+        let redis = Outage::forward(&parts.redis).await;
+        let prefix = format!("chaos-{}-{name}", parts.run);
+        let orders_topic = format!("{prefix}-orders");
+        let inventory_topic = format!("{prefix}-inventory");
+        kafka::create_topics(
+            &brokers,
+            &[
+                TopicSpec::new(&orders_topic, 6),
+                TopicSpec::new(&inventory_topic, 6),
+            ],
+        )
+        .await
+        .context("creating the scenario's topics")?;
+        let mail_dir = parts.logs.join(format!("{prefix}-mail"));
+        let api_port = free_port()?;
+        let mut stack = Self {
+            parts: parts.clone(),
+            name: name.to_owned(),
+            db_url: db_url.clone(),
+            db_name,
+            pool: PgPool::connect_lazy(&db_url)?,
+            postgres,
+            redis,
+            brokers,
+            orders_topic,
+            inventory_topic,
+            api: format!("http://127.0.0.1:{api_port}"),
+            api_port,
+            registry_port: free_port()?,
+            mail_dir,
+            procs: BTreeMap::new(),
+            admin: BTreeMap::new(),
+            duplicates: BTreeMap::new(),
+            started: chrono::Utc::now(),
+        };
+        let status = stack
+            .command("migrate", &["migrate"], &[])?
+            .status()
+            .context("keel migrate")?;
+        anyhow::ensure!(status.success(), "keel migrate failed ({status})");
+        stack.started = chrono::Utc::now();
+        stack.spawn("registry")?;
+        stack
+            .wait_ready("registry", Duration::from_secs(30))
+            .await?;
+        stack.spawn("order-service")?;
+        stack
+            .wait_ready("order-service", Duration::from_secs(30))
+            .await?;
+        stack.spawn("relay")?;
+        for g in GROUPS {
+            stack.spawn(g)?;
+        }
+        for name in ["relay", GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[3]] {
+            stack.wait_ready(name, Duration::from_secs(60)).await?;
+        }
+        Ok(stack)
+    }
+
+    /// `KEEL_*` for a process of this stack; services reach PostgreSQL through the forwarder,
+    /// except the registry (its outages are scenarios of their own).
+    fn command(
+        &self,
+        instance: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Command> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(
+            self.parts
+                .logs
+                .join(format!("{}-{}-{instance}.log", self.parts.run, self.name)),
+        )?;
+        let proxied_db = format!(
+            "postgres://postgres@{}/{}",
+            self.postgres.addr, self.db_name
+        );
+        let mut cmd = Command::new(&self.parts.keel_bin);
+        cmd.args(args)
+            .env(
+                "KEEL_DATABASE_URL",
+                if instance == "registry" || instance == "migrate" {
+                    &self.db_url
+                } else {
+                    &proxied_db
+                },
+            )
+            .env("KEEL_KAFKA_BROKERS", &self.brokers)
+            .env(
+                "KEEL_SCHEMA_REGISTRY_URL",
+                format!("http://127.0.0.1:{}", self.registry_port),
+            )
+            .env(
+                "KEEL_REGISTRY_ADDR",
+                format!("127.0.0.1:{}", self.registry_port),
+            )
+            .env(
+                "KEEL_ORDER_SERVICE_ADDR",
+                format!("127.0.0.1:{}", self.api_port),
+            )
+            .env("KEEL_TOPIC_ORDERS", &self.orders_topic)
+            .env("KEEL_TOPIC_INVENTORY", &self.inventory_topic)
+            .env("KEEL_REDIS_URL", format!("redis://{}", self.redis.addr))
+            .env("KEEL_MAIL_DIR", &self.mail_dir)
+            .env("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "1000")
+            .env("KEEL_RELAY_POLL_INTERVAL_MS", "200")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(cmd)
+    }
+
+    /// Starts instance `name`: `registry`, `order-service`, `relay[-N]` or `<group>[-N]`.
+    pub fn spawn(&mut self, instance: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.procs.contains_key(instance),
+            "{instance} is already running"
+        );
+        let base = instance
+            .rsplit_once('-')
+            .filter(|(_, n)| n.parse::<u32>().is_ok())
+            .map_or(instance, |(b, _)| b);
+        let args: Vec<&str> = match base {
+            "registry" => vec!["registry"],
+            "order-service" => vec!["order-service"],
+            "relay" => vec!["relay"],
+            group => vec!["consume", group],
+        };
+        let mut env = Vec::new();
+        if !matches!(base, "registry" | "order-service") {
+            let port = match self.admin.get(instance) {
+                Some(p) => *p,
+                None => free_port()?,
+            };
+            self.admin.insert(instance.to_owned(), port);
+            env.push(("KEEL_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+            // Static membership: a restarted instance takes its own partitions back.
+            env.push((
+                "KEEL_CONSUMER_INSTANCE_ID",
+                format!("{}-{}-{instance}", self.parts.run, self.name),
+            ));
+        }
+        let cmd = self.command(instance, &args, &env)?;
+        self.procs
+            .insert(instance.to_owned(), Process::spawn(instance, cmd)?);
+        Ok(())
+    }
+
+    fn ready_url(&self, instance: &str) -> String {
+        match instance {
+            "registry" => format!("http://127.0.0.1:{}/ready", self.registry_port),
+            "order-service" => format!("{}/ready", self.api),
+            _ => format!(
+                "http://127.0.0.1:{}/ready",
+                self.admin.get(instance).copied().unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Polls the instance's `/ready` until it answers 200.
+    pub async fn wait_ready(&mut self, instance: &str, timeout: Duration) -> anyhow::Result<()> {
+        let url = self.ready_url(instance);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let name = instance.to_owned();
+        let procs = &mut self.procs;
+        wait_until(&format!("{instance} to be ready"), timeout, || {
+            let alive = procs.get_mut(&name).is_some_and(Process::alive);
+            let request = http.get(&url).send();
+            let name = name.clone();
+            async move {
+                anyhow::ensure!(alive, "{name} exited (see its log)");
+                Ok(request.await.is_ok_and(|r| r.status().is_success()))
+            }
+        })
+        .await
+    }
+
+    /// Whether the instance answers `/ready` with 200 now.
+    pub async fn ready(&self, instance: &str) -> bool {
+        let Ok(http) = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+        else {
+            return false;
+        };
+        http.get(self.ready_url(instance))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
+    pub fn kill9(&mut self, instance: &str) -> anyhow::Result<()> {
+        self.procs
+            .remove(instance)
+            .with_context(|| format!("{instance} is not running"))?
+            .kill9();
+        Ok(())
+    }
+
+    /// SIGTERM: an error unless it exits 0.
+    pub fn terminate(&mut self, instance: &str) -> anyhow::Result<()> {
+        self.procs
+            .remove(instance)
+            .with_context(|| format!("{instance} is not running"))?
+            .terminate()
+    }
+
+    /// Reads every group instance's duplicate count (kept when the instance dies).
+    pub async fn scrape_duplicates(&mut self) {
+        let http = reqwest::Client::new();
+        for (instance, port) in &self.admin {
+            if !self.procs.contains_key(instance) {
+                continue;
+            }
+            let Ok(resp) = http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(text) = resp.text().await else {
+                continue;
+            };
+            let dups: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("keel_consumer_records_total{")
+                        && l.contains("outcome=\"duplicate\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            // A restarted instance counts from zero again: keep what the previous one saw.
+            let key = format!(
+                "{instance}@{}",
+                self.procs.get(instance).map_or(0, Process::pid)
+            );
+            self.duplicates.insert(key, dups);
+        }
+    }
+
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.values().sum::<f64>() as u64
+    }
+
+    /// `keel audit --output json` on this stack (direct database URL); `Ok(report)` whatever its
+    /// verdict.
+    pub async fn audit(&self) -> anyhow::Result<Value> {
+        let since = self.started.to_rfc3339();
+        let mut cmd = self.command(
+            "audit",
+            &[
+                "audit",
+                "--output",
+                "json",
+                "--opening-stock",
+                &OPENING_STOCK.to_string(),
+                "--since",
+                &since,
+            ],
+            &[
+                ("KEEL_DATABASE_URL", self.db_url.clone()),
+                ("KEEL_REDIS_URL", format!("redis://{}", self.parts.redis)),
+            ],
+        )?;
+        cmd.stdout(Stdio::piped());
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await?
+            .context("keel audit")?;
+        let code = out.status.code();
+        anyhow::ensure!(
+            matches!(code, Some(0 | 4)),
+            "keel audit could not run (exit {code:?}; see the audit log)"
+        );
+        serde_json::from_slice(&out.stdout).context("keel audit's JSON")
+    }
+
+    /// Polls the audit until it passes (the backbone drained and every effect is in place), or
+    /// returns the last report after `timeout`. With how long it took.
+    pub async fn settle(&mut self, timeout: Duration) -> anyhow::Result<(Value, Duration)> {
+        let begun = Instant::now();
+        loop {
+            self.scrape_duplicates().await;
+            let report = self.audit().await?;
+            if report["ok"] == Value::Bool(true) || begun.elapsed() > timeout {
+                return Ok((report, begun.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Stops every process gracefully (each must exit 0) and drops the database and topics.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.scrape_duplicates().await;
+        let mut failures = Vec::new();
+        // Groups and relay first, the registry last (the others may still ask it).
+        let order: Vec<String> = self
+            .procs
+            .keys()
+            .filter(|k| !matches!(k.as_str(), "registry" | "order-service"))
+            .cloned()
+            .chain(["order-service".to_owned(), "registry".to_owned()])
+            .collect();
+        for instance in order {
+            if let Some(p) = self.procs.remove(&instance)
+                && let Err(e) = p.terminate()
+            {
+                failures.push(e.to_string());
+            }
+        }
+        self.pool.close().await;
+        let admin = PgPool::connect(&format!(
+            "postgres://postgres@{}/postgres",
+            self.parts.postgres
+        ))
+        .await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db_name
+        ))
+        .execute(&admin)
+        .await?;
+        let _ =
+            kafka::delete_topics(&self.brokers, &[&self.orders_topic, &self.inventory_topic]).await;
+        let _ = std::fs::remove_dir_all(&self.mail_dir);
+        anyhow::ensure!(
+            failures.is_empty(),
+            "graceful stop failed: {}",
+            failures.join("; ")
+        );
+        Ok(())
+    }
+}
