@@ -6,7 +6,7 @@
 //! run as `keel` processes (the release binary in `BENCH_KEEL_BIN`), so their memory is their own.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use keel_consumers::Handler;
 use keel_core::kafka::{self, TopicSpec};
+use keel_core::testkit::{Process, wait_until};
 use keel_schemas::{Customer, Event, OrderCreated, OrderLine};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -61,40 +62,8 @@ fn var(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
 }
 
-/// A `keel` process, stopped (SIGTERM) when dropped.
-struct Service {
-    name: String,
-    child: Child,
-}
-
-impl Service {
-    /// Peak resident memory so far (VmHWM), in MiB.
-    fn peak_rss_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib / 1024.0)
-    }
-
-    fn stop(mut self) -> anyhow::Result<()> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "{} exited with {status}", self.name);
-        Ok(())
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Bench {
-    fn keel(&self, name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Service> {
+    fn keel(&self, name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Process> {
         let logs = self.args.out.join("logs");
         std::fs::create_dir_all(&logs)?;
         let log = std::fs::File::create(logs.join(format!("{}-{name}.log", self.run)))?;
@@ -109,12 +78,7 @@ impl Bench {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Ok(Service {
-            name: name.to_owned(),
-            child: cmd
-                .spawn()
-                .with_context(|| format!("starting {}", self.keel_bin))?,
-        })
+        Process::spawn(name, cmd)
     }
 
     async fn topic(&self, name: &str) -> anyhow::Result<String> {
@@ -134,22 +98,6 @@ impl Bench {
         .bind(group)
         .fetch_one(&self.pool)
         .await?)
-    }
-}
-
-/// Polls `check` every 50 ms until it holds, or fails after `timeout`.
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -314,7 +262,7 @@ async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Resu
         &["relay"],
         &[("KEEL_TOPIC_ORDERS", topic.clone())],
     )?;
-    wait_for(
+    wait_until(
         "the relay's first batch",
         Duration::from_secs(120),
         || async { Ok(bench.scalar(pending_sql).await? < rows) },
@@ -322,13 +270,13 @@ async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Resu
     .await?;
     let started = Instant::now();
     let remaining = bench.scalar(pending_sql).await?;
-    wait_for("the relay to drain", Duration::from_secs(1800), || async {
+    wait_until("the relay to drain", Duration::from_secs(1800), || async {
         Ok(bench.scalar(pending_sql).await? == 0)
     })
     .await?;
     let keel = rate(remaining as f64, started.elapsed());
     report.memory("relay", relay.peak_rss_mib());
-    relay.stop()?;
+    relay.terminate()?;
     report.scenario(
         "relay drain",
         json!({"rows": rows, "relay_per_s": keel, "sql_loop_per_s": sql, "raw_producer_per_s": raw}),
@@ -397,7 +345,7 @@ async fn write_path(bench: &Bench, report: &mut report::Report) -> anyhow::Resul
     )?;
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    wait_for("the order service", Duration::from_secs(60), || {
+    wait_until("the order service", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), url.clone());
         async move {
             Ok(http
@@ -427,7 +375,7 @@ async fn write_path(bench: &Bench, report: &mut report::Report) -> anyhow::Resul
         .await?
     };
     report.memory("order-service", service.peak_rss_mib());
-    service.stop()?;
+    service.terminate()?;
 
     let new: keel_producers::domain::NewOrder = serde_json::from_value(body)?;
     let valid = keel_producers::domain::validate(&new)
@@ -525,7 +473,7 @@ async fn end_to_end(
     let consumer = bench.keel("inventory-e2e", &["consume", "inventory"], &env)?;
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    wait_for("the order service", Duration::from_secs(60), || {
+    wait_until("the order service", Duration::from_secs(60), || {
         let (http, url) = (http.clone(), url.clone());
         async move {
             Ok(http
@@ -549,7 +497,7 @@ async fn end_to_end(
             .send()
             .await?;
     }
-    wait_for("inventory to warm up", Duration::from_secs(120), || async {
+    wait_until("inventory to warm up", Duration::from_secs(120), || async {
         Ok(bench.processed("inventory").await? >= 20)
     })
     .await?;
@@ -581,7 +529,7 @@ async fn end_to_end(
             ids.push(t.await??);
         }
         let target = before + n as i64;
-        wait_for(
+        wait_until(
             "inventory to apply the load",
             Duration::from_secs(600),
             || async { Ok(bench.processed("inventory").await? >= target) },
@@ -620,9 +568,9 @@ async fn end_to_end(
     report.memory("order-service", service.peak_rss_mib());
     report.memory("relay", relay.peak_rss_mib());
     report.memory("inventory", consumer.peak_rss_mib());
-    consumer.stop()?;
-    relay.stop()?;
-    service.stop()?;
+    consumer.terminate()?;
+    relay.terminate()?;
+    service.terminate()?;
     let p50_20 = results["20%"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
     let p99_20 = results["20%"]["p99_ms"].as_f64().unwrap_or(f64::NAN);
     results.insert(
@@ -706,13 +654,13 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
             ],
         )?;
         let before = bench.processed(group).await?;
-        wait_for("the group to start", Duration::from_secs(120), || async {
+        wait_until("the group to start", Duration::from_secs(120), || async {
             Ok(bench.processed(group).await? > before)
         })
         .await?;
         let started = Instant::now();
         let from = bench.processed(group).await?;
-        wait_for(
+        wait_until(
             "the group to catch up",
             Duration::from_secs(1800),
             || async { Ok(bench.processed(group).await? >= before + n as i64) },
@@ -720,7 +668,7 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
         .await?;
         let keel = rate((before + n as i64 - from) as f64, started.elapsed());
         report.memory(group, service.peak_rss_mib());
-        service.stop()?;
+        service.terminate()?;
         reset_effects(&bench.pool).await?;
         report.scenario(
             &format!("catch-up: {group}"),
