@@ -25,7 +25,8 @@ wait_for "the order service" 30 curl -fsS http://127.0.0.1:8080/ready
 KEEL_ADMIN_ADDR=127.0.0.1:9101 start relay "$KEEL" relay
 port=9102
 for group in inventory notification analytics cache-invalidation; do
-  KEEL_ADMIN_ADDR=127.0.0.1:$port start "$group" "$KEEL" consume "$group"
+  # Static membership: a restarted group takes its partitions back without waiting for a rebalance.
+  KEEL_ADMIN_ADDR=127.0.0.1:$port KEEL_CONSUMER_INSTANCE_ID=local start "$group" "$KEEL" consume "$group"
   port=$((port + 1))
 done
 
