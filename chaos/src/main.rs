@@ -169,7 +169,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     // A broker of the scenario's own: consumer-group state never carries over between
-    // scenarios (tansu 0.6 does not expire a member that vanished without leaving; see
+    // scenarios (tansu 0.6 did not expire, within minutes, a member that vanished; see
     // chaos/README.md). On SQLite where the broker restarts, so that its data survives.
     let storage = if name == "broker-restart" {
         Storage::Sqlite
