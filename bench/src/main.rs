@@ -215,13 +215,17 @@ async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Resu
         .execute(&bench.pool)
         .await?;
 
-    // (a) The relay's own claim and mark, without Kafka.
+    // (a) The relay's own claim and mark, without Kafka, with the relay's batch size.
+    let batch_size = keel_core::Settings::from_env()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .relay
+        .batch_size;
     let relay = keel_outbox::Relay::new(
         bench.pool.clone(),
         keel_outbox::RelayConfig {
             brokers: bench.brokers.clone(),
             registry_url: bench.registry_url.clone(),
-            batch_size: 500,
+            batch_size,
             poll_interval: Duration::from_millis(100),
             retention: Duration::from_secs(86_400),
         },
@@ -279,7 +283,7 @@ async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Resu
     relay.terminate()?;
     report.scenario(
         "relay drain",
-        json!({"rows": rows, "relay_per_s": keel, "sql_loop_per_s": sql, "raw_producer_per_s": raw}),
+        json!({"rows": rows, "batch_size": batch_size, "relay_per_s": keel, "sql_loop_per_s": sql, "raw_producer_per_s": raw}),
         keel / sql.min(raw),
         0.8,
     );

@@ -88,7 +88,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "KEEL_RELAY_BATCH_SIZE",
-        "500",
+        "2000",
         "Outbox rows the relay claims, publishes and marks per transaction",
     ),
     (

@@ -14,6 +14,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
 use futures::future::join_all;
 use keel_core::backoff::Backoff;
 use keel_core::telemetry::TraceHeaders;
@@ -124,6 +125,123 @@ fn publish_span(row: &Pending, event_id: &str) -> tracing::Span {
     span
 }
 
+/// The oldest pending rows, locked for this transaction.
+const CLAIM: &str =
+    "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers,
+        extract(epoch FROM created_at)::float8 * 1000 AS created_ms
+   FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL
+  ORDER BY id LIMIT $1 FOR UPDATE";
+
+/// A claimed row, or its id and why it can never be published.
+fn parse(row: &sqlx::postgres::PgRow) -> Result<Pending, (i64, String)> {
+    let id: i64 = row.get("id");
+    let payload: String = row.get("payload");
+    let headers: String = row.get("headers");
+    let (event, headers) = serde_json::from_str::<Event>(&payload)
+        .map_err(|e| format!("payload is not a known event: {e}"))
+        .and_then(|event| {
+            serde_json::from_str::<TraceHeaders>(&headers)
+                .map(|h| (event, h))
+                .map_err(|e| format!("headers are not a string map: {e}"))
+        })
+        .map_err(|reason| (id, reason))?;
+    Ok(Pending {
+        id,
+        topic: row.get("topic"),
+        key: row.get("message_key"),
+        event,
+        headers,
+        created_ms: row.get("created_ms"),
+    })
+}
+
+/// Rows marked published per statement while a batch's acknowledgements come in.
+const MARK_SLICE: usize = 500;
+
+async fn mark_published(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: &[Pending],
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    sqlx::query("UPDATE outbox.events SET published_at = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Sets a row that can never be published aside, in the claim's transaction: it would otherwise
+/// block every row behind it.
+async fn set_aside(
+    tx: &mut Transaction<'static, Postgres>,
+    id: i64,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    tracing::error!(
+        outbox_id = id,
+        reason,
+        "Outbox row can never be published; set aside as failed"
+    );
+    sqlx::query("UPDATE outbox.events SET failed_at = now(), error = $2 WHERE id = $1")
+        .bind(id)
+        .bind(reason)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A record handed to the producer: its delivery and, with tracing on, its span.
+type Sent = (rdkafka::producer::DeliveryFuture, Option<tracing::Span>);
+
+/// Waits until Kafka acknowledged every record of `rows` (sent in that order); counts them.
+async fn settle(sent: Vec<Sent>, rows: &[Pending]) -> Result<(), RelayError> {
+    let (deliveries, spans): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
+    let total = deliveries.len();
+    let mut failed = 0;
+    let mut first = None;
+    let metrics = keel_core::metrics::metrics();
+    for ((outcome, span), row) in join_all(deliveries).await.into_iter().zip(spans).zip(rows) {
+        let topic = keel_core::metrics::TopicLabels {
+            topic: row.topic.clone(),
+        };
+        if matches!(outcome, Ok(Ok(_))) {
+            metrics.relay_published.get_or_create(&topic).inc();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            metrics
+                .relay_commit_to_ack
+                .observe(((now_ms - row.created_ms) / 1000.0).max(0.0));
+        } else {
+            metrics.relay_failed.get_or_create(&topic).inc();
+        }
+        let error = match outcome {
+            Ok(Ok(delivered)) => {
+                if let Some(span) = span {
+                    span.record(
+                        "messaging.destination.partition.id",
+                        delivered.partition.to_string(),
+                    );
+                    span.record("messaging.kafka.offset", delivered.offset);
+                }
+                continue;
+            }
+            Ok(Err((e, _))) => e.to_string(),
+            Err(_) => "delivery future cancelled (producer dropped)".to_owned(),
+        };
+        failed += 1;
+        first.get_or_insert(error);
+    }
+    match first {
+        None => Ok(()),
+        Some(first) => Err(RelayError::Delivery {
+            failed,
+            total,
+            first,
+        }),
+    }
+}
+
 /// The relay loop's name for liveness (`/health`).
 pub const HEALTH_LOOP: &str = "relay";
 
@@ -161,6 +279,25 @@ impl Relay {
     /// the lock. Rows whose payload cannot be read are set aside (marked failed) in the same
     /// transaction, with an error log: they would otherwise block every row behind them.
     pub async fn claim(&self) -> Result<Option<Claim>, RelayError> {
+        let Some(mut tx) = self.lead().await? else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(CLAIM)
+            .bind(self.limit())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            match parse(&row) {
+                Ok(p) => pending.push(p),
+                Err((id, reason)) => set_aside(&mut tx, id, &reason).await?,
+            }
+        }
+        Ok(Some(Claim { tx, rows: pending }))
+    }
+
+    /// A transaction holding the relay lock; `None` when another relay holds it.
+    async fn lead(&self) -> Result<Option<Transaction<'static, Postgres>>, RelayError> {
         let mut tx = self.pool.begin().await?;
         let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RELAY_LOCK)
@@ -170,187 +307,123 @@ impl Relay {
             tx.rollback().await?;
             return Ok(None);
         }
-        let rows = sqlx::query(
-            "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers,
-                    extract(epoch FROM created_at)::float8 * 1000 AS created_ms
-             FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL
-             ORDER BY id LIMIT $1 FOR UPDATE",
-        )
-        .bind(i64::try_from(self.config.batch_size).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: i64 = row.get("id");
-            let payload: String = row.get("payload");
-            let headers: String = row.get("headers");
-            let parsed = serde_json::from_str::<Event>(&payload)
-                .map_err(|e| format!("payload is not a known event: {e}"))
-                .and_then(|event| {
-                    serde_json::from_str::<TraceHeaders>(&headers)
-                        .map(|h| (event, h))
-                        .map_err(|e| format!("headers are not a string map: {e}"))
-                });
-            match parsed {
-                Ok((event, headers)) => pending.push(Pending {
-                    id,
-                    topic: row.get("topic"),
-                    key: row.get("message_key"),
-                    event,
-                    headers,
-                    created_ms: row.get("created_ms"),
-                }),
-                Err(reason) => {
-                    tracing::error!(
-                        outbox_id = id,
-                        reason,
-                        "Outbox row can never be published; set aside as failed"
-                    );
-                    sqlx::query(
-                        "UPDATE outbox.events SET failed_at = now(), error = $2 WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(&reason)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-        }
-        Ok(Some(Claim { tx, rows: pending }))
+        Ok(Some(tx))
+    }
+
+    fn limit(&self) -> i64 {
+        i64::try_from(self.config.batch_size).unwrap_or(i64::MAX)
     }
 
     /// Encodes and produces every claimed row, and waits until Kafka acknowledged all of them.
     pub async fn produce(&self, claim: &Claim) -> Result<(), RelayError> {
-        let mut deliveries = Vec::with_capacity(claim.rows.len());
-        let mut spans = Vec::with_capacity(claim.rows.len());
+        let mut sent = Vec::with_capacity(claim.rows.len());
         for row in &claim.rows {
-            let value = self.encoder.encode(&row.topic, &row.event).await?;
-            let event_id = row.event.event_id().to_string();
-            let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
-                .insert(Header {
-                    key: "keel-event-type",
-                    value: Some(row.event.name()),
-                })
-                .insert(Header {
-                    key: "keel-event-id",
-                    value: Some(event_id.as_str()),
-                });
-            // With tracing on, a producer span in the writer's trace; its context goes on.
-            let span = keel_core::telemetry::recording().then(|| publish_span(row, &event_id));
-            let trace = match &span {
-                Some(span) => {
-                    let writer = keel_core::telemetry::extract(|k| row.headers.get(k).cloned());
-                    span.in_scope(|| keel_core::telemetry::headers_for_current(&writer))
-                }
-                None => row.headers.clone(),
-            };
-            for (k, v) in &trace {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_str()),
-                });
-            }
-            let mut record = FutureRecord::to(&row.topic)
-                .key(&row.key)
-                .payload(&value)
-                .headers(headers);
-            // Enqueue without awaiting each delivery: the whole batch is in flight at once.
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        spans.push(span);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => {
-                        return Err(RelayError::Delivery {
-                            failed: 1,
-                            total: claim.rows.len(),
-                            first: e.to_string(),
-                        });
-                    }
-                }
-            }
+            sent.push(self.enqueue(row, claim.rows.len()).await?);
         }
-        let total = deliveries.len();
-        let mut failed = 0;
-        let mut first = None;
-        let metrics = keel_core::metrics::metrics();
-        for ((outcome, span), row) in join_all(deliveries)
-            .await
-            .into_iter()
-            .zip(spans)
-            .zip(&claim.rows)
-        {
-            let topic = keel_core::metrics::TopicLabels {
-                topic: row.topic.clone(),
-            };
-            if matches!(outcome, Ok(Ok(_))) {
-                metrics.relay_published.get_or_create(&topic).inc();
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-                metrics
-                    .relay_commit_to_ack
-                    .observe(((now_ms - row.created_ms) / 1000.0).max(0.0));
-            } else {
-                metrics.relay_failed.get_or_create(&topic).inc();
+        settle(sent, &claim.rows).await
+    }
+
+    /// Encodes `row` and hands it to the producer without waiting for the acknowledgement: a
+    /// whole batch is in flight at once. `batch` is for the error message.
+    async fn enqueue(&self, row: &Pending, batch: usize) -> Result<Sent, RelayError> {
+        let value = self.encoder.encode(&row.topic, &row.event).await?;
+        let event_id = row.event.event_id().to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
+            .insert(Header {
+                key: "keel-event-type",
+                value: Some(row.event.name()),
+            })
+            .insert(Header {
+                key: "keel-event-id",
+                value: Some(event_id.as_str()),
+            });
+        // With tracing on, a producer span in the writer's trace; its context goes on.
+        let span = keel_core::telemetry::recording().then(|| publish_span(row, &event_id));
+        let trace = match &span {
+            Some(span) => {
+                let writer = keel_core::telemetry::extract(|k| row.headers.get(k).cloned());
+                span.in_scope(|| keel_core::telemetry::headers_for_current(&writer))
             }
-            let error = match outcome {
-                Ok(Ok(delivered)) => {
-                    if let Some(span) = span {
-                        span.record(
-                            "messaging.destination.partition.id",
-                            delivered.partition.to_string(),
-                        );
-                        span.record("messaging.kafka.offset", delivered.offset);
-                    }
-                    continue;
-                }
-                Ok(Err((e, _))) => e.to_string(),
-                Err(_) => "delivery future cancelled (producer dropped)".to_owned(),
-            };
-            failed += 1;
-            first.get_or_insert(error);
+            None => row.headers.clone(),
+        };
+        for (k, v) in &trace {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_str()),
+            });
         }
-        match first {
-            None => Ok(()),
-            Some(first) => Err(RelayError::Delivery {
-                failed,
-                total,
-                first,
-            }),
+        let mut record = FutureRecord::to(&row.topic)
+            .key(&row.key)
+            .payload(&value)
+            .headers(headers);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok((delivery, span)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(RelayError::Delivery {
+                        failed: 1,
+                        total: batch,
+                        first: e.to_string(),
+                    });
+                }
+            }
         }
     }
 
     /// Marks the claimed rows published and commits, releasing the relay lock.
     pub async fn mark(&self, claim: Claim) -> Result<usize, RelayError> {
         let Claim { mut tx, rows } = claim;
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        sqlx::query("UPDATE outbox.events SET published_at = now() WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
+        mark_published(&mut tx, &rows).await?;
         tx.commit().await?;
-        Ok(ids.len())
+        Ok(rows.len())
     }
 
-    /// Claim, produce, mark.
+    /// Claim, produce, mark, in one transaction. The claimed rows are streamed from PostgreSQL
+    /// into the producer as they arrive, so reading the batch overlaps with sending it; the
+    /// rows are marked only after Kafka acknowledged all of them.
     pub async fn step(&self) -> Result<Step, RelayError> {
-        let Some(claim) = self.claim().await? else {
+        let Some(mut tx) = self.lead().await? else {
             return Ok(Step::NotLeader);
         };
-        if !claim.is_empty() {
-            keel_core::metrics::metrics()
-                .relay_batch_size
-                .observe(claim.rows.len() as f64);
-            self.produce(&claim).await?;
+        let mut rows = Vec::new();
+        let mut sent = Vec::new();
+        let mut unpublishable = Vec::new();
+        {
+            let mut stream = sqlx::query(CLAIM).bind(self.limit()).fetch(&mut *tx);
+            while let Some(row) = stream.try_next().await? {
+                match parse(&row) {
+                    Ok(p) => {
+                        sent.push(self.enqueue(&p, self.config.batch_size).await?);
+                        rows.push(p);
+                    }
+                    Err(bad) => unpublishable.push(bad),
+                }
+            }
         }
-        Ok(Step::Published(self.mark(claim).await?))
+        for (id, reason) in &unpublishable {
+            set_aside(&mut tx, *id, reason).await?;
+        }
+        keel_core::metrics::metrics()
+            .relay_batch_size
+            .observe(rows.len() as f64);
+        // Marked a slice at a time as the acknowledgements come in, so that marking overlaps
+        // with waiting for the rest; all in the claim's transaction, committed only when every
+        // row is acknowledged and marked.
+        let mut from = 0;
+        while from < rows.len() {
+            let to = (from + MARK_SLICE).min(rows.len());
+            let rest = sent.split_off(to - from);
+            let slice = std::mem::replace(&mut sent, rest);
+            settle(slice, &rows[from..to]).await?;
+            mark_published(&mut tx, &rows[from..to]).await?;
+            from = to;
+        }
+        tx.commit().await?;
+        Ok(Step::Published(rows.len()))
     }
 
     /// Sets the outbox gauges: pending rows, the oldest pending row's age, rows set aside.
