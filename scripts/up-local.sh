@@ -23,6 +23,8 @@ start order-service "$KEEL" order-service
 wait_for "the order service" 30 curl -fsS http://127.0.0.1:8080/ready
 # Each background process serves /health, /ready and /metrics on its own port.
 KEEL_ADMIN_ADDR=127.0.0.1:9101 start relay "$KEEL" relay
+# tansu answers a fetch only when its wait runs out: a short wait is a short hop.
+export KEEL_CONSUMER_FETCH_WAIT_MS="${KEEL_CONSUMER_FETCH_WAIT_MS:-50}"
 port=9102
 for group in inventory notification analytics cache-invalidation; do
   # Static membership: a restarted group takes its partitions back without waiting for a rebalance.

@@ -166,6 +166,8 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     /// Static membership: this instance's `group.instance.id` (see `KEEL_CONSUMER_INSTANCE_ID`).
     pub instance_id: Option<String>,
+    /// `fetch.wait.max.ms` (see `KEEL_CONSUMER_FETCH_WAIT_MS`).
+    pub fetch_wait: Duration,
 }
 
 impl ConsumerConfig {
@@ -176,6 +178,7 @@ impl ConsumerConfig {
             max_retry_backoff: s.consumer.max_retry_backoff,
             max_attempts: s.consumer.max_attempts,
             instance_id: s.consumer.instance_id.clone(),
+            fetch_wait: s.consumer.fetch_wait,
         }
     }
 }
@@ -214,6 +217,10 @@ impl<H: Handler> Consumer<H> {
     /// Joins `handler`'s group and subscribes to its topics.
     pub fn new(handler: H, pool: PgPool, config: ConsumerConfig) -> anyhow::Result<Self> {
         let mut client = keel_core::kafka::consumer_config(&config.brokers, handler.group());
+        client.set(
+            "fetch.wait.max.ms",
+            config.fetch_wait.as_millis().to_string(),
+        );
         if let Some(id) = &config.instance_id {
             // Unique per group: one process may run several groups under one instance name.
             client.set("group.instance.id", format!("{}-{id}", handler.group()));

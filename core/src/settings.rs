@@ -112,6 +112,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Attempts at a record that keeps failing before it goes to the dead-letter topic",
     ),
     (
+        "KEEL_CONSUMER_FETCH_WAIT_MS",
+        "500",
+        "Longest a consumer's fetch waits at the broker for new records (fetch.wait.max.ms); a broker that answers only when it runs out (tansu 0.6) adds up to this to every hop",
+    ),
+    (
         "KEEL_CONSUMER_INSTANCE_ID",
         "",
         "Static group membership (Kafka group.instance.id): a stable name per instance, e.g. the pod name; a restarted instance takes its partitions back without a rebalance",
@@ -184,6 +189,8 @@ pub struct ConsumerSettings {
     pub max_attempts: u32,
     /// `group.instance.id`; `None`: dynamic membership.
     pub instance_id: Option<String>,
+    /// `fetch.wait.max.ms`.
+    pub fetch_wait: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -273,6 +280,7 @@ impl Settings {
                 ),
                 max_attempts,
                 instance_id: source.optional("KEEL_CONSUMER_INSTANCE_ID"),
+                fetch_wait: Duration::from_millis(source.parse("KEEL_CONSUMER_FETCH_WAIT_MS")?),
             },
             cache: CacheSettings {
                 redis_url: source.parse("KEEL_REDIS_URL")?,

@@ -430,8 +430,9 @@ impl Relay {
     pub async fn measure_backlog(&self) -> Result<(), sqlx::Error> {
         let (pending, oldest, failed): (i64, Option<f64>, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL),
-                    (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox.events
-                      WHERE published_at IS NULL AND failed_at IS NULL),
+                    -- The oldest is the lowest id: the pending index answers, no scan of the backlog.
+                    (SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox.events
+                      WHERE published_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT 1),
                     (SELECT count(*) FROM outbox.events WHERE failed_at IS NOT NULL)",
         )
         .fetch_one(&self.pool)
