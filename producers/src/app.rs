@@ -83,6 +83,26 @@ pub struct Application {
     stopping: CancellationToken,
 }
 
+/// API requests in progress at most. Past it the service answers 503 at once rather than
+/// queueing: memory stays bounded under overload, and clients back off instead of timing out.
+/// Twelve times the database pool: enough to keep it busy, few enough to answer fast.
+const MAX_IN_FLIGHT: usize = 240;
+
+/// Admits a request if a slot is free; otherwise 503 `overloaded`.
+async fn admit(
+    axum::extract::State(slots): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Ok(slot) = slots.try_acquire() else {
+        return crate::error::ApiError::Overloaded.into_response();
+    };
+    let response = next.run(request).await;
+    drop(slot);
+    response
+}
+
 /// Counts and times every request by route template and status (`keel_http_*`).
 async fn measure(
     request: axum::extract::Request,
@@ -142,6 +162,10 @@ impl Application {
             listener,
             stopping,
             router: router(state)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+                    admit,
+                ))
                 .merge(keel_core::health::router(checks))
                 .route_layer(axum::middleware::from_fn(measure))
                 .layer(

@@ -46,6 +46,8 @@ pub enum ApiError {
     /// PostgreSQL cannot be reached: the caller may retry.
     #[error("the database is unavailable; retry later")]
     Unavailable,
+    #[error("too many requests in progress; retry later")]
+    Overloaded,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -76,6 +78,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

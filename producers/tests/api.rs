@@ -412,3 +412,60 @@ async fn reads_go_through_the_versioned_cache_and_a_stale_reader_cannot_undo_an_
         serde_json::from_str(&cache.get(uuid).await.unwrap().expect("refilled")).unwrap();
     assert_eq!(cached["version"], 2);
 }
+
+#[tokio::test]
+async fn past_its_capacity_the_service_sheds_load_at_once_and_writes_nothing_half() {
+    let app = spawn_app().await;
+    // Every admitted request blocks on the orders table until the lock goes.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders.orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let sent = 300;
+    let requests: Vec<_> = (0..sent)
+        .map(|_| {
+            let req = app
+                .http
+                .post(format!("{}/orders", app.url))
+                .json(&order())
+                .send();
+            tokio::spawn(async move {
+                let resp = req.await.unwrap();
+                let status = resp.status();
+                (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+            })
+        })
+        .collect();
+    // The requests past the limit are answered while the others wait, and health still answers.
+    let (shed_so_far, health) = keel_core::testkit::eventually(
+        "requests past the limit to be refused",
+        Duration::from_secs(30),
+        || async {
+            let done = requests.iter().filter(|r| r.is_finished()).count();
+            let health = app.get("/health").await.0;
+            (done >= sent - 240).then_some((done, health))
+        },
+    )
+    .await;
+    assert_eq!(health, StatusCode::OK);
+    lock.commit().await.unwrap();
+
+    let mut created = 0;
+    let mut overloaded = 0;
+    for r in requests {
+        let (status, body) = r.await.unwrap();
+        match status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::SERVICE_UNAVAILABLE if body["error"] == "overloaded" => overloaded += 1,
+            other => panic!("unexpected answer {other}: {body}"),
+        }
+    }
+    assert!(
+        shed_so_far >= 60 && overloaded >= 60,
+        "{overloaded} refused"
+    );
+    assert_eq!(created + overloaded, sent);
+    assert_eq!(app.count("orders.orders").await, created as i64);
+    assert_eq!(app.count("outbox.events").await, created as i64);
+}
