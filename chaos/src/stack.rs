@@ -178,7 +178,10 @@ impl Stack {
             .env("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "1000")
             .env("KEEL_RELAY_POLL_INTERVAL_MS", "200")
             // CHAOS_RUST_LOG=info (or debug) to see more of what the services did.
-            .env("RUST_LOG", std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
