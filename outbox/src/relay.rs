@@ -407,9 +407,11 @@ impl Relay {
         for (id, reason) in &unpublishable {
             set_aside(&mut tx, *id, reason).await?;
         }
-        keel_core::metrics::metrics()
-            .relay_batch_size
-            .observe(rows.len() as f64);
+        if !rows.is_empty() {
+            keel_core::metrics::metrics()
+                .relay_batch_size
+                .observe(rows.len() as f64);
+        }
         // Marked a slice at a time as the acknowledgements come in, so that marking overlaps
         // with waiting for the rest; all in the claim's transaction, committed only when every
         // row is acknowledged and marked.
