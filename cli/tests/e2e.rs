@@ -195,31 +195,27 @@ async fn killing_the_relay_process_mid_stream_loses_no_event() {
         tx.commit().await.unwrap();
     }
 
-    let mut relay = keel(&stack, &["relay"], &[]);
+    let relay = keel(&stack, &["relay"], &[]);
     eventually(
         "the relay to publish something",
         Duration::from_secs(60),
         || async { (published(&stack.pool).await > 0).then_some(()) },
     )
     .await;
-    relay.0.kill().unwrap(); // SIGKILL, mid-stream
-    relay.0.wait().unwrap();
+    relay.kill9(); // mid-stream
     let before = published(&stack.pool).await;
     assert!(before < total, "killed before the end (published {before})");
 
-    let mut restarted = keel(&stack, &["relay"], &[]);
+    let restarted = keel(&stack, &["relay"], &[]);
     eventually(
         "the restarted relay to drain the outbox",
         Duration::from_secs(120),
         || async { (keel_outbox::pending(&stack.pool).await.ok()? == 0).then_some(()) },
     )
     .await;
-    // Graceful stop: SIGTERM, exit 0.
-    Command::new("kill")
-        .args(["-TERM", &restarted.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(restarted.0.wait().unwrap().success());
+    restarted
+        .terminate()
+        .expect("graceful stop: SIGTERM, exit 0");
 
     let ids = |messages: &[rdkafka::message::OwnedMessage]| -> std::collections::HashSet<String> {
         messages

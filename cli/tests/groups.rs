@@ -556,7 +556,7 @@ async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
 
-    let mut first = keel(&stack, &["consume", "inventory"], &[]);
+    let first = keel(&stack, &["consume", "inventory"], &[]);
     eventually(
         "the consumer to apply something",
         Duration::from_secs(120),
@@ -570,14 +570,14 @@ async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or
         "killed mid-stream ({at_kill} of {total} applied)"
     );
 
-    let mut second = keel(&stack, &["consume", "inventory"], &[]);
+    let second = keel(&stack, &["consume", "inventory"], &[]);
     eventually(
         "the restarted consumer to apply the rest",
         Duration::from_secs(180),
         || async { (stack.processed("inventory").await == total).then_some(()) },
     )
     .await;
-    assert!(second.terminate(), "SIGTERM: exits 0");
+    second.terminate().expect("SIGTERM: exits 0");
     let reserved = stack
         .scalar("SELECT sum(reserved)::bigint FROM inventory.stock")
         .await;

@@ -43,7 +43,7 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
     let outage = Outage::forward(host).await;
     let forwarded = stack.db.url.replacen(host, &outage.addr.to_string(), 1);
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut relay = keel(
+    let relay = keel(
         &stack,
         &["relay"],
         &[
@@ -108,7 +108,7 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
         || async { get(&stack.http, &ready).await.filter(|(s, _)| *s == 200) },
     )
     .await;
-    assert!(relay.terminate(), "the relay exits 0 on SIGTERM");
+    relay.terminate().expect("the relay exits 0 on SIGTERM");
 }
 
 /// A group whose handler waits until the test lets it go.

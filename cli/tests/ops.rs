@@ -37,7 +37,7 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
     let stack = Stack::start().await;
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
-    let mut consumer = keel(&stack, &["consume", "analytics"], &[]);
+    let consumer = keel(&stack, &["consume", "analytics"], &[]);
     let mut events = 0i64;
     for i in 0..12 {
         let created = stack
@@ -99,7 +99,7 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
     );
     assert!(String::from_utf8_lossy(&busy.stderr).contains("live member"));
 
-    assert!(consumer.terminate(), "the consumer stops cleanly");
+    consumer.terminate().expect("the consumer stops cleanly");
     let plan = json_of(&keel_run(
         &stack,
         &[
@@ -184,14 +184,14 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
     assert!(!ages.is_empty(), "{lagging}");
     assert!(ages.iter().all(|a| *a > 0.0 && *a < 600.0), "{ages:?}");
 
-    let mut again = keel(&stack, &["consume", "analytics"], &[]);
+    let again = keel(&stack, &["consume", "analytics"], &[]);
     // Caught up when the committed offsets are back where they were (tansu 0.6 under-reports
     // end offsets, so lag against the end is not a reliable signal there).
     eventually("the replay to be read", Duration::from_secs(90), || async {
         (committed(topics) == caught_up).then_some(())
     })
     .await;
-    assert!(again.terminate());
+    again.terminate().expect("SIGTERM: exits 0");
     assert_eq!(
         analytics(&stack).await,
         before,
@@ -316,7 +316,7 @@ async fn dead_letters_are_listed_shown_decoded_and_redriven_once_each() {
         )
         .await
         .unwrap();
-    let mut consumer = keel(&stack, &["consume", "inventory"], &[]);
+    let consumer = keel(&stack, &["consume", "inventory"], &[]);
     let fixable = format!("{}:0", stack.orders.name);
     let poisoned = format!("{}:1", stack.orders.name);
 
@@ -479,7 +479,7 @@ async fn dead_letters_are_listed_shown_decoded_and_redriven_once_each() {
     assert_eq!(shown[0]["headers"]["keel-redrive-count"], "1");
     assert_eq!(shown[0]["key"], "poison");
     assert_eq!(reserved(&stack).await, 2, "applied once");
-    assert!(consumer.terminate());
+    consumer.terminate().expect("SIGTERM: exits 0");
 }
 
 #[tokio::test]

@@ -94,7 +94,7 @@ async fn a_rebuild_replaces_a_corrupted_warehouse_while_the_live_group_runs() {
     let stack = Stack::start().await;
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
-    let mut live = keel(&stack, &["consume", "analytics"], &[]);
+    let live = keel(&stack, &["consume", "analytics"], &[]);
     let mut events = 0;
     for i in 0..40 {
         events += place(&stack, i).await;
@@ -198,7 +198,7 @@ async fn a_rebuild_replaces_a_corrupted_warehouse_while_the_live_group_runs() {
     assert!(String::from_utf8_lossy(&again.stdout).contains("swapped in: 70 orders"));
     assert_eq!(warehouse(&stack).await, expected);
 
-    assert!(live.terminate(), "the live group exits 0 on SIGTERM");
+    live.terminate().expect("the live group exits 0 on SIGTERM");
     stop.cancel();
     relay.await.unwrap().unwrap();
 }

@@ -4,12 +4,12 @@
 #![allow(dead_code)] // each test file uses its own part of this
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keel_consumers::{Consumer, ConsumerConfig, Handler};
 use keel_core::Settings;
-use keel_core::testkit::{TestDb, TestTopic, brokers, redis_url, unique};
+use keel_core::testkit::{Process, TestDb, TestTopic, brokers, redis_url, unique};
 use keel_outbox::{Relay, RelayConfig};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -181,33 +181,6 @@ pub fn order(lines: Value) -> Value {
     json!({"customer": {"id": "c-1", "email": "ada@example.com", "name": "Ada"}, "currency": "EUR", "lines": lines})
 }
 
-/// A child process, killed when dropped whatever happens in the test.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// SIGTERM, then waits: true if the process exited 0.
-    pub fn terminate(&mut self) -> bool {
-        Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success())
-            && self.0.wait().is_ok_and(|s| s.success())
-    }
-
-    /// SIGKILL, then waits.
-    pub fn kill9(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
 /// Runs `keel <args>` to completion against `stack`.
 pub fn keel_run(stack: &Stack, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -219,7 +192,7 @@ pub fn keel_run(stack: &Stack, args: &[&str]) -> std::process::Output {
 }
 
 /// Starts `keel <args>` against `stack`.
-pub fn keel(stack: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Proc {
+pub fn keel(stack: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Process {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
     cmd.args(args)
         .envs(stack.env())
@@ -229,5 +202,5 @@ pub fn keel(stack: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Proc {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    Proc(cmd.spawn().expect("keel binary starts"))
+    Process::spawn("keel", cmd).expect("keel binary starts")
 }
