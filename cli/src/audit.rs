@@ -130,11 +130,15 @@ const WINDOW: &str =
     "win AS (SELECT id, status, total_minor, currency FROM orders.orders WHERE created_at >= $1)";
 
 /// Every dead letter of `group`: event ids of those that decode, and how many do not.
-async fn dead_letters(s: &Settings, group: &str) -> anyhow::Result<(HashSet<Uuid>, usize)> {
-    let decoder = keel_schemas::Decoder::new(&s.schema_registry_url)?;
+async fn dead_letters(
+    s: &Settings,
+    pool: &PgPool,
+    decoder: &keel_schemas::Decoder,
+    group: &str,
+) -> anyhow::Result<(HashSet<Uuid>, usize)> {
     let mut ids = HashSet::new();
     let mut undecodable = 0;
-    for letter in crate::dlq::read_all(s, group).await? {
+    for letter in crate::dlq::read(s, pool, group, None).await? {
         match decoder.decode(letter.payload()).await {
             Ok(event) => {
                 ids.insert(event.event_id());
@@ -212,8 +216,9 @@ pub async fn audit(
 
     // Every group: each wanted event applied or dead-lettered.
     let mut tallies = BTreeMap::new();
+    let decoder = keel_schemas::Decoder::new(&s.schema_registry_url)?;
     for group in keel_consumers::GROUPS {
-        let (dead, undecodable) = dead_letters(s, group).await?;
+        let (dead, undecodable) = dead_letters(s, &pool, &decoder, group).await?;
         let dead_ids: Vec<String> = dead.iter().map(Uuid::to_string).collect();
         let mut tally = Tally {
             dead_lettered: dead.len(),

@@ -111,7 +111,7 @@ fn dlq_topics(
 }
 
 /// Every dead letter of `group` (on `topic` only, if given), oldest first per topic.
-async fn read(
+pub(crate) async fn read(
     s: &Settings,
     pool: &sqlx::PgPool,
     group: &str,
@@ -165,14 +165,6 @@ async fn pool(s: &Settings) -> anyhow::Result<sqlx::PgPool> {
     keel_core::db::pool(&s.database_url, 2)
         .await
         .context("KEEL_DATABASE_URL")
-}
-
-/// Every dead letter of `group`, for other commands (the audit).
-pub(crate) async fn read_all(s: &Settings, group: &str) -> anyhow::Result<Vec<Letter>> {
-    let pool = pool(s).await?;
-    let letters = read(s, &pool, group, None).await;
-    pool.close().await;
-    letters
 }
 
 /// `keel dlq list <group>`.
