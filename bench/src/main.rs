@@ -56,6 +56,9 @@ struct Bench {
     keel_bin: String,
     pool: PgPool,
     run: String,
+    /// What keel's processes read from this environment's `KEEL_*` (batch size, fetch wait), so
+    /// that the raw baselines use the same values.
+    keel: keel_core::Settings,
 }
 
 fn var(key: &str, default: &str) -> String {
@@ -220,10 +223,7 @@ async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Resu
         .await?;
 
     // (a) The relay's own claim and mark, without Kafka, with the relay's batch size.
-    let batch_size = keel_core::Settings::from_env()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .relay
-        .batch_size;
+    let batch_size = bench.keel.relay.batch_size;
     let relay = keel_outbox::Relay::new(
         bench.pool.clone(),
         keel_outbox::RelayConfig {
@@ -448,10 +448,7 @@ async fn raw_round_trips(bench: &Bench, n: usize) -> anyhow::Result<Vec<f64>> {
     let topic = bench.topic("ping").await?;
     let producer: FutureProducer = kafka::producer_config(&bench.brokers).create()?;
     // The fetch wait keel's groups use, so that the baseline pays the same broker behaviour.
-    let fetch_wait = keel_core::Settings::from_env()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .consumer
-        .fetch_wait;
+    let fetch_wait = bench.keel.consumer.fetch_wait;
     let consumer: StreamConsumer =
         kafka::consumer_config(&bench.brokers, &format!("bench-ping-{}", bench.run))
             .set("enable.auto.offset.store", "true")
@@ -840,6 +837,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keel_bin,
         run: run.clone(),
         args: args.clone(),
+        keel: keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     let mut report = report::Report::new(&run, &args_json(&args));
     let only = |s: &str| args.only.iter().any(|o| o == s);

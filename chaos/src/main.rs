@@ -100,21 +100,22 @@ fn start_load(
     (counts, task)
 }
 
-async fn processed(stack: &Stack, group: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM consumers.processed_events WHERE group_id = $1")
-        .bind(group)
-        .fetch_one(&stack.pool)
-        .await
-        .unwrap_or(-1)
+async fn processed(stack: &Stack, group: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM consumers.processed_events WHERE group_id = $1")
+            .bind(group)
+            .fetch_one(&stack.pool)
+            .await?,
+    )
 }
 
 /// Waits until `group` applies its next event: it has joined and is mid-stream.
 async fn applying(stack: &Stack, group: &str) -> anyhow::Result<()> {
-    let before = processed(stack, group).await;
+    let before = processed(stack, group).await?;
     keel_core::testkit::wait_until(
         &format!("{group} to apply an event"),
         Duration::from_secs(10),
-        || async { Ok(processed(stack, group).await > before) },
+        || async { Ok(processed(stack, group).await? > before) },
     )
     .await
 }
@@ -249,7 +250,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
             "registry-outage" => {
                 tokio::time::sleep(moment(0.5, period / 3.0)).await;
                 stack.kill9("registry")?;
-                let before = processed(&stack, GROUPS[0]).await;
+                let before = processed(&stack, GROUPS[0]).await?;
                 // A group starting while the registry is away must wait for it, not fail.
                 let g = GROUPS[round as usize % GROUPS.len()];
                 stack
@@ -257,7 +258,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                     .unwrap_or_else(|e| problems.push(format!("SIGTERM of {g}: {e}")));
                 stack.spawn(g)?;
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                let during = processed(&stack, GROUPS[0]).await - before;
+                let during = processed(&stack, GROUPS[0]).await? - before;
                 if g != GROUPS[0] && during <= 0 {
                     problems.push("inventory applied nothing while the registry was away: cached schemas did not keep it decoding".into());
                 }

@@ -57,6 +57,8 @@ pub struct Stack {
     /// The last `keel_consumer_records_total{outcome="duplicate"}` read from each instance.
     duplicates: BTreeMap<String, f64>,
     pub started: chrono::DateTime<chrono::Utc>,
+    /// For the admin endpoints: short timeouts, a stuck service must not stall the scenario.
+    http: reqwest::Client,
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -106,6 +108,9 @@ impl Stack {
             admin: BTreeMap::new(),
             duplicates: BTreeMap::new(),
             started: chrono::Utc::now(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()?,
         };
         let status = stack
             .command("migrate", &["migrate"], &[])?
@@ -241,9 +246,7 @@ impl Stack {
     /// Polls the instance's `/ready` until it answers 200.
     pub async fn wait_ready(&mut self, instance: &str, timeout: Duration) -> anyhow::Result<()> {
         let url = self.ready_url(instance);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
+        let http = self.http.clone();
         let name = instance.to_owned();
         let procs = &mut self.procs;
         wait_until(&format!("{instance} to be ready"), timeout, || {
@@ -260,13 +263,8 @@ impl Stack {
 
     /// Whether the instance answers `/ready` with 200 now.
     pub async fn ready(&self, instance: &str) -> bool {
-        let Ok(http) = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-        else {
-            return false;
-        };
-        http.get(self.ready_url(instance))
+        self.http
+            .get(self.ready_url(instance))
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
@@ -290,14 +288,13 @@ impl Stack {
 
     /// Reads every group instance's duplicate count (kept when the instance dies).
     pub async fn scrape_duplicates(&mut self) {
-        let http = reqwest::Client::new();
         for (instance, port) in &self.admin {
             if !self.procs.contains_key(instance) {
                 continue;
             }
-            let Ok(resp) = http
+            let Ok(resp) = self
+                .http
                 .get(format!("http://127.0.0.1:{port}/metrics"))
-                .timeout(Duration::from_secs(2))
                 .send()
                 .await
             else {
