@@ -168,6 +168,8 @@ pub struct ConsumerConfig {
     pub instance_id: Option<String>,
     /// `fetch.wait.max.ms` (see `KEEL_CONSUMER_FETCH_WAIT_MS`).
     pub fetch_wait: Duration,
+    /// `session.timeout.ms` (see `KEEL_CONSUMER_SESSION_TIMEOUT_MS`).
+    pub session_timeout: Duration,
 }
 
 impl ConsumerConfig {
@@ -179,6 +181,7 @@ impl ConsumerConfig {
             max_attempts: s.consumer.max_attempts,
             instance_id: s.consumer.instance_id.clone(),
             fetch_wait: s.consumer.fetch_wait,
+            session_timeout: s.consumer.session_timeout,
         }
     }
 }
@@ -211,6 +214,15 @@ pub struct Consumer<H: Handler> {
     dlq_ready: Mutex<HashSet<String>>,
     /// This loop's name for liveness: `consumer:<group>`.
     health_loop: String,
+    membership: Mutex<MembershipWatch>,
+}
+
+/// What [`Consumer::watch_membership`] remembers between checks.
+#[derive(Default)]
+struct MembershipWatch {
+    checked_at: Option<std::time::Instant>,
+    unassigned_since: Option<std::time::Instant>,
+    warned_at: Option<std::time::Instant>,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -220,6 +232,10 @@ impl<H: Handler> Consumer<H> {
         client.set(
             "fetch.wait.max.ms",
             config.fetch_wait.as_millis().to_string(),
+        );
+        client.set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
         );
         if let Some(id) = &config.instance_id {
             // Unique per group: one process may run several groups under one instance name.
@@ -245,6 +261,7 @@ impl<H: Handler> Consumer<H> {
             config,
             dlq_ready: Mutex::default(),
             health_loop: format!("consumer:{}", handler_group),
+            membership: Mutex::default(),
         })
     }
 
@@ -257,6 +274,7 @@ impl<H: Handler> Consumer<H> {
         loop {
             // Waiting for records is progress: beat at least every second while idle.
             keel_core::health::beat(&self.health_loop);
+            self.watch_membership();
             let error = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return None,
@@ -271,6 +289,48 @@ impl<H: Handler> Consumer<H> {
                 () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
+        }
+    }
+
+    /// Every few seconds: the partitions this instance owns, as a gauge, and a warning when it
+    /// has owned none for two session timeouts (more instances than partitions, or a rebalance
+    /// that does not complete: see docs/operations.md).
+    fn watch_membership(&self) {
+        let Ok(mut watch) = self.membership.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if watch
+            .checked_at
+            .is_some_and(|at| now - at < Duration::from_secs(5))
+        {
+            return;
+        }
+        watch.checked_at = Some(now);
+        let owned = self.consumer.assignment().map_or(0, |a| a.count());
+        keel_core::metrics::metrics()
+            .consumer_assigned
+            .get_or_create(&keel_core::metrics::GroupLabels {
+                group: self.handler.group().to_owned(),
+            })
+            .set(owned as i64);
+        if owned > 0 {
+            watch.unassigned_since = None;
+            return;
+        }
+        let since = *watch.unassigned_since.get_or_insert(now);
+        let quiet_for = now - since;
+        if quiet_for > 2 * self.config.session_timeout
+            && watch
+                .warned_at
+                .is_none_or(|at| now - at > Duration::from_secs(300))
+        {
+            watch.warned_at = Some(now);
+            tracing::warn!(
+                group = self.handler.group(),
+                unassigned_secs = quiet_for.as_secs(),
+                "No partitions assigned: more instances than partitions, or the group's rebalance does not complete (docs/operations.md)"
+            );
         }
     }
 

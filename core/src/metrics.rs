@@ -96,6 +96,9 @@ pub struct Metrics {
     pub consumer_retries: Family<RetryLabels, Counter>,
     /// `keel_consumer_processing_seconds{group}`: one record, decode to commit, retries included.
     pub consumer_processing: Histograms<GroupLabels>,
+    /// `keel_consumer_assigned_partitions{group}`: partitions this instance owns now. Zero on
+    /// every instance of a lagging group means its rebalance does not complete.
+    pub consumer_assigned: Family<GroupLabels, Gauge>,
     /// `keel_consumer_end_to_end_seconds{group}`: from the event's `occurred_at` to the group's
     /// commit.
     pub consumer_end_to_end: Histograms<GroupLabels>,
@@ -121,6 +124,7 @@ impl Metrics {
             consumer_records: Family::default(),
             consumer_retries: Family::default(),
             consumer_processing: Family::new_with_constructor(seconds),
+            consumer_assigned: Family::default(),
             consumer_end_to_end: Family::new_with_constructor(seconds),
             consumer_lag: Family::default(),
         };
@@ -187,6 +191,11 @@ impl Metrics {
             "Time to finish one record, retries included",
             Unit::Seconds,
             m.consumer_processing.clone(),
+        );
+        registry.register(
+            "keel_consumer_assigned_partitions",
+            "Partitions this instance of the group owns",
+            m.consumer_assigned.clone(),
         );
         registry.register_with_unit(
             "keel_consumer_end_to_end",

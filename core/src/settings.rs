@@ -122,6 +122,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Static group membership (Kafka group.instance.id): a stable name per instance, e.g. the pod name; a restarted instance takes its partitions back without a rebalance",
     ),
     (
+        "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
+        "45000",
+        "How long the broker waits for a silent group member before giving its partitions to others (session.timeout.ms); must exceed an instance's restart time when KEEL_CONSUMER_INSTANCE_ID is set",
+    ),
+    (
         "KEEL_SMTP_URL",
         "",
         "SMTP server for notifications, e.g. smtp://mail:25; empty writes .eml files to KEEL_MAIL_DIR",
@@ -191,6 +196,8 @@ pub struct ConsumerSettings {
     pub instance_id: Option<String>,
     /// `fetch.wait.max.ms`.
     pub fetch_wait: Duration,
+    /// `session.timeout.ms`.
+    pub session_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -248,6 +255,15 @@ impl Settings {
         if max_attempts == 0 {
             return Err(source.invalid("KEEL_CONSUMER_MAX_ATTEMPTS", "must be at least 1"));
         }
+        // Apache Kafka's default bounds (group.min/max.session.timeout.ms): a broker refuses others.
+        let session_timeout: u64 = source.parse("KEEL_CONSUMER_SESSION_TIMEOUT_MS")?;
+        if !(6_000..=1_800_000).contains(&session_timeout) {
+            return Err(source.invalid(
+                "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
+                "must be between 6000 and 1800000 (the broker's bounds)",
+            ));
+        }
+        let session_timeout = Duration::from_millis(session_timeout);
         Ok(Settings {
             database_url: source.parse("KEEL_DATABASE_URL")?,
             kafka_brokers: source.parse("KEEL_KAFKA_BROKERS")?,
@@ -281,6 +297,7 @@ impl Settings {
                 max_attempts,
                 instance_id: source.optional("KEEL_CONSUMER_INSTANCE_ID"),
                 fetch_wait: Duration::from_millis(source.parse("KEEL_CONSUMER_FETCH_WAIT_MS")?),
+                session_timeout,
             },
             cache: CacheSettings {
                 redis_url: source.parse("KEEL_REDIS_URL")?,
@@ -367,6 +384,14 @@ mod tests {
         );
         let err = Settings::from_vars(vars(&[("KEEL_RELAY_BATCH_SIZE", "0")])).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
+        let err =
+            Settings::from_vars(vars(&[("KEEL_CONSUMER_SESSION_TIMEOUT_MS", "1000")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("KEEL_CONSUMER_SESSION_TIMEOUT_MS:")
+                && err.to_string().contains("between 6000 and 1800000"),
+            "{err}"
+        );
         let err =
             Settings::from_vars(vars(&[("KEEL_ORDER_SERVICE_ADDR", "localhost")])).unwrap_err();
         assert!(

@@ -62,6 +62,9 @@ impl Stack {
         settings.mail.dir = mail_dir.clone();
         settings.consumer.max_retry_backoff = Duration::from_secs(1);
         settings.consumer.max_attempts = 3;
+        // The tests kill members without static membership and reuse production group names on
+        // one broker: the broker should notice a dead member in seconds, not Kafka's 45 s.
+        settings.consumer.session_timeout = Duration::from_secs(10);
 
         let app =
             keel_producers::Application::build(keel_producers::Config::from_settings(&settings))
@@ -102,6 +105,10 @@ impl Stack {
             ("KEEL_REDIS_URL", s.cache.redis_url),
             ("KEEL_MAIL_DIR", s.mail.dir.display().to_string()),
             ("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "1000".into()),
+            (
+                "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
+                s.consumer.session_timeout.as_millis().to_string(),
+            ),
             ("KEEL_RELAY_BATCH_SIZE", "50".into()),
         ]
     }
