@@ -632,7 +632,7 @@ async fn end_to_end(
 /// and the group's dedupe-and-apply SQL run without Kafka.
 async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<()> {
     let n = bench.args.backlog;
-    for group in ["inventory", "analytics"] {
+    for group in ["inventory", "analytics", "cache-invalidation"] {
         let topic = bench.topic(&format!("backlog-{group}")).await?;
         let records = encoded(bench, &topic, n).await?;
         produce_all(&bench.brokers, &topic, &records).await?;
@@ -645,7 +645,8 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
         };
         eprintln!("bench: {group}: raw consume {raw_consume:.0}/s; applying them without Kafka");
 
-        // The group's SQL, without Kafka: decode, dedupe row, effect, commit, per event.
+        // The group's work without Kafka: decode, then the runtime's own transaction (dedupe
+        // rows, effects, commit) over batches of the size the group runs with.
         let decoder = keel_schemas::Decoder::new(&bench.registry_url)?;
         let mut events = Vec::with_capacity(n);
         for (_, value) in &records {
@@ -660,24 +661,21 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
         let started = Instant::now();
         match group {
             "inventory" => {
-                apply_all(
-                    &bench.pool,
-                    &keel_consumers::inventory::Inventory::new(&topics),
-                    &sql_group,
-                    &topic,
-                    &events,
-                )
-                .await?
+                let mut handler = keel_consumers::inventory::Inventory::new(&topics);
+                handler.group = sql_group;
+                apply_all(bench, &handler, &topic, events).await?
+            }
+            "analytics" => {
+                let mut handler = keel_consumers::analytics::Analytics::new(&topics);
+                handler.group = sql_group;
+                apply_all(bench, &handler, &topic, events).await?
             }
             _ => {
-                apply_all(
-                    &bench.pool,
-                    &keel_consumers::analytics::Analytics::new(&topics),
-                    &sql_group,
-                    &topic,
-                    &events,
-                )
-                .await?
+                let mut handler =
+                    keel_consumers::cache_invalidation::CacheInvalidation::new(&bench.keel)?;
+                handler.group = sql_group;
+                handler.orders_topic = topic.clone();
+                apply_all(bench, &handler, &topic, events).await?
             }
         }
         let raw_sql = rate(n as f64, started.elapsed());
@@ -716,6 +714,14 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
             keel / raw_consume.min(raw_sql),
             0.75,
         );
+        if group == "cache-invalidation" {
+            report.target(
+                "catch-up: cache-invalidation events/s",
+                keel,
+                50_000.0,
+                true,
+            );
+        }
     }
     Ok(())
 }
@@ -746,42 +752,32 @@ fn raw_read(brokers: &str, topic: &str, n: usize) -> anyhow::Result<f64> {
     Ok(rate(n as f64, started.elapsed()))
 }
 
-/// What the consumer runtime does per event, minus Kafka.
+/// What the consumer runtime does with what it fetched, minus Kafka: [`keel_consumers::runtime::transact`]
+/// over batches of `KEEL_CONSUMER_BATCH_SIZE` events.
 async fn apply_all<H: Handler>(
-    pool: &PgPool,
+    bench: &Bench,
     handler: &H,
-    group: &str,
     topic: &str,
-    events: &[Event],
+    events: Vec<Event>,
 ) -> anyhow::Result<()> {
-    for (i, event) in events.iter().enumerate() {
-        let meta = keel_consumers::Meta {
-            topic: topic.to_owned(),
-            partition: 0,
-            offset: i as i64,
-            trace: Default::default(),
-        };
-        let mut tx = pool.begin().await?;
-        let new = sqlx::query(
-            "INSERT INTO consumers.processed_events (group_id, event_id, topic, kafka_partition, kafka_offset)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(group)
-        .bind(event.event_id())
-        .bind(topic)
-        .bind(meta.partition)
-        .bind(meta.offset)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if new {
-            handler
-                .handle(&mut tx, event, &meta)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        tx.commit().await?;
+    let records: Vec<(Event, keel_consumers::Meta)> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let meta = keel_consumers::Meta {
+                topic: topic.to_owned(),
+                partition: 0,
+                offset: i as i64,
+                trace: Default::default(),
+                span: tracing::Span::none(),
+            };
+            (event, meta)
+        })
+        .collect();
+    for batch in records.chunks(bench.keel.consumer.batch_size) {
+        keel_consumers::runtime::transact(&bench.pool, handler, batch)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! keel's consumers: one runtime, many groups.
 //!
 //! # The invariant
-//! For every record, the runtime opens one PostgreSQL transaction, inserts `(group, event_id)`
-//! into `consumers.processed_events` (`ON CONFLICT DO NOTHING`) and, only if that row is new, lets
-//! the group's [`Handler`] apply its effect in the same transaction. The record's offset is stored
-//! for commit only after that transaction commits. A crash before the commit redoes the work; a
+//! For every record, the runtime inserts `(group, event_id)` into `consumers.processed_events`
+//! (`ON CONFLICT DO NOTHING`) and, only if that row is new, lets the group's [`Handler`] apply its
+//! effect in the same PostgreSQL transaction (one transaction per batch of records already
+//! fetched, see [`runtime`]). The record's offset is stored for commit only after that
+//! transaction commits. A crash before the commit redoes the work; a
 //! crash after it finds the row and skips. So delivery is at-least-once and the effect is
 //! exactly-once.
 //!
@@ -26,7 +27,9 @@ pub mod runtime;
 use keel_core::Settings;
 use tokio_util::sync::CancellationToken;
 
-pub use runtime::{Consumer, ConsumerConfig, Handler, HandlerError, Meta, Outcome, dlq_topic};
+pub use runtime::{
+    Consumer, ConsumerConfig, Handler, HandlerError, Meta, Outcome, dlq_topic, transact,
+};
 
 /// The groups `keel consume` can run.
 pub const GROUPS: &[&str] = &[

@@ -5,6 +5,15 @@
 //! only offsets the runtime stored, and the runtime stores an offset only after the record is
 //! done: its transaction committed, or it was written to the dead-letter topic.
 //!
+//! # Batches
+//! The records librdkafka has already fetched (up to `KEEL_CONSUMER_BATCH_SIZE`; the runtime
+//! never waits to fill a batch, so a quiet stream gets batches of one) are applied in one
+//! transaction: their dedupe rows in one statement, the effects of the new ones in order, one
+//! commit ([`transact`]). A backlog is then worth one commit per batch instead of one per record.
+//! If the batch fails for any reason, none of it committed, and its records go one by one through
+//! the path below, so a poison record is dead-lettered alone and an outage is waited out record
+//! by record.
+//!
 //! # Failures
 //! - **Unavailable** (PostgreSQL, Redis, SMTP or the registry cannot be reached): not the record's
 //!   fault, and every other record would fail the same way, so the record is retried with
@@ -52,6 +61,9 @@ pub struct Meta {
     pub offset: i64,
     /// `traceparent`/`tracestate` from the record's headers: pass it on when enqueueing events.
     pub trace: TraceHeaders,
+    /// The span the record's effect runs in (the record's share of the transaction, beneath its
+    /// consumer span); disabled when nothing records traces.
+    pub span: tracing::Span,
 }
 
 /// Why a handler could not apply an event. The transaction is rolled back in every case.
@@ -142,6 +154,85 @@ pub trait Handler: Send + Sync + 'static {
         event: &Event,
         meta: &Meta,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Applies the new events of a batch, in order, in one transaction `tx`: all or none
+    /// commit. The default calls [`Handler::handle`] for each; a group whose effect costs a round
+    /// trip per event outside PostgreSQL (cache invalidation's Redis) overrides it to make one.
+    fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[(&Event, &Meta)],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async move {
+            for (event, meta) in events {
+                self.handle(tx, event, meta)
+                    .instrument(meta.span.clone())
+                    .await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The dedupe rows of `records` and the effects of those that are new, in one transaction:
+/// what the runtime does with the records it took from Kafka in one go (one record or many).
+/// Outcomes come in the order of `records`; an event twice in `records` is applied once. If
+/// anything fails, nothing commits and the error says why.
+pub async fn transact<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    records: &[(Event, Meta)],
+) -> Result<Vec<Outcome>, HandlerError> {
+    let mut outcomes = vec![Outcome::Ignored; records.len()];
+    let wanted: Vec<&(Event, Meta)> = records.iter().filter(|(e, _)| handler.wants(e)).collect();
+    if wanted.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut tx = pool.begin().await?;
+    let new: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO consumers.processed_events (group_id, event_id, topic, kafka_partition, kafka_offset)
+         SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[])
+         ON CONFLICT DO NOTHING RETURNING event_id",
+    )
+    .bind(handler.group())
+    .bind(wanted.iter().map(|(e, _)| e.event_id()).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, m)| m.topic.as_str()).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, m)| m.partition).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, m)| m.offset).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut new: HashSet<uuid::Uuid> = new.into_iter().collect();
+    let mut fresh = Vec::with_capacity(new.len());
+    for (outcome, (event, meta)) in outcomes.iter_mut().zip(records) {
+        if !handler.wants(event) {
+            continue;
+        }
+        if new.remove(&event.event_id()) {
+            *outcome = Outcome::Applied;
+            fresh.push((event, meta));
+        } else {
+            *outcome = Outcome::Duplicate;
+        }
+    }
+    if fresh.is_empty() {
+        tx.rollback().await?;
+        return Ok(outcomes);
+    }
+    handler.handle_batch(&mut tx, &fresh).await?;
+    tx.commit().await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let end_to_end = keel_core::metrics::metrics()
+        .consumer_end_to_end
+        .get_or_create(&keel_core::metrics::GroupLabels {
+            group: handler.group().to_owned(),
+        })
+        .clone();
+    for (event, _) in fresh {
+        end_to_end.observe((now_ms - event.occurred_at()).max(0) as f64 / 1000.0);
+    }
+    Ok(outcomes)
 }
 
 /// What became of one record.
@@ -170,6 +261,8 @@ pub struct ConsumerConfig {
     pub fetch_wait: Duration,
     /// `session.timeout.ms` (see `KEEL_CONSUMER_SESSION_TIMEOUT_MS`).
     pub session_timeout: Duration,
+    /// Most records applied in one transaction (see `KEEL_CONSUMER_BATCH_SIZE`).
+    pub batch_size: usize,
 }
 
 impl ConsumerConfig {
@@ -182,6 +275,7 @@ impl ConsumerConfig {
             instance_id: s.consumer.instance_id.clone(),
             fetch_wait: s.consumer.fetch_wait,
             session_timeout: s.consumer.session_timeout,
+            batch_size: s.consumer.batch_size,
         }
     }
 }
@@ -334,6 +428,75 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
+    /// The records librdkafka already holds, at least one and at most the batch size; empty if
+    /// `shutdown` came first. Waits only for the first: a batch never waits for more records.
+    pub async fn next_batch(&self, shutdown: &CancellationToken) -> Vec<BorrowedMessage<'_>> {
+        let Some(first) = self.next(shutdown).await else {
+            return Vec::new();
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.config.batch_size {
+            // A zero timeout polls `recv` once: a record already fetched, or nothing.
+            match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m),
+                Ok(Err(e)) => {
+                    tracing::warn!(group = self.handler.group(), error = %e, "Kafka consumer error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Applies `batch` (records taken from the consumer in one go, in order) in one transaction
+    /// when it can. If that fails (a record that does not decode, an effect that fails, an
+    /// outage), nothing of it committed and its records are applied one by one as
+    /// [`Consumer::apply`] does, with its retries and dead-lettering. Outcomes come in the
+    /// records' order; fewer than the records if `shutdown` came first (the rest are not done).
+    /// Does not store offsets: see [`Consumer::store`].
+    pub async fn apply_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        shutdown: &CancellationToken,
+    ) -> Vec<Outcome> {
+        let prepared: Vec<(Meta, tracing::Span)> = batch.iter().map(|m| self.prepare(m)).collect();
+        if batch.len() > 1 {
+            match self.try_batch(batch, &prepared).await {
+                Ok(outcomes) => {
+                    for ((_, span), outcome) in prepared.iter().zip(&outcomes) {
+                        span.record("keel.outcome", outcome.name());
+                    }
+                    return outcomes;
+                }
+                Err(e) => tracing::debug!(
+                    group = self.handler.group(), records = batch.len(), error = %e,
+                    "Cannot apply the batch in one transaction; applying its records one by one"
+                ),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (message, (meta, span)) in batch.iter().zip(&prepared) {
+            match self.apply_one(message, meta, span, shutdown).await {
+                Some(outcome) => outcomes.push(outcome),
+                None => break,
+            }
+        }
+        outcomes
+    }
+
+    async fn try_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        prepared: &[(Meta, tracing::Span)],
+    ) -> Result<Vec<Outcome>, HandlerError> {
+        let mut records = Vec::with_capacity(batch.len());
+        for (message, (meta, _)) in batch.iter().zip(prepared) {
+            records.push((self.decode(message).await?, meta.clone()));
+        }
+        transact(&self.pool, &self.handler, &records).await
+    }
+
     /// Applies one record, retrying as its error class says (see the module doc), and
     /// dead-letters it if it can never be applied. `None` if `shutdown` came while waiting to
     /// retry: the record is not done and its offset must not be stored.
@@ -343,6 +506,12 @@ impl<H: Handler> Consumer<H> {
         message: &BorrowedMessage<'_>,
         shutdown: &CancellationToken,
     ) -> Option<Outcome> {
+        let (meta, span) = self.prepare(message);
+        self.apply_one(message, &meta, &span, shutdown).await
+    }
+
+    /// The record's metadata and its consumer span (disabled unless traces are recorded).
+    fn prepare(&self, message: &BorrowedMessage<'_>) -> (Meta, tracing::Span) {
         let received = trace_headers(message);
         // With tracing on, a consumer span in the producer's trace; handlers pass its context on.
         let span = if keel_core::telemetry::recording() {
@@ -358,21 +527,39 @@ impl<H: Handler> Consumer<H> {
             let caller = keel_core::telemetry::extract(|k| received.get(k).cloned());
             span.in_scope(|| keel_core::telemetry::headers_for_current(&caller))
         };
+        let transaction = if span.is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                parent: &span,
+                "transaction",
+                otel.name = "BEGIN consumers",
+                otel.kind = "client",
+                db.system.name = "postgresql",
+            )
+        };
         let meta = Meta {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
             trace,
+            span: transaction,
         };
+        (meta, span)
+    }
+
+    async fn apply_one(
+        &self,
+        message: &BorrowedMessage<'_>,
+        meta: &Meta,
+        span: &tracing::Span,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let error = match self
-                .try_apply(message, &meta)
-                .instrument(span.clone())
-                .await
-            {
+            let error = match self.try_apply(message, meta).instrument(span.clone()).await {
                 Ok(outcome) => {
                     span.record("keel.outcome", outcome.name());
                     return Some(outcome);
@@ -434,59 +621,19 @@ impl<H: Handler> Consumer<H> {
         message: &BorrowedMessage<'_>,
         meta: &Meta,
     ) -> Result<Outcome, HandlerError> {
-        let event = match self.decoder.decode(message.payload()).await {
-            Ok(event) => event,
-            Err(DecodeError::Transient(e)) => {
-                return Err(HandlerError::Unavailable(anyhow::anyhow!(e)));
-            }
-            Err(DecodeError::Permanent(reason)) => {
-                return Err(HandlerError::Permanent(format!("cannot decode: {reason}")));
-            }
-        };
-        if !self.handler.wants(&event) {
-            return Ok(Outcome::Ignored);
-        }
-        let transaction = tracing::info_span!(
-            "transaction",
-            otel.name = "BEGIN consumers",
-            otel.kind = "client",
-            db.system.name = "postgresql",
-        );
-        self.transact(&event, meta).instrument(transaction).await
+        let event = self.decode(message).await?;
+        let outcomes = transact(&self.pool, &self.handler, &[(event, meta.clone())]).await?;
+        Ok(outcomes.into_iter().next().unwrap_or(Outcome::Ignored))
     }
 
-    /// The dedupe row and the handler's effect, in one transaction.
-    async fn transact(&self, event: &Event, meta: &Meta) -> Result<Outcome, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        let new = sqlx::query(
-            "INSERT INTO consumers.processed_events (group_id, event_id, topic, kafka_partition, kafka_offset)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(self.handler.group())
-        .bind(event.event_id())
-        .bind(&meta.topic)
-        .bind(meta.partition)
-        .bind(meta.offset)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !new {
-            tx.rollback().await?;
-            return Ok(Outcome::Duplicate);
+    async fn decode(&self, message: &BorrowedMessage<'_>) -> Result<Event, HandlerError> {
+        match self.decoder.decode(message.payload()).await {
+            Ok(event) => Ok(event),
+            Err(DecodeError::Transient(e)) => Err(HandlerError::Unavailable(anyhow::anyhow!(e))),
+            Err(DecodeError::Permanent(reason)) => {
+                Err(HandlerError::Permanent(format!("cannot decode: {reason}")))
+            }
         }
-        self.handler.handle(&mut tx, event, meta).await?;
-        tx.commit().await?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        keel_core::metrics::metrics()
-            .consumer_end_to_end
-            .get_or_create(&keel_core::metrics::GroupLabels {
-                group: self.handler.group().to_owned(),
-            })
-            .observe((now_ms - event.occurred_at()).max(0) as f64 / 1000.0);
-        Ok(Outcome::Applied)
     }
 
     /// Writes `message` to its dead-letter topic and waits for the acknowledgement.
@@ -582,34 +729,47 @@ impl<H: Handler> Consumer<H> {
         let group_labels = keel_core::metrics::GroupLabels {
             group: group.clone(),
         };
-        while let Some(message) = self.next(&shutdown).await {
-            let started = std::time::Instant::now();
-            let Some(outcome) = self.apply(&message, &shutdown).await else {
+        loop {
+            let batch = self.next_batch(&shutdown).await;
+            if batch.is_empty() {
                 break;
-            };
-            metrics
-                .consumer_processing
-                .get_or_create(&group_labels)
-                .observe(started.elapsed().as_secs_f64());
-            metrics
-                .consumer_records
-                .get_or_create(&keel_core::metrics::OutcomeLabels {
-                    group: group.clone(),
-                    outcome: outcome.name().to_owned(),
-                })
-                .inc();
-            if outcome == Outcome::Duplicate {
-                tracing::debug!(
-                    group,
-                    offset = message.offset(),
-                    "Duplicate record; effect already applied"
-                );
             }
-            if let Err(e) = self.store(&message) {
-                tracing::info!(
-                    group, topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                    error = %e, "Cannot store the offset (partition revoked?); it will be redelivered as a duplicate"
-                );
+            let started = std::time::Instant::now();
+            let outcomes = self.apply_batch(&batch, &shutdown).await;
+            // Per record: a batch's time shared among its records.
+            let per_record = started.elapsed().as_secs_f64() / batch.len() as f64;
+            metrics
+                .consumer_batch
+                .get_or_create(&group_labels)
+                .observe(batch.len() as f64);
+            for (message, outcome) in batch.iter().zip(&outcomes) {
+                metrics
+                    .consumer_processing
+                    .get_or_create(&group_labels)
+                    .observe(per_record);
+                metrics
+                    .consumer_records
+                    .get_or_create(&keel_core::metrics::OutcomeLabels {
+                        group: group.clone(),
+                        outcome: outcome.name().to_owned(),
+                    })
+                    .inc();
+                if *outcome == Outcome::Duplicate {
+                    tracing::debug!(
+                        group,
+                        offset = message.offset(),
+                        "Duplicate record; effect already applied"
+                    );
+                }
+                if let Err(e) = self.store(message) {
+                    tracing::info!(
+                        group, topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                        error = %e, "Cannot store the offset (partition revoked?); it will be redelivered as a duplicate"
+                    );
+                }
+            }
+            if outcomes.len() < batch.len() {
+                break; // shutdown while a record waited to be retried
             }
         }
         // Stored offsets only: the record in progress at shutdown (if any) was not stored.

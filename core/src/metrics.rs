@@ -94,8 +94,11 @@ pub struct Metrics {
     pub consumer_records: Family<OutcomeLabels, Counter>,
     /// `keel_consumer_retries_total{group, class}`.
     pub consumer_retries: Family<RetryLabels, Counter>,
-    /// `keel_consumer_processing_seconds{group}`: one record, decode to commit, retries included.
+    /// `keel_consumer_processing_seconds{group}`: one record, decode to commit, retries included
+    /// (a batch's time shared among its records).
     pub consumer_processing: Histograms<GroupLabels>,
+    /// `keel_consumer_batch_records{group}`: records applied per transaction.
+    pub consumer_batch: Histograms<GroupLabels>,
     /// `keel_consumer_assigned_partitions{group}`: partitions this instance owns now. Zero on
     /// every instance of a lagging group means its rebalance does not complete.
     pub consumer_assigned: Family<GroupLabels, Gauge>,
@@ -124,6 +127,7 @@ impl Metrics {
             consumer_records: Family::default(),
             consumer_retries: Family::default(),
             consumer_processing: Family::new_with_constructor(seconds),
+            consumer_batch: Family::new_with_constructor(rows),
             consumer_assigned: Family::default(),
             consumer_end_to_end: Family::new_with_constructor(seconds),
             consumer_lag: Family::default(),
@@ -191,6 +195,11 @@ impl Metrics {
             "Time to finish one record, retries included",
             Unit::Seconds,
             m.consumer_processing.clone(),
+        );
+        registry.register(
+            "keel_consumer_batch_records",
+            "Records a group applied in one transaction",
+            m.consumer_batch.clone(),
         );
         registry.register(
             "keel_consumer_assigned_partitions",

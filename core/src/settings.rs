@@ -122,6 +122,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Static group membership (Kafka group.instance.id): a stable name per instance, e.g. the pod name; a restarted instance takes its partitions back without a rebalance",
     ),
     (
+        "KEEL_CONSUMER_BATCH_SIZE",
+        "100",
+        "Most records a consumer applies in one PostgreSQL transaction, taken from what it has already fetched (it never waits to fill a batch); 1 applies records one by one",
+    ),
+    (
         "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
         "45000",
         "How long the broker waits for a silent group member before giving its partitions to others (session.timeout.ms); must exceed an instance's restart time when KEEL_CONSUMER_INSTANCE_ID is set",
@@ -198,6 +203,8 @@ pub struct ConsumerSettings {
     pub fetch_wait: Duration,
     /// `session.timeout.ms`.
     pub session_timeout: Duration,
+    /// Most records in one transaction.
+    pub batch_size: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -255,6 +262,10 @@ impl Settings {
         if max_attempts == 0 {
             return Err(source.invalid("KEEL_CONSUMER_MAX_ATTEMPTS", "must be at least 1"));
         }
+        let consumer_batch_size: usize = source.parse("KEEL_CONSUMER_BATCH_SIZE")?;
+        if consumer_batch_size == 0 {
+            return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", "must be at least 1"));
+        }
         // Apache Kafka's default bounds (group.min/max.session.timeout.ms): a broker refuses others.
         let session_timeout: u64 = source.parse("KEEL_CONSUMER_SESSION_TIMEOUT_MS")?;
         if !(6_000..=1_800_000).contains(&session_timeout) {
@@ -298,6 +309,7 @@ impl Settings {
                 instance_id: source.optional("KEEL_CONSUMER_INSTANCE_ID"),
                 fetch_wait: Duration::from_millis(source.parse("KEEL_CONSUMER_FETCH_WAIT_MS")?),
                 session_timeout,
+                batch_size: consumer_batch_size,
             },
             cache: CacheSettings {
                 redis_url: source.parse("KEEL_REDIS_URL")?,

@@ -1,0 +1,251 @@
+//! The runtime's batches: records already fetched are applied in one transaction, all or
+//! nothing, each event once; a batch that fails is applied record by record, so a poison record
+//! is dead-lettered alone.
+
+use std::time::Duration;
+
+use keel_consumers::{Handler, HandlerError, Meta, Outcome, dlq_topic, transact};
+use keel_core::testkit::{TestTopic, eventually, read_topic, unique};
+use keel_schemas::Event;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+mod common;
+
+use common::Stack;
+
+/// Logs every event it applies with the id of the transaction that applied it; fails
+/// permanently on one chosen event.
+struct Log {
+    group: String,
+    topic: String,
+    fail_on: Option<Uuid>,
+}
+
+impl Handler for Log {
+    fn group(&self) -> &str {
+        &self.group
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.topic.clone()]
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut PgConnection,
+        event: &Event,
+        _meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        if self.fail_on == Some(event.event_id()) {
+            return Err(HandlerError::Permanent(
+                "the event this test refuses".into(),
+            ));
+        }
+        sqlx::query("INSERT INTO batch_log (event_id, xact) VALUES ($1, txid_current())")
+            .bind(event.event_id())
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
+fn event(i: usize) -> Event {
+    Event::OrderCreated(keel_schemas::OrderCreated {
+        event_id: Uuid::new_v4(),
+        occurred_at: 1_764_000_000_000,
+        order_id: Uuid::new_v4(),
+        order_version: 1,
+        customer: keel_schemas::Customer {
+            id: format!("c-{i}"),
+            email: "batch@example.com".into(),
+            name: "Batch".into(),
+        },
+        currency: "EUR".into(),
+        lines: vec![keel_schemas::OrderLine {
+            sku: "SKU-1".into(),
+            quantity: 1,
+            unit_price_minor: 100,
+        }],
+        total_minor: 100,
+        channel: "store".into(),
+    })
+}
+
+fn meta(topic: &str, offset: i64) -> Meta {
+    Meta {
+        topic: topic.to_owned(),
+        partition: 0,
+        offset,
+        trace: Default::default(),
+        span: tracing::Span::none(),
+    }
+}
+
+async fn log_table(stack: &Stack) {
+    sqlx::query(
+        "CREATE TABLE batch_log (seq bigserial PRIMARY KEY, event_id uuid NOT NULL, xact bigint NOT NULL)",
+    )
+    .execute(&stack.pool)
+    .await
+    .unwrap();
+}
+
+async fn logged(stack: &Stack) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT event_id FROM batch_log ORDER BY seq")
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_commits_all_or_nothing_and_applies_each_event_once_in_order() {
+    let stack = Stack::start().await;
+    log_table(&stack).await;
+    let topic = stack.orders.name.clone();
+    let mut handler = Log {
+        group: unique("batch"),
+        topic: topic.clone(),
+        fail_on: None,
+    };
+    keel_consumers::migrate(&stack.db.url, &handler)
+        .await
+        .unwrap();
+    let (a, b, c) = (event(1), event(2), event(3));
+    // `a` twice in one batch (a redelivery fetched together with the original).
+    let batch = vec![
+        (a.clone(), meta(&topic, 0)),
+        (b.clone(), meta(&topic, 1)),
+        (a.clone(), meta(&topic, 2)),
+        (c.clone(), meta(&topic, 3)),
+    ];
+    let outcomes = transact(&stack.pool, &handler, &batch).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Applied,
+            Outcome::Applied,
+            Outcome::Duplicate,
+            Outcome::Applied
+        ]
+    );
+    assert_eq!(
+        logged(&stack).await,
+        [a.event_id(), b.event_id(), c.event_id()],
+        "each event once, in the batch's order"
+    );
+    assert_eq!(
+        stack
+            .scalar("SELECT count(DISTINCT xact) FROM batch_log")
+            .await,
+        1,
+        "one transaction"
+    );
+
+    // The same batch again (a redelivery after a crash before the offsets were committed).
+    let again = transact(&stack.pool, &handler, &batch).await.unwrap();
+    assert_eq!(again, vec![Outcome::Duplicate; 4]);
+    assert_eq!(logged(&stack).await.len(), 3);
+
+    // One effect fails: nothing of the batch commits, not even the dedupe rows of the others.
+    let (d, e, f) = (event(4), event(5), event(6));
+    handler.fail_on = Some(e.event_id());
+    let failing = vec![
+        (d.clone(), meta(&topic, 4)),
+        (e.clone(), meta(&topic, 5)),
+        (f.clone(), meta(&topic, 6)),
+    ];
+    let error = transact(&stack.pool, &handler, &failing).await.unwrap_err();
+    assert!(matches!(error, HandlerError::Permanent(_)), "{error}");
+    assert_eq!(logged(&stack).await.len(), 3);
+    let dedupe_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM consumers.processed_events WHERE group_id = $1 AND event_id = ANY($2)",
+    )
+    .bind(&handler.group)
+    .bind(vec![d.event_id(), f.event_id()])
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    assert_eq!(dedupe_rows, 0, "the batch's other dedupe rows rolled back");
+}
+
+#[tokio::test]
+async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered_alone() {
+    let stack = Stack::start().await;
+    log_table(&stack).await;
+    let group = unique("batch");
+    let dlq = TestTopic::adopt(dlq_topic(&stack.orders.name, &group));
+    // The poison first, so that it is fetched with the events behind it.
+    let producer: FutureProducer =
+        keel_core::kafka::producer_config(&keel_core::testkit::brokers())
+            .create()
+            .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&stack.orders.name)
+                .partition(0)
+                .key("poison")
+                .payload(&b"\x00\x00\x00\x00\x01not avro"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let total = 300;
+    let mut ids = Vec::with_capacity(total);
+    let mut tx = stack.pool.begin().await.unwrap();
+    for i in 0..total {
+        let e = event(i);
+        ids.push(e.event_id());
+        keel_outbox::enqueue(&mut tx, &stack.orders.name, &e, &Default::default())
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(stack.relay().run(stop.clone()));
+    eventually(
+        "the relay to publish the backlog",
+        Duration::from_secs(60),
+        || async {
+            (stack
+                .scalar("SELECT count(*) FROM outbox.events WHERE published_at IS NULL")
+                .await
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let handler = Log {
+        group: group.clone(),
+        topic: stack.orders.name.clone(),
+        fail_on: None,
+    };
+    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    eventually(
+        "every event of the backlog to be applied",
+        Duration::from_secs(120),
+        || async { (stack.processed(&group).await == total as i64).then_some(()) },
+    )
+    .await;
+    let dead = read_topic(&dlq.name, Duration::from_secs(60), |m| !m.is_empty()).await;
+    assert_eq!(dead.len(), 1, "the poison, alone");
+
+    let mut applied = logged(&stack).await;
+    assert_eq!(applied.len(), total, "each event once");
+    applied.sort();
+    ids.sort();
+    assert_eq!(applied, ids);
+    let largest: i64 = stack
+        .scalar("SELECT max(n) FROM (SELECT count(*) AS n FROM batch_log GROUP BY xact) t")
+        .await;
+    assert!(
+        largest > 1,
+        "a backlog is applied several events per transaction"
+    );
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+    relay.await.unwrap().unwrap();
+}
