@@ -2,7 +2,7 @@
 //! tombstone at the event's version, so neither the old entry nor a slow reader's stale copy is
 //! served again (see `keel_core::cache` for the race this closes).
 //!
-//! Redis unreachable is [`HandlerError::Unavailable`]: the record is retried with backoff until
+//! A batch of events costs one pipelined Redis round trip. Redis unreachable is [`HandlerError::Unavailable`]: the record is retried with backoff until
 //! Redis is back, and the group catches up; other groups are not affected.
 
 use std::sync::Arc;
@@ -58,6 +58,20 @@ impl Handler for CacheInvalidation {
         };
         // Idempotent: a redelivered event finds the tombstone (or something newer) in place.
         self.cache.invalidate(event.aggregate_id(), version).await?;
+        Ok(())
+    }
+
+    /// One pipelined round trip for the whole batch instead of one per event.
+    async fn handle_batch(
+        &self,
+        _tx: &mut PgConnection,
+        events: &[(&Event, &Meta)],
+    ) -> Result<(), HandlerError> {
+        let tombstones: Vec<_> = events
+            .iter()
+            .filter_map(|(e, _)| Some((e.aggregate_id(), e.order_version()?)))
+            .collect();
+        self.cache.invalidate_many(&tombstones).await?;
         Ok(())
     }
 }

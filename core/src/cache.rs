@@ -142,6 +142,34 @@ impl OrderCache {
         Ok(replaced == 1)
     }
 
+    /// [`OrderCache::invalidate`] for many orders in one pipelined round trip (in order, so an
+    /// order twice ends at its higher version).
+    #[tracing::instrument(name = "redis", skip_all, fields(otel.name = "EVALSHA invalidate", otel.kind = "client", db.system.name = "redis", db.operation.batch.size = orders.len()))]
+    pub async fn invalidate_many(&self, orders: &[(Uuid, i32)]) -> redis::RedisResult<()> {
+        if orders.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.connection().await?;
+        let mut pipe = redis::pipe();
+        for (order_id, version) in orders {
+            pipe.cmd("EVALSHA")
+                .arg(self.invalidate.get_hash())
+                .arg(1)
+                .arg(key(*order_id))
+                .arg(*version)
+                .arg(self.ttl_with_jitter().as_millis() as u64)
+                .ignore();
+        }
+        match pipe.query_async::<()>(&mut c).await {
+            // Redis lost its script cache (a restart): load it and send the pipeline again.
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.invalidate.load_async(&mut c).await?;
+                pipe.query_async(&mut c).await
+            }
+            result => result,
+        }
+    }
+
     fn ttl_with_jitter(&self) -> Duration {
         self.ttl + (self.ttl / 10).mul_f64(crate::backoff::jitter())
     }
