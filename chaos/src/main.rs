@@ -305,6 +305,13 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                 ));
             }
         }
+        // Where the missing events are: skipped (the group went past them) or not reached.
+        for g in GROUPS {
+            match stack.where_missing(g).await {
+                Ok(found) => notes.extend(found),
+                Err(e) => notes.push(format!("{g}: cannot locate its missing events: {e:#}")),
+            }
+        }
     }
     if name == "poison" {
         for g in GROUPS {

@@ -356,6 +356,62 @@ impl Stack {
         serde_json::from_slice(&out.stdout).context("keel audit's JSON")
     }
 
+    /// For the orders-topic events another group applied and `group` did not: their partition
+    /// and offset, the highest offset `group` applied there, and its committed offset. Tells a
+    /// skipped record (the group is past it) from one not reached yet.
+    pub async fn where_missing(&self, group: &str) -> anyhow::Result<Vec<String>> {
+        /// Partition, offset, the group's highest offset there, the event, what the group
+        /// applied at that offset.
+        type Missing = (i32, i64, Option<i64>, String, Option<String>);
+        let missing: Vec<Missing> = sqlx::query_as(
+            "SELECT DISTINCT ON (o.event_id) o.kafka_partition, o.kafka_offset,
+                    (SELECT max(g.kafka_offset) FROM consumers.processed_events g
+                      WHERE g.group_id = $1 AND g.topic = o.topic AND g.kafka_partition = o.kafka_partition),
+                    o.event_id::text,
+                    (SELECT string_agg(g.event_id::text, ',') FROM consumers.processed_events g
+                      WHERE g.group_id = $1 AND g.topic = o.topic AND g.kafka_partition = o.kafka_partition
+                        AND g.kafka_offset = o.kafka_offset)
+               FROM consumers.processed_events o
+              WHERE o.topic = $2 AND o.group_id <> $1
+                AND NOT EXISTS (SELECT 1 FROM consumers.processed_events g
+                                 WHERE g.group_id = $1 AND g.event_id = o.event_id)
+              ORDER BY o.event_id, o.kafka_offset",
+        )
+        .bind(group)
+        .bind(&self.orders_topic)
+        .fetch_all(&self.pool)
+        .await?;
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let committed = {
+            let (brokers, group, topic) = (
+                self.brokers.clone(),
+                group.to_owned(),
+                self.orders_topic.clone(),
+            );
+            tokio::task::spawn_blocking(move || kafka::group_offsets(&brokers, &group, &[&topic]))
+                .await??
+        };
+        Ok(missing
+            .into_iter()
+            .map(|(partition, offset, highest, event, there)| {
+                let committed = committed
+                    .iter()
+                    .find(|p| p.partition == partition)
+                    .and_then(|p| p.committed);
+                let verdict = if highest.is_some_and(|h| h > offset) {
+                    "SKIPPED: applied later offsets of that partition"
+                } else {
+                    "not reached"
+                };
+                format!(
+                    "{group}: missing orders[{partition}]@{offset} (event {event}; what {group} applied at that offset: {there:?}); highest applied there {highest:?}, committed {committed:?}: {verdict}"
+                )
+            })
+            .collect())
+    }
+
     /// Polls the audit until it passes (the backbone drained and every effect is in place), or
     /// returns the last report after `timeout`. With how long it took.
     pub async fn settle(&mut self, timeout: Duration) -> anyhow::Result<(Value, Duration)> {
