@@ -249,3 +249,81 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
     consumer.await.unwrap().unwrap();
     relay.await.unwrap().unwrap();
 }
+
+/// A group resuming from a committed offset in the middle of a batch the producer wrote in one
+/// go gets every record from that offset on. (tansu 0.6 answers such a fetch from the next
+/// batch on; the runtime notices the gap when that next batch comes and reads the partition
+/// again from before it.)
+#[tokio::test]
+async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
+    let stack = Stack::start().await;
+    log_table(&stack).await;
+    let encoder = keel_schemas::Encoder::new(&stack.registry_url).unwrap();
+    let producer: FutureProducer =
+        keel_core::kafka::producer_config(&keel_core::testkit::brokers())
+            .set("linger.ms", "200")
+            .create()
+            .unwrap();
+    let events: Vec<Event> = (0..10).map(event).collect();
+    let mut deliveries = Vec::new();
+    for e in &events {
+        let value = encoder.encode(&stack.orders.name, e).await.unwrap();
+        let record = FutureRecord::to(&stack.orders.name)
+            .partition(0)
+            .key("one-batch")
+            .payload(&value);
+        // Enqueued together, so that they leave in one batch.
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    let mut offsets = Vec::new();
+    for d in deliveries {
+        let delivery = d.await.unwrap().map_err(|(e, _)| e).unwrap();
+        offsets.push(delivery.offset);
+    }
+    assert_eq!(offsets.len(), 10);
+    // Traffic goes on: a later batch.
+    let later = event(10);
+    let value = encoder.encode(&stack.orders.name, &later).await.unwrap();
+    producer
+        .send(
+            FutureRecord::to(&stack.orders.name)
+                .partition(0)
+                .key("one-batch")
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let group = unique("batch");
+    let resume_at = offsets[4];
+    keel_core::kafka::commit_offsets(
+        &keel_core::testkit::brokers(),
+        &group,
+        &[(stack.orders.name.clone(), 0, resume_at)],
+    )
+    .unwrap();
+
+    let stop = CancellationToken::new();
+    let handler = Log {
+        group: group.clone(),
+        topic: stack.orders.name.clone(),
+        fail_on: None,
+    };
+    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    eventually(
+        "the records from the committed offset on to be applied",
+        Duration::from_secs(60),
+        || async { (stack.processed(&group).await >= 7).then_some(()) },
+    )
+    .await;
+    let mut expected: Vec<Uuid> = events[4..].iter().map(Event::event_id).collect();
+    expected.push(later.event_id());
+    assert_eq!(
+        logged(&stack).await,
+        expected,
+        "every record from the committed offset on, in order, and none before it"
+    );
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+}

@@ -29,6 +29,19 @@
 //! dead-letter topic acknowledged it. So a poison record holds its partition for at most the retry
 //! budget and is never dropped silently.
 //!
+//! # Gaps
+//! A partition delivers its offsets in order; the runtime checks that each record is the one
+//! that should come next (the first one after an assignment: the committed offset). If records
+//! are missing before it, the fetch skipped them, and the runtime drops the record and reads the
+//! partition again from before the gap (1, 2, 4, ... records back, at most 65,536), dropping
+//! the records before the gap as they come, since they are done. tansu 0.6 skips records this
+//! way: asked for an offset in the middle of a batch a producer wrote, it answers from the next
+//! batch on, so a group resuming from a committed offset inside a batch (every restart, every
+//! rebalance) lost the rest of that batch (found by `make chaos`). Apache Kafka answers with the
+//! batch that holds the offset; there a gap is only ever a compacted topic or a transaction
+//! marker, not used by keel. What the runtime cannot see: a partition whose committed offset is
+//! inside its last batch gets nothing until the next record is written to it, then heals.
+//!
 //! # Rebalances and shutdown
 //! On a rebalance librdkafka commits the offsets stored so far for the revoked partitions. A record
 //! in progress at that moment may commit its transaction after losing its partition; its offset
@@ -263,6 +276,8 @@ pub struct ConsumerConfig {
     pub session_timeout: Duration,
     /// Most records applied in one transaction (see `KEEL_CONSUMER_BATCH_SIZE`).
     pub batch_size: usize,
+    /// librdkafka `debug` contexts (see `KEEL_KAFKA_DEBUG`).
+    pub kafka_debug: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -276,6 +291,7 @@ impl ConsumerConfig {
             fetch_wait: s.consumer.fetch_wait,
             session_timeout: s.consumer.session_timeout,
             batch_size: s.consumer.batch_size,
+            kafka_debug: s.kafka_debug.clone(),
         }
     }
 }
@@ -300,7 +316,7 @@ pub mod dlq_headers {
 pub struct Consumer<H: Handler> {
     handler: H,
     pool: PgPool,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Positions>,
     producer: FutureProducer,
     decoder: Decoder,
     config: ConsumerConfig,
@@ -309,6 +325,44 @@ pub struct Consumer<H: Handler> {
     /// This loop's name for liveness: `consumer:<group>`.
     health_loop: String,
     membership: Mutex<MembershipWatch>,
+}
+
+/// How far back a consumer reads a partition again to recover records a fetch skipped.
+const MAX_GAP_REWIND: i64 = 1 << 16;
+
+/// The consumer's context: the next offset each partition should deliver, forgotten for the
+/// partitions of every rebalance (they resume from their committed offsets).
+#[derive(Default)]
+pub struct Positions {
+    expected: Mutex<std::collections::HashMap<(String, i32), Position>>,
+}
+
+#[derive(Clone, Copy)]
+struct Position {
+    /// The next offset to deliver.
+    next: i64,
+    /// How far before `next` the partition is being read again (0: it is not).
+    back: i64,
+}
+
+impl rdkafka::ClientContext for Positions {}
+
+impl rdkafka::consumer::ConsumerContext for Positions {
+    fn pre_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        use rdkafka::consumer::Rebalance;
+        let (Rebalance::Assign(list) | Rebalance::Revoke(list)) = rebalance else {
+            return;
+        };
+        if let Ok(mut expected) = self.expected.lock() {
+            for p in list.elements() {
+                expected.remove(&(p.topic().to_owned(), p.partition()));
+            }
+        }
+    }
 }
 
 /// What [`Consumer::watch_membership`] remembers between checks.
@@ -331,12 +385,15 @@ impl<H: Handler> Consumer<H> {
             "session.timeout.ms",
             config.session_timeout.as_millis().to_string(),
         );
+        if let Some(debug) = &config.kafka_debug {
+            client.set("debug", debug);
+        }
         if let Some(id) = &config.instance_id {
             // Unique per group: one process may run several groups under one instance name.
             client.set("group.instance.id", format!("{}-{id}", handler.group()));
         }
-        let consumer: StreamConsumer = client
-            .create()
+        let consumer: StreamConsumer<Positions> = client
+            .create_with_context(Positions::default())
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
         let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
             .create()
@@ -373,7 +430,12 @@ impl<H: Handler> Consumer<H> {
                 biased;
                 () = shutdown.cancelled() => return None,
                 m = self.consumer.recv() => match m {
-                    Ok(m) => return Some(m),
+                    Ok(m) => {
+                        if self.admit(&m) {
+                            return Some(m);
+                        }
+                        continue;
+                    }
                     Err(e) => e,
                 },
                 () = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -383,6 +445,102 @@ impl<H: Handler> Consumer<H> {
                 () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
+        }
+    }
+
+    /// Whether `m` is the record its partition should deliver next. A record after a gap (the
+    /// fetch skipped records: see "Gaps" in the module doc) is dropped and the partition is
+    /// read again from before the gap, going back 1, 2, 4, ... records until the gap's first
+    /// record comes; the records before it, already done, are then dropped as they come.
+    fn admit(&self, m: &BorrowedMessage<'_>) -> bool {
+        let key = (m.topic().to_owned(), m.partition());
+        let known = self
+            .consumer
+            .context()
+            .expected
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&key).copied());
+        // The first record of a partition since it was assigned must be its committed offset.
+        let position = match known {
+            Some(position) => Some(position),
+            None => self
+                .committed(m.topic(), m.partition())
+                .map(|next| Position { next, back: 0 }),
+        };
+        let Some(position) = position else {
+            self.set_position(key, m.offset() + 1, 0);
+            return true;
+        };
+        let offset = m.offset();
+        if offset < position.next && position.back > 0 {
+            return false; // read again to reach the gap; already done
+        }
+        if offset <= position.next || position.back >= MAX_GAP_REWIND {
+            if offset > position.next {
+                tracing::warn!(
+                    group = self.handler.group(),
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    missing_from = position.next,
+                    missing_to = offset - 1,
+                    "Records never delivered although read again; going on without them"
+                );
+            }
+            self.set_position(key, offset + 1, 0);
+            return true;
+        }
+        let back = (position.back * 2).max(1);
+        let from = (position.next - back).max(0);
+        match self.consumer.seek(
+            m.topic(),
+            m.partition(),
+            rdkafka::Offset::Offset(from),
+            Duration::from_secs(5),
+        ) {
+            Ok(()) => {
+                tracing::warn!(
+                    group = self.handler.group(),
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    missing_from = position.next,
+                    missing_to = offset - 1,
+                    reading_from = from,
+                    "The fetch skipped records; reading the partition again from before them"
+                );
+                let back = if from == 0 { MAX_GAP_REWIND } else { back };
+                self.set_position(key, position.next, back);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(
+                    group = self.handler.group(), topic = m.topic(), partition = m.partition(),
+                    missing_from = position.next, missing_to = offset - 1, error = %e,
+                    "The fetch skipped records and the partition cannot be read again; going on without them"
+                );
+                self.set_position(key, offset + 1, 0);
+                true
+            }
+        }
+    }
+
+    fn set_position(&self, key: (String, i32), next: i64, back: i64) {
+        if let Ok(mut p) = self.consumer.context().expected.lock() {
+            p.insert(key, Position { next, back });
+        }
+    }
+
+    /// The group's committed offset of a partition, if it has one.
+    fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        let committed = self
+            .consumer
+            .committed_offsets(list, Duration::from_secs(5))
+            .ok()?;
+        match committed.find_partition(topic, partition)?.offset() {
+            rdkafka::Offset::Offset(o) => Some(o),
+            _ => None,
         }
     }
 
@@ -438,7 +596,12 @@ impl<H: Handler> Consumer<H> {
         while batch.len() < self.config.batch_size {
             // A zero timeout polls `recv` once: a record already fetched, or nothing.
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m),
+                Ok(Ok(m)) => {
+                    if !self.admit(&m) {
+                        break;
+                    }
+                    batch.push(m);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(group = self.handler.group(), error = %e, "Kafka consumer error");
                     break;
@@ -754,13 +917,14 @@ impl<H: Handler> Consumer<H> {
                         outcome: outcome.name().to_owned(),
                     })
                     .inc();
-                if *outcome == Outcome::Duplicate {
-                    tracing::debug!(
-                        group,
-                        offset = message.offset(),
-                        "Duplicate record; effect already applied"
-                    );
-                }
+                tracing::debug!(
+                    group,
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    outcome = outcome.name(),
+                    "Record done"
+                );
                 if let Err(e) = self.store(message) {
                     tracing::info!(
                         group, topic = message.topic(), partition = message.partition(), offset = message.offset(),

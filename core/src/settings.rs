@@ -37,6 +37,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Kafka bootstrap servers, comma separated",
     ),
     (
+        "KEEL_KAFKA_DEBUG",
+        "",
+        "librdkafka debug contexts for the consumer groups, e.g. cgrp,fetch (logged at debug level under target librdkafka); empty: none",
+    ),
+    (
         "KEEL_SCHEMA_REGISTRY_URL",
         "http://127.0.0.1:8081",
         "Confluent-compatible Schema Registry base URL",
@@ -164,6 +169,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
 pub struct Settings {
     pub database_url: String,
     pub kafka_brokers: String,
+    /// librdkafka `debug` contexts for consumers; `None`: none.
+    pub kafka_debug: Option<String>,
     pub schema_registry_url: String,
     pub topics: Topics,
     /// The declared topic layout (see [`crate::topics`]).
@@ -278,6 +285,7 @@ impl Settings {
         Ok(Settings {
             database_url: source.parse("KEEL_DATABASE_URL")?,
             kafka_brokers: source.parse("KEEL_KAFKA_BROKERS")?,
+            kafka_debug: source.optional("KEEL_KAFKA_DEBUG"),
             schema_registry_url: source
                 .parse::<String>("KEEL_SCHEMA_REGISTRY_URL")?
                 .trim_end_matches('/')
