@@ -641,7 +641,8 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
         // Raw consume: one client assigned every partition, reading until it has them all.
         let raw_consume = {
             let (brokers, topic) = (bench.brokers.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || raw_read(&brokers, &topic, n)).await??
+            let fetch_wait = bench.keel.consumer.fetch_wait;
+            tokio::task::spawn_blocking(move || raw_read(&brokers, &topic, n, fetch_wait)).await??
         };
         eprintln!("bench: {group}: raw consume {raw_consume:.0}/s; applying them without Kafka");
 
@@ -727,13 +728,14 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
 }
 
 /// Reads `n` records of `topic` from the beginning with a plain assigned consumer (no group, no
-/// processing); records per second.
-fn raw_read(brokers: &str, topic: &str, n: usize) -> anyhow::Result<f64> {
+/// processing) and the groups' fetch wait; records per second.
+fn raw_read(brokers: &str, topic: &str, n: usize, fetch_wait: Duration) -> anyhow::Result<f64> {
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = kafka::client_config(brokers)
         .set("group.id", "bench-raw")
         .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
         .create()?;
     let mut list = TopicPartitionList::new();
     for p in 0..6 {
