@@ -197,7 +197,12 @@ pub async fn transact<H: Handler>(
     records: &[(Event, Meta)],
 ) -> Result<Vec<Outcome>, HandlerError> {
     let mut outcomes = vec![Outcome::Ignored; records.len()];
-    let wanted: Vec<&(Event, Meta)> = records.iter().filter(|(e, _)| handler.wants(e)).collect();
+    let wants: Vec<bool> = records.iter().map(|(e, _)| handler.wants(e)).collect();
+    let wanted: Vec<&(Event, Meta)> = records
+        .iter()
+        .zip(&wants)
+        .filter_map(|(r, &w)| w.then_some(r))
+        .collect();
     if wanted.is_empty() {
         return Ok(outcomes);
     }
@@ -216,10 +221,12 @@ pub async fn transact<H: Handler>(
     .await?;
     let mut new: HashSet<uuid::Uuid> = new.into_iter().collect();
     let mut fresh = Vec::with_capacity(new.len());
-    for (outcome, (event, meta)) in outcomes.iter_mut().zip(records) {
-        if !handler.wants(event) {
-            continue;
-        }
+    for ((outcome, (event, meta)), _) in outcomes
+        .iter_mut()
+        .zip(records)
+        .zip(&wants)
+        .filter(|(_, w)| **w)
+    {
         if new.remove(&event.event_id()) {
             *outcome = Outcome::Applied;
             fresh.push((event, meta));
@@ -334,7 +341,8 @@ const MAX_GAP_REWIND: i64 = 1 << 16;
 /// partitions of every rebalance (they resume from their committed offsets).
 #[derive(Default)]
 pub struct Positions {
-    expected: Mutex<std::collections::HashMap<(String, i32), Position>>,
+    /// By topic, then partition (looked up by `&str`: no allocation per record).
+    expected: Mutex<std::collections::HashMap<String, std::collections::HashMap<i32, Position>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -359,7 +367,9 @@ impl rdkafka::consumer::ConsumerContext for Positions {
         };
         if let Ok(mut expected) = self.expected.lock() {
             for p in list.elements() {
-                expected.remove(&(p.topic().to_owned(), p.partition()));
+                if let Some(partitions) = expected.get_mut(p.topic()) {
+                    partitions.remove(&p.partition());
+                }
             }
         }
     }
@@ -453,14 +463,23 @@ impl<H: Handler> Consumer<H> {
     /// read again from before the gap, going back 1, 2, 4, ... records until the gap's first
     /// record comes; the records before it, already done, are then dropped as they come.
     fn admit(&self, m: &BorrowedMessage<'_>) -> bool {
-        let key = (m.topic().to_owned(), m.partition());
-        let known = self
-            .consumer
-            .context()
-            .expected
-            .lock()
-            .ok()
-            .and_then(|p| p.get(&key).copied());
+        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let known = {
+            let Ok(mut expected) = self.consumer.context().expected.lock() else {
+                return true;
+            };
+            let position = expected
+                .get_mut(topic)
+                .and_then(|partitions| partitions.get_mut(&partition));
+            match position {
+                // The usual case, in place under one lock.
+                Some(p) if p.back == 0 && offset == p.next => {
+                    p.next += 1;
+                    return true;
+                }
+                p => p.copied(),
+            }
+        };
         // The first record of a partition since it was assigned must be its committed offset.
         let position = match known {
             Some(position) => Some(position),
@@ -469,10 +488,9 @@ impl<H: Handler> Consumer<H> {
                 .map(|next| Position { next, back: 0 }),
         };
         let Some(position) = position else {
-            self.set_position(key, m.offset() + 1, 0);
+            self.set_position(topic, partition, offset + 1, 0);
             return true;
         };
-        let offset = m.offset();
         if offset < position.next && position.back > 0 {
             return false; // read again to reach the gap; already done
         }
@@ -487,7 +505,7 @@ impl<H: Handler> Consumer<H> {
                     "Records never delivered although read again; going on without them"
                 );
             }
-            self.set_position(key, offset + 1, 0);
+            self.set_position(topic, partition, offset + 1, 0);
             return true;
         }
         let back = (position.back * 2).max(1);
@@ -509,7 +527,7 @@ impl<H: Handler> Consumer<H> {
                     "The fetch skipped records; reading the partition again from before them"
                 );
                 let back = if from == 0 { MAX_GAP_REWIND } else { back };
-                self.set_position(key, position.next, back);
+                self.set_position(topic, partition, position.next, back);
                 false
             }
             Err(e) => {
@@ -518,15 +536,18 @@ impl<H: Handler> Consumer<H> {
                     missing_from = position.next, missing_to = offset - 1, error = %e,
                     "The fetch skipped records and the partition cannot be read again; going on without them"
                 );
-                self.set_position(key, offset + 1, 0);
+                self.set_position(topic, partition, offset + 1, 0);
                 true
             }
         }
     }
 
-    fn set_position(&self, key: (String, i32), next: i64, back: i64) {
-        if let Ok(mut p) = self.consumer.context().expected.lock() {
-            p.insert(key, Position { next, back });
+    fn set_position(&self, topic: &str, partition: i32, next: i64, back: i64) {
+        if let Ok(mut expected) = self.consumer.context().expected.lock() {
+            expected
+                .entry(topic.to_owned())
+                .or_default()
+                .insert(partition, Position { next, back });
         }
     }
 
