@@ -755,7 +755,7 @@ fn raw_read(brokers: &str, topic: &str, n: usize, fetch_wait: Duration) -> anyho
 }
 
 /// What the consumer runtime does with what it fetched, minus Kafka: [`keel_consumers::runtime::transact`]
-/// over batches of `KEEL_CONSUMER_BATCH_SIZE` events.
+/// over batches of the size the group runs with (`KEEL_CONSUMER_BATCH_SIZE`, else its own).
 async fn apply_all<H: Handler>(
     bench: &Bench,
     handler: &H,
@@ -776,7 +776,12 @@ async fn apply_all<H: Handler>(
             (event, meta)
         })
         .collect();
-    for batch in records.chunks(bench.keel.consumer.batch_size) {
+    let batch_size = bench
+        .keel
+        .consumer
+        .batch_size
+        .unwrap_or_else(|| handler.batch_size());
+    for batch in records.chunks(batch_size) {
         keel_consumers::runtime::transact(&bench.pool, handler, batch)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -16,6 +16,10 @@ mod common;
 
 use common::Stack;
 
+/// The batch size `Log` asks for: the tests' settings leave `KEEL_CONSUMER_BATCH_SIZE` empty, so
+/// the runtime uses it.
+const LOG_BATCH: usize = 40;
+
 /// Logs every event it applies with the id of the transaction that applied it; fails
 /// permanently on one chosen event.
 struct Log {
@@ -31,6 +35,10 @@ impl Handler for Log {
 
     fn topics(&self) -> Vec<String> {
         vec![self.topic.clone()]
+    }
+
+    fn batch_size(&self) -> usize {
+        LOG_BATCH
     }
 
     async fn handle(
@@ -244,6 +252,10 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
     assert!(
         largest > 1,
         "a backlog is applied several events per transaction"
+    );
+    assert!(
+        largest <= LOG_BATCH as i64,
+        "at most the group's own batch size ({LOG_BATCH}) per transaction, not {largest}"
     );
     stop.cancel();
     consumer.await.unwrap().unwrap();

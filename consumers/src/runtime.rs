@@ -140,6 +140,9 @@ impl HandlerError {
     }
 }
 
+/// Records per transaction for a group that does not choose ([`Handler::batch_size`]).
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+
 /// A consumer group: which topics it reads and what it does with each event, inside the
 /// runtime's transaction. Adding a group is implementing this trait; producers are untouched.
 pub trait Handler: Send + Sync + 'static {
@@ -152,6 +155,13 @@ pub trait Handler: Send + Sync + 'static {
     /// The group's own tables: its PostgreSQL schema and migrations.
     fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
         None
+    }
+
+    /// Most records the group applies in one transaction unless `KEEL_CONSUMER_BATCH_SIZE` says
+    /// otherwise. Larger batches share a commit among more records, and cost a group whose
+    /// records update the same rows (inventory's stock) more per record: 100 suits most.
+    fn batch_size(&self) -> usize {
+        DEFAULT_BATCH_SIZE
     }
 
     /// Whether the group cares about `event`. Others are skipped without a transaction.
@@ -281,8 +291,9 @@ pub struct ConsumerConfig {
     pub fetch_wait: Duration,
     /// `session.timeout.ms` (see `KEEL_CONSUMER_SESSION_TIMEOUT_MS`).
     pub session_timeout: Duration,
-    /// Most records applied in one transaction (see `KEEL_CONSUMER_BATCH_SIZE`).
-    pub batch_size: usize,
+    /// Most records applied in one transaction (see `KEEL_CONSUMER_BATCH_SIZE`); `None`: the
+    /// handler's own ([`Handler::batch_size`]).
+    pub batch_size: Option<usize>,
     /// librdkafka `debug` contexts (see `KEEL_KAFKA_DEBUG`).
     pub kafka_debug: Option<String>,
 }
@@ -327,6 +338,8 @@ pub struct Consumer<H: Handler> {
     producer: FutureProducer,
     decoder: Decoder,
     config: ConsumerConfig,
+    /// Most records in one transaction: the setting's, else the handler's.
+    batch_size: usize,
     /// Dead-letter topics known to exist.
     dlq_ready: Mutex<HashSet<String>>,
     /// This loop's name for liveness: `consumer:<group>`.
@@ -413,6 +426,7 @@ impl<H: Handler> Consumer<H> {
         consumer.subscribe(&topics)?;
         let handler_group = handler.group().to_owned();
         let decoder = Decoder::new(&config.registry_url)?;
+        let batch_size = config.batch_size.unwrap_or_else(|| handler.batch_size());
         Ok(Self {
             handler,
             pool,
@@ -420,6 +434,7 @@ impl<H: Handler> Consumer<H> {
             producer,
             decoder,
             config,
+            batch_size,
             dlq_ready: Mutex::default(),
             health_loop: format!("consumer:{}", handler_group),
             membership: Mutex::default(),
@@ -614,7 +629,7 @@ impl<H: Handler> Consumer<H> {
             return Vec::new();
         };
         let mut batch = vec![first];
-        while batch.len() < self.config.batch_size {
+        while batch.len() < self.batch_size {
             // A zero timeout polls `recv` once: a record already fetched, or nothing.
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
                 Ok(Ok(m)) => {
@@ -902,7 +917,7 @@ impl<H: Handler> Consumer<H> {
     /// Consumes until `shutdown`, then commits what is done.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.handler.group().to_owned();
-        tracing::info!(group, topics = ?self.handler.topics(), "Consumer started");
+        tracing::info!(group, topics = ?self.handler.topics(), batch_size = self.batch_size, "Consumer started");
         let lag = tokio::spawn(measure_lag(
             self.config.brokers.clone(),
             group.clone(),

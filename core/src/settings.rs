@@ -128,8 +128,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "KEEL_CONSUMER_BATCH_SIZE",
-        "100",
-        "Most records a consumer applies in one PostgreSQL transaction, taken from what it has already fetched (it never waits to fill a batch); 1 applies records one by one",
+        "",
+        "Most records a consumer applies in one PostgreSQL transaction, taken from what it has already fetched (it never waits to fill a batch); 1 applies records one by one. Empty: the group's own (500 for cache-invalidation, 100 for the others)",
     ),
     (
         "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
@@ -210,8 +210,8 @@ pub struct ConsumerSettings {
     pub fetch_wait: Duration,
     /// `session.timeout.ms`.
     pub session_timeout: Duration,
-    /// Most records in one transaction.
-    pub batch_size: usize,
+    /// Most records in one transaction; `None`: the group's own.
+    pub batch_size: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -269,10 +269,16 @@ impl Settings {
         if max_attempts == 0 {
             return Err(source.invalid("KEEL_CONSUMER_MAX_ATTEMPTS", "must be at least 1"));
         }
-        let consumer_batch_size: usize = source.parse("KEEL_CONSUMER_BATCH_SIZE")?;
-        if consumer_batch_size == 0 {
-            return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", "must be at least 1"));
-        }
+        let consumer_batch_size: Option<usize> = match source.optional("KEEL_CONSUMER_BATCH_SIZE") {
+            None => None,
+            Some(v) => match v.parse::<usize>() {
+                Ok(0) => {
+                    return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", "must be at least 1"));
+                }
+                Ok(n) => Some(n),
+                Err(e) => return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", &e.to_string())),
+            },
+        };
         // Apache Kafka's default bounds (group.min/max.session.timeout.ms): a broker refuses others.
         let session_timeout: u64 = source.parse("KEEL_CONSUMER_SESSION_TIMEOUT_MS")?;
         if !(6_000..=1_800_000).contains(&session_timeout) {
@@ -418,6 +424,20 @@ mod tests {
             err.to_string().starts_with("KEEL_ORDER_SERVICE_ADDR:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_consumer_batch_size_is_the_groups_own_unless_set() {
+        assert_eq!(Settings::local().consumer.batch_size, None);
+        let s = Settings::from_vars(vars(&[("KEEL_CONSUMER_BATCH_SIZE", "250")])).unwrap();
+        assert_eq!(s.consumer.batch_size, Some(250));
+        for bad in ["0", "lots", "-1"] {
+            let err = Settings::from_vars(vars(&[("KEEL_CONSUMER_BATCH_SIZE", bad)])).unwrap_err();
+            assert!(
+                err.to_string().starts_with("KEEL_CONSUMER_BATCH_SIZE:"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
