@@ -18,5 +18,6 @@ start_tansu tansu-bench 29092 memory://tansu/
 export BENCH_KAFKA_BROKERS=127.0.0.1:29092 BENCH_KEEL_BIN="$TARGET/keel"
 # tansu answers a fetch only when its wait runs out, so the wait is every hop's latency there
 # (the raw round-trip baseline uses the same value). Apache Kafka answers as soon as data arrives.
-export KEEL_CONSUMER_FETCH_WAIT_MS="${KEEL_CONSUMER_FETCH_WAIT_MS:-50}"
+# 10 ms, as make up-kafka runs it (bench/README.md: latency against idle CPU).
+export KEEL_CONSUMER_FETCH_WAIT_MS="${KEEL_CONSUMER_FETCH_WAIT_MS:-10}"
 "$TARGET/keel-bench" "$@"

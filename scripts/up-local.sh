@@ -23,8 +23,9 @@ start order-service "$KEEL" order-service
 wait_for "the order service" 30 curl -fsS http://127.0.0.1:8080/ready
 # Each background process serves /health, /ready and /metrics on its own port.
 KEEL_ADMIN_ADDR=127.0.0.1:9101 start relay "$KEEL" relay
-# tansu answers a fetch only when its wait runs out: a short wait is a short hop.
-export KEEL_CONSUMER_FETCH_WAIT_MS="${KEEL_CONSUMER_FETCH_WAIT_MS:-50}"
+# tansu answers a fetch only when its wait runs out: a short wait is a short hop, and costs CPU
+# while idle (measured: 50 ms 9% of a core, 10 ms 17%, 5 ms 25%; bench/README.md).
+export KEEL_CONSUMER_FETCH_WAIT_MS="${KEEL_CONSUMER_FETCH_WAIT_MS:-10}"
 port=9102
 for group in inventory notification analytics cache-invalidation; do
   # Static membership: a restarted group takes its partitions back without waiting for a rebalance.
