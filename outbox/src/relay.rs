@@ -163,7 +163,9 @@ async fn mark_published(
     rows: &[Pending],
 ) -> Result<(), sqlx::Error> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    sqlx::query("UPDATE outbox.events SET published_at = now() WHERE id = ANY($1)")
+    // The time of the acknowledgement, not the claim's transaction start (`now()`), which for
+    // a large batch is seconds earlier.
+    sqlx::query("UPDATE outbox.events SET published_at = clock_timestamp() WHERE id = ANY($1)")
         .bind(&ids)
         .execute(&mut **tx)
         .await?;
