@@ -30,7 +30,11 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("max.in.flight.requests.per.connection", "5")
-        .set("linger.ms", "5")
+        // No linger: the relay's claim already is the batch (up to KEEL_RELAY_BATCH_SIZE rows
+        // enqueued at once), and while 5 requests are in flight librdkafka batches what queues
+        // behind them. Measured (bench, 200k rows): drain 39k/s at librdkafka's 5 ms, 37k/s at 0
+        // (noise); the relay's hop at 20% load, p50 16 -> 7 ms.
+        .set("linger.ms", "0")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         // A delivery that has not succeeded by then is reported as failed; the caller retries.
