@@ -98,8 +98,17 @@ impl Inventory {
         meta: &Meta,
     ) -> Result<(), HandlerError> {
         let order_id = order.order_id;
-        if status(tx, order_id).await?.is_some() {
-            return Ok(()); // cancelled before we saw it, or already handled
+        // Claims the order as reserved (a shortage below turns it to rejected); a row already
+        // there means cancelled before we saw it, or already handled.
+        let claimed = sqlx::query(
+            "INSERT INTO inventory.reservations (order_id, status) VALUES ($1, 'reserved')
+             ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(order_id)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            return Ok(());
         }
         let wanted = quantities(&order.lines);
         let skus: Vec<&str> = wanted.keys().copied().collect();
@@ -123,22 +132,30 @@ impl Inventory {
             })
             .collect();
         let outcome = if shortages.is_empty() {
-            set_status(tx, order_id, "reserved").await?;
+            let mut quantities = Vec::with_capacity(wanted.len());
             for (sku, q) in &wanted {
-                let q = i32::try_from(*q)
-                    .map_err(|_| HandlerError::Permanent(format!("quantity of {sku} overflows")))?;
-                sqlx::query("UPDATE inventory.stock SET reserved = reserved + $2 WHERE sku = $1")
-                    .bind(sku)
-                    .bind(q)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("INSERT INTO inventory.reservation_lines (order_id, sku, quantity) VALUES ($1, $2, $3)")
-                    .bind(order_id)
-                    .bind(sku)
-                    .bind(q)
-                    .execute(&mut *tx)
-                    .await?;
+                quantities.push(i32::try_from(*q).map_err(|_| {
+                    HandlerError::Permanent(format!("quantity of {sku} overflows"))
+                })?);
             }
+            // One statement each for every line of the order (the rows are locked above).
+            sqlx::query(
+                "UPDATE inventory.stock s SET reserved = s.reserved + w.quantity
+                   FROM UNNEST($1::text[], $2::int4[]) AS w (sku, quantity) WHERE s.sku = w.sku",
+            )
+            .bind(&skus)
+            .bind(&quantities)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO inventory.reservation_lines (order_id, sku, quantity)
+                 SELECT $1, sku, quantity FROM UNNEST($2::text[], $3::int4[]) AS w (sku, quantity)",
+            )
+            .bind(order_id)
+            .bind(&skus)
+            .bind(&quantities)
+            .execute(&mut *tx)
+            .await?;
             Event::InventoryReserved(InventoryReserved {
                 event_id: uuid::Uuid::now_v7(),
                 occurred_at: now_millis(),
