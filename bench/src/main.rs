@@ -742,7 +742,7 @@ async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<
 }
 
 /// Reads `n` records of `topic` from the beginning with a plain assigned consumer (no group, no
-/// processing) and the groups' fetch wait; records per second after the first.
+/// processing) and the groups' fetch wait; records per second.
 fn raw_read(brokers: &str, topic: &str, n: usize, fetch_wait: Duration) -> anyhow::Result<f64> {
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::{Offset, TopicPartitionList};
@@ -756,22 +756,16 @@ fn raw_read(brokers: &str, topic: &str, n: usize, fetch_wait: Duration) -> anyho
         list.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&list)?;
-    // Timed from the first record, as the groups are (from their first applied event): the
-    // connection and the first fetch are not reading speed.
-    let mut started = None;
+    let started = Instant::now();
     let mut read = 0;
     while read < n {
         match consumer.poll(Duration::from_secs(30)) {
-            Some(Ok(_)) => {
-                read += 1;
-                started.get_or_insert_with(Instant::now);
-            }
+            Some(Ok(_)) => read += 1,
             Some(Err(e)) => anyhow::bail!("raw read: {e}"),
             None => anyhow::bail!("raw read: nothing for 30 s after {read} of {n} records"),
         }
     }
-    let started = started.context("raw read: no records")?;
-    Ok(rate(n.saturating_sub(1) as f64, started.elapsed()))
+    Ok(rate(n as f64, started.elapsed()))
 }
 
 /// What the consumer runtime does with what it fetched, minus Kafka: [`keel_consumers::runtime::transact`]
