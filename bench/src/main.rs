@@ -42,6 +42,13 @@ struct Args {
     /// Run only these scenarios (comma separated: drain, write, e2e, catchup).
     #[arg(long, value_delimiter = ',', default_value = "drain,write,e2e,catchup")]
     only: Vec<String>,
+    /// Groups the catch-up scenario runs (comma separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "inventory,analytics,cache-invalidation"
+    )]
+    groups: Vec<String>,
     /// Where the results go.
     #[arg(long, default_value = "bench/results")]
     out: std::path::PathBuf,
@@ -646,7 +653,22 @@ async fn end_to_end(
 /// and the group's dedupe-and-apply SQL run without Kafka.
 async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<()> {
     let n = bench.args.backlog;
-    for group in ["inventory", "analytics", "cache-invalidation"] {
+    const GROUPS: [&str; 3] = ["inventory", "analytics", "cache-invalidation"];
+    if let Some(unknown) = bench
+        .args
+        .groups
+        .iter()
+        .find(|g| !GROUPS.contains(&g.as_str()))
+    {
+        anyhow::bail!(
+            "--groups: no catch-up for {unknown:?}; it runs {}",
+            GROUPS.join(", ")
+        );
+    }
+    for group in GROUPS {
+        if !bench.args.groups.iter().any(|g| g == group) {
+            continue;
+        }
         let topic = bench.topic(&format!("backlog-{group}")).await?;
         let records = encoded(bench, &topic, n).await?;
         produce_all(&bench.brokers, &topic, &records).await?;
@@ -885,5 +907,6 @@ fn args_json(args: &Args) -> BTreeMap<&'static str, Value> {
         ("clients", json!(args.clients)),
         ("seconds", json!(args.seconds)),
         ("backlog", json!(args.backlog)),
+        ("groups", json!(args.groups)),
     ])
 }
