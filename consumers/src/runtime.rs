@@ -12,7 +12,9 @@
 //! commit ([`transact`]). A backlog is then worth one commit per batch instead of one per record.
 //! If the batch fails for any reason, none of it committed, and its records go one by one through
 //! the path below, so a poison record is dead-lettered alone and an outage is waited out record
-//! by record.
+//! by record. While a batch's transaction waits on PostgreSQL, the records fetched behind it are
+//! taken and decoded, so the next batch is ready when it commits; a batch is stored only after
+//! it is applied, and one taken but not applied at shutdown is simply not done.
 //!
 //! # Failures
 //! - **Unavailable** (PostgreSQL, Redis, SMTP or the registry cannot be reached): not the record's
@@ -629,23 +631,50 @@ impl<H: Handler> Consumer<H> {
             return Vec::new();
         };
         let mut batch = vec![first];
+        self.fill(&mut batch).await;
+        batch
+    }
+
+    /// The records librdkafka already holds, at most the batch size; empty if there are none.
+    /// Never waits.
+    pub async fn ready_batch(&self) -> Vec<BorrowedMessage<'_>> {
+        let mut batch = Vec::new();
+        self.fill(&mut batch).await;
+        batch
+    }
+
+    async fn fill<'a>(&'a self, batch: &mut Vec<BorrowedMessage<'a>>) {
         while batch.len() < self.batch_size {
             // A zero timeout polls `recv` once: a record already fetched, or nothing.
-            match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                Ok(Ok(m)) => {
+            let Ok(polled) = tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await
+            else {
+                break;
+            };
+            match polled {
+                Ok(m) => {
                     if !self.admit(&m) {
                         break;
                     }
                     batch.push(m);
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(group = self.handler.group(), error = %e, "Kafka consumer error");
                     break;
                 }
-                Err(_) => break,
             }
         }
-        batch
+    }
+
+    /// Decodes each record of `batch`, in order.
+    pub async fn decode_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+    ) -> Vec<Result<Event, HandlerError>> {
+        let mut events = Vec::with_capacity(batch.len());
+        for message in batch {
+            events.push(self.decode(message).await);
+        }
+        events
     }
 
     /// Applies `batch` (records taken from the consumer in one go, in order) in one transaction
@@ -659,9 +688,20 @@ impl<H: Handler> Consumer<H> {
         batch: &[BorrowedMessage<'_>],
         shutdown: &CancellationToken,
     ) -> Vec<Outcome> {
+        let decoded = self.decode_batch(batch).await;
+        self.apply_decoded(batch, decoded, shutdown).await
+    }
+
+    /// [`Consumer::apply_batch`] with the records already decoded ([`Consumer::decode_batch`]).
+    pub async fn apply_decoded(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        decoded: Vec<Result<Event, HandlerError>>,
+        shutdown: &CancellationToken,
+    ) -> Vec<Outcome> {
         let prepared: Vec<(Meta, tracing::Span)> = batch.iter().map(|m| self.prepare(m)).collect();
         if batch.len() > 1 {
-            match self.try_batch(batch, &prepared).await {
+            match self.try_batch(decoded, &prepared).await {
                 Ok(outcomes) => {
                     for ((_, span), outcome) in prepared.iter().zip(&outcomes) {
                         span.record("keel.outcome", outcome.name());
@@ -686,12 +726,12 @@ impl<H: Handler> Consumer<H> {
 
     async fn try_batch(
         &self,
-        batch: &[BorrowedMessage<'_>],
+        decoded: Vec<Result<Event, HandlerError>>,
         prepared: &[(Meta, tracing::Span)],
     ) -> Result<Vec<Outcome>, HandlerError> {
-        let mut records = Vec::with_capacity(batch.len());
-        for (message, (meta, _)) in batch.iter().zip(prepared) {
-            records.push((self.decode(message).await?, meta.clone()));
+        let mut records = Vec::with_capacity(decoded.len());
+        for (event, (meta, _)) in decoded.into_iter().zip(prepared) {
+            records.push((event?, meta.clone()));
         }
         transact(&self.pool, &self.handler, &records).await
     }
@@ -928,13 +968,26 @@ impl<H: Handler> Consumer<H> {
         let group_labels = keel_core::metrics::GroupLabels {
             group: group.clone(),
         };
+        let mut batch = self.next_batch(&shutdown).await;
+        let mut decoded = self.decode_batch(&batch).await;
         loop {
-            let batch = self.next_batch(&shutdown).await;
-            if batch.is_empty() {
+            // A batch taken but not applied is not done: its offsets are not stored.
+            if batch.is_empty() || shutdown.is_cancelled() {
                 break;
             }
+            // Catching up, the loop goes from batch to batch without waiting in `next`.
+            keel_core::health::beat(&self.health_loop);
+            self.watch_membership();
             let started = std::time::Instant::now();
-            let outcomes = self.apply_batch(&batch, &shutdown).await;
+            // While this batch's transaction waits on PostgreSQL (and Redis), the records
+            // already fetched are taken and decoded: the next batch is ready when this one
+            // commits. Nothing of the next is stored before it is applied.
+            let (outcomes, (next, next_decoded)) =
+                tokio::join!(self.apply_decoded(&batch, decoded, &shutdown), async {
+                    let next = self.ready_batch().await;
+                    let decoded = self.decode_batch(&next).await;
+                    (next, decoded)
+                });
             // Per record: a batch's time shared among its records.
             let per_record = started.elapsed().as_secs_f64() / batch.len() as f64;
             metrics
@@ -970,6 +1023,12 @@ impl<H: Handler> Consumer<H> {
             }
             if outcomes.len() < batch.len() {
                 break; // shutdown while a record waited to be retried
+            }
+            if next.is_empty() {
+                batch = self.next_batch(&shutdown).await;
+                decoded = self.decode_batch(&batch).await;
+            } else {
+                (batch, decoded) = (next, next_decoded);
             }
         }
         // Stored offsets only: the record in progress at shutdown (if any) was not stored.
