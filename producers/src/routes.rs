@@ -187,7 +187,7 @@ pub async fn insert_order(
     .execute(&mut *tx)
     .await?;
     let event = Event::OrderCreated(OrderCreated {
-        event_id: Uuid::new_v4(),
+        event_id: Uuid::now_v7(),
         occurred_at: at.timestamp_millis(),
         order_id: id,
         order_version: 1,
@@ -323,7 +323,7 @@ async fn pay_order(
     transition(&state, &id, &headers, Status::Paid, |order| {
         order.payment_reference = Some(reference.clone());
         Event::OrderPaid(OrderPaid {
-            event_id: Uuid::new_v4(),
+            event_id: Uuid::now_v7(),
             occurred_at: order.updated_at.timestamp_millis(),
             order_id: order.id,
             order_version: order.version,
@@ -347,7 +347,7 @@ async fn cancel_order(
     transition(&state, &id, &headers, Status::Cancelled, |order| {
         order.cancel_reason = reason.clone();
         Event::OrderCancelled(OrderCancelled {
-            event_id: Uuid::new_v4(),
+            event_id: Uuid::now_v7(),
             occurred_at: order.updated_at.timestamp_millis(),
             order_id: order.id,
             order_version: order.version,
