@@ -50,7 +50,7 @@ impl Handler for CacheInvalidation {
     /// A batch costs one transaction and one pipelined Redis round trip whatever its size, and
     /// its records touch no shared rows: larger batches are nearly free (bench/README.md).
     fn batch_size(&self) -> usize {
-        500
+        1000
     }
 
     async fn handle(
