@@ -53,7 +53,18 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        // Memory does not grow with a backlog. librdkafka prefetches until every partition
+        // holds queued.min.messages (default 100,000 each) or the queue holds
+        // queued.max.messages.kbytes: on a backlog a group reached 68 MiB of RSS at 100,000
+        // events and 84 MiB at 300,000. 10,000 per partition is still seconds of work ahead; past
+        // it, fetching pauses fetch.queue.backoff.ms (default 1 s, which halved the catch-up
+        // rate) before looking again. One fetch answer holds at most fetch.max.bytes.
+        // Measured at 300,000 events: peak RSS 84 -> 43 MiB.
+        .set("fetch.max.bytes", "8388608")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "10000")
+        .set("fetch.queue.backoff.ms", "20");
     config
 }
 
