@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// Events in the backlog each consumer group catches up on (scenario 4).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     backlog: usize,
     /// Run only these scenarios (comma separated: drain, write, e2e, catchup).
     #[arg(long, value_delimiter = ',', default_value = "drain,write,e2e,catchup")]
