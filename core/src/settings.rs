@@ -93,7 +93,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "KEEL_RELAY_BATCH_SIZE",
-        "2000",
+        "5000",
         "Outbox rows the relay claims, publishes and marks per transaction",
     ),
     (
