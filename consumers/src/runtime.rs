@@ -637,7 +637,7 @@ impl<H: Handler> Consumer<H> {
 
     /// The records librdkafka already holds, at most the batch size; empty if there are none.
     /// Never waits.
-    pub async fn ready_batch(&self) -> Vec<BorrowedMessage<'_>> {
+    async fn ready_batch(&self) -> Vec<BorrowedMessage<'_>> {
         let mut batch = Vec::new();
         self.fill(&mut batch).await;
         batch
@@ -666,7 +666,7 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Decodes each record of `batch`, in order.
-    pub async fn decode_batch(
+    async fn decode_batch(
         &self,
         batch: &[BorrowedMessage<'_>],
     ) -> Vec<Result<Event, HandlerError>> {
@@ -698,7 +698,7 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// [`Consumer::apply_batch`] with the records already decoded ([`Consumer::decode_batch`]).
-    pub async fn apply_decoded(
+    async fn apply_decoded(
         &self,
         batch: &[BorrowedMessage<'_>],
         decoded: Vec<Result<Event, HandlerError>>,
