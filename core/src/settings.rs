@@ -269,16 +269,11 @@ impl Settings {
         if max_attempts == 0 {
             return Err(source.invalid("KEEL_CONSUMER_MAX_ATTEMPTS", "must be at least 1"));
         }
-        let consumer_batch_size: Option<usize> = match source.optional("KEEL_CONSUMER_BATCH_SIZE") {
-            None => None,
-            Some(v) => match v.parse::<usize>() {
-                Ok(0) => {
-                    return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", "must be at least 1"));
-                }
-                Ok(n) => Some(n),
-                Err(e) => return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", &e.to_string())),
-            },
-        };
+        let consumer_batch_size: Option<usize> =
+            source.parse_optional("KEEL_CONSUMER_BATCH_SIZE")?;
+        if consumer_batch_size == Some(0) {
+            return Err(source.invalid("KEEL_CONSUMER_BATCH_SIZE", "must be at least 1"));
+        }
         // Apache Kafka's default bounds (group.min/max.session.timeout.ms): a broker refuses others.
         let session_timeout: u64 = source.parse("KEEL_CONSUMER_SESSION_TIMEOUT_MS")?;
         if !(6_000..=1_800_000).contains(&session_timeout) {
@@ -301,12 +296,7 @@ impl Settings {
                 inventory: source.parse("KEEL_TOPIC_INVENTORY")?,
             },
             topics_file: source.parse("KEEL_TOPICS_FILE")?,
-            admin_addr: match source.optional("KEEL_ADMIN_ADDR") {
-                None => None,
-                Some(a) => Some(a.parse().map_err(|e: std::net::AddrParseError| {
-                    source.invalid("KEEL_ADMIN_ADDR", &e.to_string())
-                })?),
-            },
+            admin_addr: source.parse_optional("KEEL_ADMIN_ADDR")?,
             liveness_timeout: Duration::from_secs(source.parse("KEEL_LIVENESS_TIMEOUT_SECS")?),
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
@@ -370,6 +360,20 @@ impl Source {
     /// A key whose empty value means "not set".
     fn optional(&self, key: &'static str) -> Option<String> {
         Some(self.raw(key).trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    /// [`Source::optional`], parsed; a value that does not parse names its key.
+    fn parse_optional<T>(&self, key: &'static str) -> Result<Option<T>, SettingsError>
+    where
+        T: FromStr,
+        T::Err: Display,
+    {
+        self.optional(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|e: T::Err| self.invalid(key, &e.to_string()))
+            })
+            .transpose()
     }
 
     fn invalid(&self, key: &'static str, message: &str) -> SettingsError {
