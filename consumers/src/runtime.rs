@@ -973,9 +973,17 @@ impl<H: Handler> Consumer<H> {
         let group_labels = keel_core::metrics::GroupLabels {
             group: group.clone(),
         };
-        let mut batch = self.next_batch(&shutdown).await;
-        let mut decoded = self.decode_batch(&batch).await;
+        // The next batch when it was taken while the last one was applied.
+        let mut ready = None;
         loop {
+            let (batch, decoded) = match ready.take() {
+                Some(taken) => taken,
+                None => {
+                    let batch = self.next_batch(&shutdown).await;
+                    let decoded = self.decode_batch(&batch).await;
+                    (batch, decoded)
+                }
+            };
             // A batch taken but not applied is not done: its offsets are not stored.
             if batch.is_empty() || shutdown.is_cancelled() {
                 break;
@@ -999,18 +1007,17 @@ impl<H: Handler> Consumer<H> {
                 .consumer_batch
                 .get_or_create(&group_labels)
                 .observe(batch.len() as f64);
+            let processing = metrics.consumer_processing.get_or_create(&group_labels);
+            let mut by_outcome: Vec<(&'static str, u64)> = Vec::new();
             for (message, outcome) in batch.iter().zip(&outcomes) {
-                metrics
-                    .consumer_processing
-                    .get_or_create(&group_labels)
-                    .observe(per_record);
-                metrics
-                    .consumer_records
-                    .get_or_create(&keel_core::metrics::OutcomeLabels {
-                        group: group.clone(),
-                        outcome: outcome.name().to_owned(),
-                    })
-                    .inc();
+                processing.observe(per_record);
+                match by_outcome
+                    .iter_mut()
+                    .find(|(name, _)| *name == outcome.name())
+                {
+                    Some((_, n)) => *n += 1,
+                    None => by_outcome.push((outcome.name(), 1)),
+                }
                 tracing::debug!(
                     group,
                     topic = message.topic(),
@@ -1026,14 +1033,22 @@ impl<H: Handler> Consumer<H> {
                     );
                 }
             }
+            drop(processing);
+            // One labelled counter lookup per outcome in the batch, not per record.
+            for (outcome, n) in by_outcome {
+                metrics
+                    .consumer_records
+                    .get_or_create(&keel_core::metrics::OutcomeLabels {
+                        group: group.clone(),
+                        outcome: outcome.to_owned(),
+                    })
+                    .inc_by(n);
+            }
             if outcomes.len() < batch.len() {
                 break; // shutdown while a record waited to be retried
             }
-            if next.is_empty() {
-                batch = self.next_batch(&shutdown).await;
-                decoded = self.decode_batch(&batch).await;
-            } else {
-                (batch, decoded) = (next, next_decoded);
+            if !next.is_empty() {
+                ready = Some((next, next_decoded));
             }
         }
         // Stored offsets only: the record in progress at shutdown (if any) was not stored.
