@@ -423,7 +423,7 @@ async fn start_tansu(
     name: &str,
     storage: Storage,
 ) -> anyhow::Result<(Process, String)> {
-    let addr = format!("127.0.0.1:{}", stack::free_port()?);
+    let addr = format!("127.0.0.1:{}", keel_core::testkit::free_port()?);
     let _ = std::fs::remove_file(parts.logs.join(format!("{}-{name}.db", parts.run)));
     run_tansu(parts, name, &addr, storage).await
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_core::kafka::{self, TopicSpec};
-use keel_core::testkit::{Outage, Process, wait_until};
+use keel_core::testkit::{Outage, Process, free_port, wait_until};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -59,31 +59,6 @@ pub struct Stack {
     pub started: chrono::DateTime<chrono::Utc>,
     /// For the admin endpoints: short timeouts, a stuck service must not stall the scenario.
     http: reqwest::Client,
-}
-
-/// A port nothing listens on, for one of the stack's services (kept across its restarts).
-pub fn free_port() -> anyhow::Result<u16> {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Below the kernel's ephemeral range (32768 and up by default): a port the kernel hands out
-    // for an outgoing connection (the stack makes hundreds) could be taken between this check
-    // and the service's bind, or while a killed instance is down before it binds its port again
-    // (seen: "KEEL_ADMIN_ADDR: cannot listen on 127.0.0.1:37717: Address already in use").
-    const FIRST: u32 = 20_000;
-    const COUNT: u32 = 10_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        std::process::id() % COUNT,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..COUNT {
-        let port = u16::try_from(FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT)?;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no free port in {FIRST}..{}", FIRST + COUNT)
 }
 
 impl Stack {

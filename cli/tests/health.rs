@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_consumers::{Handler, HandlerError, Meta};
-use keel_core::testkit::{Outage, eventually, unique};
+use keel_core::testkit::{Outage, eventually, free_port, unique};
 use keel_schemas::Event;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -27,14 +27,6 @@ async fn get(http: &reqwest::Client, url: &str) -> Option<(u16, String)> {
     Some((r.status().as_u16(), r.text().await.ok()?))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_follows_the_database_and_metrics_count_the_relay() {
     let stack = Stack::start().await;
@@ -42,7 +34,7 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
     let host = base.rsplit_once('@').map_or(base, |(_, h)| h);
     let outage = Outage::forward(host).await;
     let forwarded = stack.db.url.replacen(host, &outage.addr.to_string(), 1);
-    let admin = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port().unwrap());
     let relay = keel(
         &stack,
         &["relay"],

@@ -23,6 +23,33 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// A port nothing listens on, for a service a test or tool starts (and may restart on the same
+/// port).
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below the kernel's ephemeral range (32768 and up by default): a port the kernel hands out
+    // for an outgoing connection (a stack makes hundreds) could be taken between this check
+    // and the service's bind, or while a killed instance is down before it binds its port again
+    // (seen in chaos: "KEEL_ADMIN_ADDR: cannot listen on 127.0.0.1:37717: Address already in
+    // use"). Each process starts at its own place in the range, so parallel ones rarely meet.
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() % COUNT,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..COUNT {
+        let port = u16::try_from(FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {FIRST}..{}", FIRST + COUNT)
+}
+
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
     format!(
