@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use keel_consumers::Handler;
 use keel_core::kafka::{self, TopicSpec};
-use keel_core::testkit::{Process, free_port, wait_until};
+use keel_core::testkit::{Process, free_port, metric_sum, wait_until};
 use keel_schemas::{Customer, Event, OrderCreated, OrderLine};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -151,12 +151,8 @@ impl GroupProcess {
         let Ok(resp) = self.http.get(&self.metrics_url).send().await else {
             return Ok(0);
         };
-        let text = resp.error_for_status()?.text().await?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with("keel_consumer_records_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64)
+        let page = resp.error_for_status()?.text().await?;
+        Ok(metric_sum(&page, "keel_consumer_records_total", "") as u64)
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_core::kafka::{self, TopicSpec};
-use keel_core::testkit::{Outage, Process, free_port, wait_until};
+use keel_core::testkit::{Outage, Process, free_port, metric_sum, wait_until};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -297,14 +297,11 @@ impl Stack {
             let Ok(text) = resp.text().await else {
                 continue;
             };
-            let dups: f64 = text
-                .lines()
-                .filter(|l| {
-                    l.starts_with("keel_consumer_records_total{")
-                        && l.contains("outcome=\"duplicate\"")
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
+            let dups = metric_sum(
+                &text,
+                "keel_consumer_records_total",
+                "outcome=\"duplicate\"",
+            );
             // A restarted instance counts from zero again: keep what the previous one saw.
             let key = format!(
                 "{instance}@{}",

@@ -50,6 +50,19 @@ pub fn free_port() -> anyhow::Result<u16> {
     anyhow::bail!("no free port in {FIRST}..{}", FIRST + COUNT)
 }
 
+/// The sum of the samples of counter or gauge `name` in a `/metrics` page (Prometheus' text
+/// format) whose labels contain `label`, e.g. `outcome="duplicate"` (`""`: every sample).
+pub fn metric_sum(page: &str, name: &str, label: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+        })
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A short random suffix for names.
 pub fn unique(prefix: &str) -> String {
     format!(
@@ -310,5 +323,26 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn metric_sum_adds_the_named_samples_with_the_label() {
+        let page = "# HELP keel_consumer_records_total Records.\n\
+            # TYPE keel_consumer_records_total counter\n\
+            keel_consumer_records_total{group=\"a\",outcome=\"applied\"} 7\n\
+            keel_consumer_records_total{group=\"a\",outcome=\"duplicate\"} 2\n\
+            keel_consumer_records_total_other{outcome=\"duplicate\"} 100\n\
+            keel_consumer_records{outcome=\"duplicate\"} 1000\n";
+        assert_eq!(metric_sum(page, "keel_consumer_records_total", ""), 9.0);
+        assert_eq!(
+            metric_sum(page, "keel_consumer_records_total", "outcome=\"duplicate\""),
+            2.0
+        );
+        assert_eq!(metric_sum(page, "keel_missing_total", ""), 0.0);
     }
 }
