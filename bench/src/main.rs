@@ -142,13 +142,19 @@ struct GroupProcess {
 
 impl GroupProcess {
     /// Records the group has finished with since it started (every outcome of
-    /// `keel_consumer_records_total`); 0 until it serves `/metrics`.
+    /// `keel_consumer_records_total`); 0 until it serves `/metrics`, an error if it exited
+    /// (else the bench would wait out its deadline for a dead group).
     ///
     /// The bench polls this every 50 ms while a group works. It used to poll `count(*)` over
     /// the group's `processed_events`, which costs PostgreSQL ~30 ms at 100,000 rows: a share
     /// of the two cores the group was being measured on.
     async fn handled(&self) -> anyhow::Result<u64> {
         let Ok(resp) = self.http.get(&self.metrics_url).send().await else {
+            anyhow::ensure!(
+                !self.process.exited(),
+                "{} exited (its log is in the results' logs/)",
+                self.process.name
+            );
             return Ok(0);
         };
         let page = resp.error_for_status()?.text().await?;

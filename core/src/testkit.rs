@@ -283,6 +283,19 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Whether it has exited, without reaping it (no `&mut`, so a polling closure can ask): its
+    /// `/proc` entry is gone or says zombie.
+    pub fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            // The state is the first field after the command name's closing parenthesis.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_none_or(|state| state == "Z" || state == "X"),
+            Err(_) => true,
+        }
+    }
+
     /// SIGTERM, then waits: an error unless it exited 0.
     pub fn terminate(mut self) -> anyhow::Result<()> {
         let _ = std::process::Command::new("kill")
@@ -328,7 +341,28 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::metric_sum;
+    use super::{Process, metric_sum};
+
+    #[test]
+    fn exited_tells_a_finished_child_from_a_running_one() {
+        let running = Process::spawn("sleep", {
+            let mut c = std::process::Command::new("sleep");
+            c.arg("30");
+            c
+        })
+        .unwrap();
+        let finished = Process::spawn("true", std::process::Command::new("true")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !finished.exited() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`true` still running after 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!running.exited(), "`sleep 30` reported as exited");
+        running.kill9();
+    }
 
     #[test]
     fn metric_sum_adds_the_named_samples_with_the_label() {
