@@ -306,3 +306,44 @@ async fn a_row_that_can_never_be_published_is_set_aside_and_does_not_block_the_r
         Some(expected[1].event_id().to_string().as_str())
     );
 }
+
+#[tokio::test]
+async fn published_rows_past_retention_are_deleted_beyond_one_statements_slice() {
+    let h = Harness::start().await;
+    // 25,000 rows published two hours ago (retention: one hour), more than one slice of
+    // 10,000, and 5 published a minute ago that must stay.
+    sqlx::query(
+        "INSERT INTO outbox.events (topic, message_key, event_type, event_id, payload, published_at)
+         SELECT 'old', g::text, 'keel.orders.OrderCreated', gen_random_uuid(), '{}',
+                now() - CASE WHEN g <= 25000 THEN interval '2 hours' ELSE interval '1 minute' END
+           FROM generate_series(1, 25005) g",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(h.relay(10).run(shutdown.clone()));
+    // One cleanup runs when the relay starts, the next a minute later: all 25,000 must go in the
+    // first.
+    eventually(
+        "the expired rows to be deleted",
+        Duration::from_secs(30),
+        || async {
+            let expired: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox.events WHERE published_at < now() - interval '1 hour'",
+            )
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+            (expired == 0).then_some(())
+        },
+    )
+    .await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.events")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 5, "rows within the retention were deleted");
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+}
