@@ -492,6 +492,9 @@ async fn write_path(bench: &Bench, report: &mut report::Report) -> anyhow::Resul
     Ok(http_rate)
 }
 
+/// How long each end-to-end run sends at its rate before the orders it measures.
+const WARM_UP: Duration = Duration::from_secs(2);
+
 /// Raw produce → consume round trips through the same broker (milliseconds): `n` records sent
 /// open loop at `per_s`, the end-to-end run's arrival process. Sent one at a time instead, each
 /// record would leave just as the previous one arrived, always at the same point of the
@@ -621,7 +624,10 @@ async fn end_to_end(
     let mut results = serde_json::Map::new();
     for (label, share) in [("20%", 0.2), ("80%", 0.8)] {
         let per_s = (capacity * share).max(1.0);
-        let n = (per_s * bench.args.seconds as f64) as usize;
+        // The first WARM_UP at the rate are sent but not measured: they bring the services'
+        // connection pools and batches to the rate (see bench/README.md).
+        let warm = (per_s * WARM_UP.as_secs_f64()) as usize;
+        let n = warm + (per_s * bench.args.seconds as f64) as usize;
         let before = consumer.handled().await?;
         let started = tokio::time::Instant::now();
         let mut tasks = Vec::with_capacity(n);
@@ -647,13 +653,20 @@ async fn end_to_end(
         }
         let mut ids = Vec::with_capacity(n);
         let mut shed = 0;
-        for t in tasks {
+        let mut accepted = 0;
+        for (i, t) in tasks.into_iter().enumerate() {
             match t.await?? {
-                Some(id) => ids.push(id),
-                None => shed += 1,
+                Some(id) => {
+                    accepted += 1;
+                    if i >= warm {
+                        ids.push(id);
+                    }
+                }
+                None if i >= warm => shed += 1,
+                None => {}
             }
         }
-        let target = before + ids.len() as u64;
+        let target = before + accepted;
         wait_until(
             "inventory to apply the load",
             Duration::from_secs(600),
