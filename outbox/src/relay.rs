@@ -27,8 +27,8 @@
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use futures::future::join_all;
+use futures::{FutureExt, TryStreamExt};
 use keel_core::backoff::Backoff;
 use keel_core::telemetry::TraceHeaders;
 use keel_schemas::{EncodeError, Encoder, Event};
@@ -487,9 +487,18 @@ impl Relay {
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                n = listener.recv() => if let Err(e) = n {
-                    tracing::warn!(error = %e, "Outbox LISTEN connection lost; polling until it is back");
-                    tokio::time::sleep(self.config.poll_interval).await;
+                n = listener.recv() => match n {
+                    // The notifications already received all ask for the same step: take them
+                    // now, so that the commits of a burst cost one step, not one (mostly empty)
+                    // step each. Those arriving later end the next wait. PostgreSQL sends a
+                    // notification after its transaction commits, so the step's claim sees the
+                    // row of every one taken here. (Polling `try_recv` once is cancel-safe: sqlx
+                    // takes a message off its buffer only whole.)
+                    Ok(_) => while let Some(Ok(Some(_))) = listener.try_recv().now_or_never() {},
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Outbox LISTEN connection lost; polling until it is back");
+                        tokio::time::sleep(self.config.poll_interval).await;
+                    }
                 },
                 () = tokio::time::sleep(self.config.poll_interval) => {}
             }
