@@ -242,9 +242,9 @@ impl Stack {
         let url = self.ready_url(instance);
         let http = self.http.clone();
         let name = instance.to_owned();
-        let procs = &mut self.procs;
+        let procs = &self.procs;
         wait_until(&format!("{instance} to be ready"), timeout, || {
-            let alive = procs.get_mut(&name).is_some_and(Process::alive);
+            let alive = procs.get(&name).is_some_and(|p| !p.exited());
             let request = http.get(&url).send();
             let name = name.clone();
             async move {

@@ -278,11 +278,6 @@ impl Process {
         Some(kib / 1024.0)
     }
 
-    /// Whether it is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Whether it has exited, without reaping it (no `&mut`, so a polling closure can ask): its
     /// `/proc` entry is gone or says zombie.
     pub fn exited(&self) -> bool {

@@ -454,11 +454,10 @@ impl Relay {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("keel_outbox").await?;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let housekeeping_done = shutdown.child_token();
         let housekeeping = tokio::spawn(housekeeping(
             self.pool.clone(),
             self.config.retention,
-            housekeeping_done.clone(),
+            shutdown.clone(),
         ));
         tracing::info!(batch_size = self.config.batch_size, "Relay started");
         while !shutdown.is_cancelled() {
@@ -503,7 +502,7 @@ impl Relay {
                 () = tokio::time::sleep(self.config.poll_interval) => {}
             }
         }
-        housekeeping_done.cancel();
+        // The loop ends only on `shutdown`, which ends the housekeeping too.
         if let Err(e) = housekeeping.await {
             tracing::warn!(error = %e, "Outbox housekeeping task failed");
         }
@@ -534,27 +533,31 @@ async fn housekeeping(pool: PgPool, retention: Duration, done: CancellationToken
             _ = measure.tick() => if let Err(e) = measure_backlog(&pool).await {
                 tracing::debug!(error = %e, "Cannot measure the outbox backlog");
             },
-            _ = cleanup.tick() => {
-                let mut total = 0;
-                loop {
-                    match delete_expired(&pool, retention).await {
-                        Ok(n) => {
-                            total += n;
-                            if n < DELETE_SLICE || done.is_cancelled() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Outbox cleanup failed");
-                            break;
-                        }
-                    }
-                }
-                if total > 0 {
-                    tracing::info!(rows = total, "Deleted published outbox rows past retention");
+            _ = cleanup.tick() => delete_all_expired(&pool, retention, &done).await,
+        }
+    }
+}
+
+/// Deletes the published rows past `retention`, a slice at a time until none are left (or
+/// `done`).
+async fn delete_all_expired(pool: &PgPool, retention: Duration, done: &CancellationToken) {
+    let mut total = 0;
+    loop {
+        match delete_expired(pool, retention).await {
+            Ok(n) => {
+                total += n;
+                if n < DELETE_SLICE || done.is_cancelled() {
+                    break;
                 }
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "Outbox cleanup failed");
+                break;
+            }
         }
+    }
+    if total > 0 {
+        tracing::info!(rows = total, "Deleted published outbox rows past retention");
     }
 }
 
