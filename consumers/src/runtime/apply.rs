@@ -1,0 +1,216 @@
+//! The apply loop: a batch in one transaction when it can, else record by record with the retry
+//! classes.
+//!
+//! # Batches
+//! The records librdkafka has already fetched (up to `KEEL_CONSUMER_BATCH_SIZE`; the runtime
+//! never waits to fill a batch, so a quiet stream gets batches of one) are applied in one
+//! transaction: their dedupe rows in one statement, the effects of the new ones in order, one
+//! commit ([`super::transact`]). A backlog is then worth one commit per batch instead of one per
+//! record. If the batch fails for any reason, none of it committed, and its records go one by one
+//! through the path below, so a poison record is dead-lettered alone and an outage is waited out
+//! record by record.
+//!
+//! # Failures
+//! - **Unavailable** (PostgreSQL, Redis, SMTP or the registry cannot be reached): not the record's
+//!   fault, and every other record would fail the same way, so the record is retried with
+//!   exponential backoff and jitter until the dependency is back. The partition waits; nothing is
+//!   dead-lettered because of an outage.
+//! - **Transient** (a deadlock, a serialization failure, a timeout): retried the same way, at most
+//!   `max_attempts` times in all, then dead-lettered.
+//! - **Permanent** (undecodable bytes, unknown schema id, an event that breaks an invariant):
+//!   dead-lettered at once.
+//!
+//! A poison record holds its partition for at most the retry budget and is never dropped
+//! silently ([`super::dead_letter`]).
+
+use std::time::Duration;
+
+use keel_core::backoff::Backoff;
+use keel_schemas::{DecodeError, Event};
+use rdkafka::Message;
+use rdkafka::message::BorrowedMessage;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Consumer;
+use super::handler::{Handler, HandlerError, Meta};
+use super::transaction::{Outcome, transact};
+
+impl<H: Handler> Consumer<H> {
+    /// Decodes each record of `batch`, in order.
+    pub(super) async fn decode_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+    ) -> Vec<Result<Event, HandlerError>> {
+        let mut events = Vec::with_capacity(batch.len());
+        for (i, message) in batch.iter().enumerate() {
+            // Decoding is CPU work; run concurrently with a transaction (see `run`), it lets the
+            // transaction's replies in every few records rather than after the whole batch.
+            if i % 32 == 31 {
+                tokio::task::yield_now().await;
+            }
+            events.push(self.decode(message).await);
+        }
+        events
+    }
+
+    /// Applies `batch` (records taken from the consumer in one go, in order) in one transaction
+    /// when it can. If that fails (a record that does not decode, an effect that fails, an
+    /// outage), nothing of it committed and its records are applied one by one as
+    /// [`Consumer::apply`] does, with its retries and dead-lettering. Outcomes come in the
+    /// records' order; fewer than the records if `shutdown` came first (the rest are not done).
+    /// Does not store offsets: see [`Consumer::store`].
+    pub async fn apply_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        shutdown: &CancellationToken,
+    ) -> Vec<Outcome> {
+        let decoded = self.decode_batch(batch).await;
+        self.apply_decoded(batch, decoded, shutdown).await
+    }
+
+    /// [`Consumer::apply_batch`] with the records already decoded ([`Consumer::decode_batch`]).
+    pub(super) async fn apply_decoded(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        decoded: Vec<Result<Event, HandlerError>>,
+        shutdown: &CancellationToken,
+    ) -> Vec<Outcome> {
+        let prepared: Vec<(Meta, tracing::Span)> = batch.iter().map(|m| self.prepare(m)).collect();
+        if batch.len() > 1 {
+            match self.try_batch(decoded, &prepared).await {
+                Ok(outcomes) => {
+                    for ((_, span), outcome) in prepared.iter().zip(&outcomes) {
+                        span.record("keel.outcome", outcome.name());
+                    }
+                    return outcomes;
+                }
+                Err(e) => tracing::debug!(
+                    group = self.handler.group(), records = batch.len(), error = %e,
+                    "Cannot apply the batch in one transaction; applying its records one by one"
+                ),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (message, (meta, span)) in batch.iter().zip(&prepared) {
+            match self.apply_one(message, meta, span, shutdown).await {
+                Some(outcome) => outcomes.push(outcome),
+                None => break,
+            }
+        }
+        outcomes
+    }
+
+    async fn try_batch(
+        &self,
+        decoded: Vec<Result<Event, HandlerError>>,
+        prepared: &[(Meta, tracing::Span)],
+    ) -> Result<Vec<Outcome>, HandlerError> {
+        let mut records = Vec::with_capacity(decoded.len());
+        for (event, (meta, _)) in decoded.into_iter().zip(prepared) {
+            records.push((event?, meta.clone()));
+        }
+        transact(&self.pool, &self.handler, &records).await
+    }
+
+    /// Applies one record, retrying as its error class says (see the module doc), and
+    /// dead-letters it if it can never be applied. `None` if `shutdown` came while waiting to
+    /// retry: the record is not done and its offset must not be stored.
+    /// Does not store the offset: see [`Consumer::store`].
+    pub async fn apply(
+        &self,
+        message: &BorrowedMessage<'_>,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
+        let (meta, span) = self.prepare(message);
+        self.apply_one(message, &meta, &span, shutdown).await
+    }
+
+    async fn apply_one(
+        &self,
+        message: &BorrowedMessage<'_>,
+        meta: &Meta,
+        span: &tracing::Span,
+        shutdown: &CancellationToken,
+    ) -> Option<Outcome> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let error = match self.try_apply(message, meta).instrument(span.clone()).await {
+                Ok(outcome) => {
+                    span.record("keel.outcome", outcome.name());
+                    return Some(outcome);
+                }
+                Err(e) => e,
+            };
+            span.record("keel.attempts", attempts);
+            let budget_spent = match &error {
+                HandlerError::Unavailable(_) => false,
+                HandlerError::Transient(_) => attempts >= self.config.max_attempts,
+                HandlerError::Permanent(_) => true,
+            };
+            if budget_spent {
+                let outcome = Outcome::DeadLettered {
+                    class: error.class(),
+                    reason: error.to_string(),
+                };
+                // The dead-letter write is retried like any unavailable dependency: the record
+                // is never dropped.
+                while let Err(e) = self.dead_letter(message, &error, attempts).await {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        group = self.handler.group(), topic = %meta.topic, partition = meta.partition,
+                        offset = meta.offset, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "Cannot write to the dead-letter topic; retrying"
+                    );
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                span.record("keel.outcome", "dead_lettered");
+                return Some(outcome);
+            }
+            keel_core::metrics::metrics()
+                .consumer_retries
+                .get_or_create(&keel_core::metrics::RetryLabels {
+                    group: self.handler.group().to_owned(),
+                    class: error.class().to_owned(),
+                })
+                .inc();
+            keel_core::health::beat(&self.health_loop);
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                group = self.handler.group(), topic = %meta.topic, partition = meta.partition, offset = meta.offset,
+                attempt = attempts, class = error.class(), retry_in_ms = delay.as_millis() as u64, error = %error,
+                "Cannot apply the record yet; retrying"
+            );
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One attempt: decode, dedupe, handle, commit.
+    async fn try_apply(
+        &self,
+        message: &BorrowedMessage<'_>,
+        meta: &Meta,
+    ) -> Result<Outcome, HandlerError> {
+        let event = self.decode(message).await?;
+        let outcomes = transact(&self.pool, &self.handler, &[(event, meta.clone())]).await?;
+        Ok(outcomes.into_iter().next().unwrap_or(Outcome::Ignored))
+    }
+
+    async fn decode(&self, message: &BorrowedMessage<'_>) -> Result<Event, HandlerError> {
+        match self.decoder.decode(message.payload()).await {
+            Ok(event) => Ok(event),
+            Err(DecodeError::Transient(e)) => Err(HandlerError::Unavailable(anyhow::anyhow!(e))),
+            Err(DecodeError::Permanent(reason)) => {
+                Err(HandlerError::Permanent(format!("cannot decode: {reason}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The loop every consumer group runs: take the records already fetched, apply them in one
+//! transaction (dedupe rows and effects), store their offsets, repeat.
+//!
+//! Records of one partition are processed one after another, in offset order; parallelism comes
+//! from partitions spread over processes (run the same group N times). librdkafka auto-commits
+//! only offsets the runtime stored, and the runtime stores an offset only after the record is
+//! done: its transaction committed, or it was written to the dead-letter topic.
+//!
+//! # Layout
+//! One room per concern; each file's own doc says what it owns and what it promises.
+//! - [`handler`]: the [`Handler`] trait a group implements, its batch hook, [`HandlerError`].
+//! - [`transaction`]: [`transact`], the dedupe rows and the effects in one transaction.
+//! - [`source`]: fetching, assignment and the positions each partition should deliver next.
+//! - [`apply`]: a batch at once, else record by record with the retry classes.
+//! - [`dead_letter`]: the dead-letter writer and its headers.
+//! - [`membership`]: owned partitions and lag.
+//! - [`spans`]: each record's consumer span and the trace context handlers pass on.
+//!
+//! # Shutdown
+//! On shutdown the record in progress finishes (or, if it is waiting to retry, is abandoned
+//! uncommitted), stored offsets are committed synchronously, and the loop returns.
+
+pub mod apply;
+pub mod dead_letter;
+pub mod handler;
+pub mod membership;
+pub mod source;
+pub mod spans;
+pub mod transaction;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use keel_schemas::Decoder;
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use dead_letter::{dlq_headers, dlq_topic};
+pub use handler::{DEFAULT_BATCH_SIZE, Handler, HandlerError, Meta};
+pub use transaction::{Outcome, transact};
+
+use membership::{MembershipWatch, measure_lag};
+use source::Positions;
+
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub brokers: String,
+    pub registry_url: String,
+    pub max_retry_backoff: Duration,
+    /// Attempts at a record failing with a transient error before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Static membership: this instance's `group.instance.id` (see `KEEL_CONSUMER_INSTANCE_ID`).
+    pub instance_id: Option<String>,
+    /// `fetch.wait.max.ms` (see `KEEL_CONSUMER_FETCH_WAIT_MS`).
+    pub fetch_wait: Duration,
+    /// `session.timeout.ms` (see `KEEL_CONSUMER_SESSION_TIMEOUT_MS`).
+    pub session_timeout: Duration,
+    /// Most records applied in one transaction (see `KEEL_CONSUMER_BATCH_SIZE`); `None`: the
+    /// handler's own ([`Handler::batch_size`]).
+    pub batch_size: Option<usize>,
+    /// librdkafka `debug` contexts (see `KEEL_KAFKA_DEBUG`).
+    pub kafka_debug: Option<String>,
+}
+
+impl ConsumerConfig {
+    pub fn from_settings(s: &keel_core::Settings) -> Self {
+        Self {
+            brokers: s.kafka_brokers.clone(),
+            registry_url: s.schema_registry_url.clone(),
+            max_retry_backoff: s.consumer.max_retry_backoff,
+            max_attempts: s.consumer.max_attempts,
+            instance_id: s.consumer.instance_id.clone(),
+            fetch_wait: s.consumer.fetch_wait,
+            session_timeout: s.consumer.session_timeout,
+            batch_size: s.consumer.batch_size,
+            kafka_debug: s.kafka_debug.clone(),
+        }
+    }
+}
+
+pub struct Consumer<H: Handler> {
+    handler: H,
+    pool: PgPool,
+    consumer: StreamConsumer<Positions>,
+    producer: FutureProducer,
+    decoder: Decoder,
+    config: ConsumerConfig,
+    /// Most records in one transaction: the setting's, else the handler's.
+    batch_size: usize,
+    /// Dead-letter topics known to exist.
+    dlq_ready: Mutex<HashSet<String>>,
+    /// This loop's name for liveness: `consumer:<group>`.
+    health_loop: String,
+    membership: Mutex<MembershipWatch>,
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Joins `handler`'s group and subscribes to its topics.
+    pub fn new(handler: H, pool: PgPool, config: ConsumerConfig) -> anyhow::Result<Self> {
+        let mut client = keel_core::kafka::consumer_config(&config.brokers, handler.group());
+        client.set(
+            "fetch.wait.max.ms",
+            config.fetch_wait.as_millis().to_string(),
+        );
+        client.set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        );
+        if let Some(debug) = &config.kafka_debug {
+            client.set("debug", debug);
+        }
+        if let Some(id) = &config.instance_id {
+            // Unique per group: one process may run several groups under one instance name.
+            client.set("group.instance.id", format!("{}-{id}", handler.group()));
+        }
+        let consumer: StreamConsumer<Positions> = client
+            .create_with_context(Positions::default())
+            .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
+        let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
+            .create()
+            .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
+        let topics = handler.topics();
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        let handler_group = handler.group().to_owned();
+        let decoder = Decoder::new(&config.registry_url)?;
+        let batch_size = config.batch_size.unwrap_or_else(|| handler.batch_size());
+        Ok(Self {
+            handler,
+            pool,
+            consumer,
+            producer,
+            decoder,
+            config,
+            batch_size,
+            dlq_ready: Mutex::default(),
+            health_loop: format!("consumer:{}", handler_group),
+            membership: Mutex::default(),
+        })
+    }
+
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Consumes until `shutdown`, then commits what is done.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let group = self.handler.group().to_owned();
+        tracing::info!(group, topics = ?self.handler.topics(), batch_size = self.batch_size, "Consumer started");
+        let lag = tokio::spawn(measure_lag(
+            self.config.brokers.clone(),
+            group.clone(),
+            self.handler.topics(),
+            shutdown.clone(),
+        ));
+        let metrics = keel_core::metrics::metrics();
+        let group_labels = keel_core::metrics::GroupLabels {
+            group: group.clone(),
+        };
+        // The next batch when it was taken while the last one was applied.
+        let mut ready = None;
+        loop {
+            let (batch, decoded) = match ready.take() {
+                Some(taken) => taken,
+                None => {
+                    let batch = self.next_batch(&shutdown).await;
+                    let decoded = self.decode_batch(&batch).await;
+                    (batch, decoded)
+                }
+            };
+            // A batch taken but not applied is not done: its offsets are not stored.
+            if batch.is_empty() || shutdown.is_cancelled() {
+                break;
+            }
+            // Catching up, the loop goes from batch to batch without waiting in `next`.
+            keel_core::health::beat(&self.health_loop);
+            self.watch_membership();
+            let started = std::time::Instant::now();
+            // While this batch's transaction waits on PostgreSQL (and Redis), the records
+            // already fetched are taken and decoded: the next batch is ready when this one
+            // commits. Nothing of the next is stored before it is applied.
+            let (outcomes, (next, next_decoded)) =
+                tokio::join!(self.apply_decoded(&batch, decoded, &shutdown), async {
+                    let next = self.ready_batch().await;
+                    let decoded = self.decode_batch(&next).await;
+                    (next, decoded)
+                });
+            // Per record: a batch's time shared among its records.
+            let per_record = started.elapsed().as_secs_f64() / batch.len() as f64;
+            metrics
+                .consumer_batch
+                .get_or_create(&group_labels)
+                .observe(batch.len() as f64);
+            let processing = metrics.consumer_processing.get_or_create(&group_labels);
+            let mut by_outcome: Vec<(&'static str, u64)> = Vec::new();
+            for (message, outcome) in batch.iter().zip(&outcomes) {
+                processing.observe(per_record);
+                match by_outcome
+                    .iter_mut()
+                    .find(|(name, _)| *name == outcome.name())
+                {
+                    Some((_, n)) => *n += 1,
+                    None => by_outcome.push((outcome.name(), 1)),
+                }
+                tracing::debug!(
+                    group,
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    outcome = outcome.name(),
+                    "Record done"
+                );
+                if let Err(e) = self.store(message) {
+                    tracing::info!(
+                        group, topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                        error = %e, "Cannot store the offset (partition revoked?); it will be redelivered as a duplicate"
+                    );
+                }
+            }
+            drop(processing);
+            // One labelled counter lookup per outcome in the batch, not per record.
+            for (outcome, n) in by_outcome {
+                metrics
+                    .consumer_records
+                    .get_or_create(&keel_core::metrics::OutcomeLabels {
+                        group: group.clone(),
+                        outcome: outcome.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+            if outcomes.len() < batch.len() {
+                break; // shutdown while a record waited to be retried
+            }
+            if !next.is_empty() {
+                ready = Some((next, next_decoded));
+            }
+        }
+        // Stored offsets only: the record in progress at shutdown (if any) was not stored.
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit is reported as an error too; harmless.
+            tracing::debug!(group, error = %e, "Final commit");
+        }
+        keel_core::health::done(&self.health_loop);
+        lag.abort();
+        tracing::info!(group, "Consumer stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! The transaction: the dedupe rows of the records taken in one go and the effects of the new
+//! ones, committed together or not at all. What it promises: an event's effect commits at most
+//! once per group, because its `(group, event_id)` row commits with it.
+
+use std::collections::HashSet;
+
+use keel_schemas::Event;
+use sqlx::PgPool;
+
+use super::handler::{Handler, HandlerError, Meta};
+
+/// The dedupe rows of `records` and the effects of those that are new, in one transaction:
+/// what the runtime does with the records it took from Kafka in one go (one record or many).
+/// Outcomes come in the order of `records`; an event twice in `records` is applied once. If
+/// anything fails, nothing commits and the error says why.
+pub async fn transact<H: Handler>(
+    pool: &PgPool,
+    handler: &H,
+    records: &[(Event, Meta)],
+) -> Result<Vec<Outcome>, HandlerError> {
+    let mut outcomes = vec![Outcome::Ignored; records.len()];
+    let wants: Vec<bool> = records.iter().map(|(e, _)| handler.wants(e)).collect();
+    let wanted: Vec<&(Event, Meta)> = records
+        .iter()
+        .zip(&wants)
+        .filter_map(|(r, &w)| w.then_some(r))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut tx = pool.begin().await?;
+    let new: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO consumers.processed_events (group_id, event_id, topic, kafka_partition, kafka_offset)
+         SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[])
+         ON CONFLICT DO NOTHING RETURNING event_id",
+    )
+    .bind(handler.group())
+    .bind(wanted.iter().map(|(e, _)| e.event_id()).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, m)| m.topic.as_str()).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, m)| m.partition).collect::<Vec<_>>())
+    .bind(wanted.iter().map(|(_, m)| m.offset).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut new: HashSet<uuid::Uuid> = new.into_iter().collect();
+    let mut fresh = Vec::with_capacity(new.len());
+    for ((outcome, (event, meta)), _) in outcomes
+        .iter_mut()
+        .zip(records)
+        .zip(&wants)
+        .filter(|(_, w)| **w)
+    {
+        if new.remove(&event.event_id()) {
+            *outcome = Outcome::Applied;
+            fresh.push((event, meta));
+        } else {
+            *outcome = Outcome::Duplicate;
+        }
+    }
+    if fresh.is_empty() {
+        tx.rollback().await?;
+        return Ok(outcomes);
+    }
+    handler.handle_batch(&mut tx, &fresh).await?;
+    tx.commit().await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let end_to_end = keel_core::metrics::metrics()
+        .consumer_end_to_end
+        .get_or_create(&keel_core::metrics::GroupLabels {
+            group: handler.group().to_owned(),
+        })
+        .clone();
+    for (event, _) in fresh {
+        end_to_end.observe((now_ms - event.occurred_at()).max(0) as f64 / 1000.0);
+    }
+    Ok(outcomes)
+}
+
+/// What became of one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The effect committed now.
+    Applied,
+    /// The effect had committed before (redelivery).
+    Duplicate,
+    /// The group does not care about this event type.
+    Ignored,
+    /// The record can never be applied; it is now on the dead-letter topic.
+    DeadLettered { class: &'static str, reason: String },
+}
+
+impl Outcome {
+    /// The outcome as spans and metrics name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Ignored => "ignored",
+            Outcome::DeadLettered { .. } => "dead_lettered",
+        }
+    }
+}
