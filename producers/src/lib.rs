@@ -10,11 +10,13 @@
 //! - [`domain`]: request validation and the order's state machine.
 //! - [`error`]: the API's error type; the one place errors become HTTP statuses.
 //! - [`extract`]: the JSON body extractor (content type, size limit, field-naming errors).
+//! - [`idempotency`]: `Idempotency-Key`: key parsing, begin (proceed or replay), record.
 
 pub mod app;
 pub mod domain;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod routes;
 
 pub use app::{Application, Config};

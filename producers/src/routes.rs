@@ -12,13 +12,13 @@ use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
 use keel_core::telemetry::{self, TraceHeaders};
 use keel_schemas::{Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
-use serde_json::Value;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::domain::{self, Cancellation, NewOrder, Order, Payment, Status};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, OptionalJsonBody};
+use crate::idempotency::{self, Begun};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -50,24 +50,6 @@ fn trace_context(headers: &HeaderMap) -> TraceHeaders {
     telemetry::headers_for_current(&caller)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::field(
-                "Idempotency-Key",
-                "must be 1 to 255 visible ASCII characters",
-            )
-        })?;
-    Ok(Some(key.to_owned()))
-}
-
 /// Event timestamps have millisecond precision; so do the rows, so that both say the same.
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(3)
@@ -79,63 +61,22 @@ async fn create_order(
     JsonBody(new): JsonBody<NewOrder>,
 ) -> Result<Response, ApiError> {
     let valid = domain::validate(&new).map_err(ApiError::Invalid)?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency::key(&headers)?;
     let trace = trace_context(&headers);
     let request = serde_json::to_value(&new).map_err(|e| ApiError::Unexpected(e.into()))?;
 
     let mut tx = state.pool.begin().await?;
-    if let Some(key) = &key {
-        // Requests with one key queue here until the first commits; then they find its answer.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.idempotency.' || $1))")
-            .bind(key)
-            .execute(&mut *tx)
-            .await?;
-        let stored = sqlx::query(
-            "SELECT request, status_code, response FROM orders.idempotency_keys WHERE key = $1",
-        )
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = stored {
-            let first: Value = row.get("request");
-            if first != request {
-                return Err(ApiError::field(
-                    "Idempotency-Key",
-                    "was already used with a different request body",
-                ));
-            }
-            let status = StatusCode::from_u16(row.get::<i16, _>("status_code") as u16)
-                .unwrap_or(StatusCode::OK);
-            let body: Value = row.get("response");
-            let location = body["id"]
-                .as_str()
-                .map(|id| format!("/orders/{id}"))
-                .unwrap_or_default();
-            return Ok((
-                status,
-                [
-                    (header::LOCATION, location),
-                    (
-                        header::HeaderName::from_static("idempotent-replayed"),
-                        "true".into(),
-                    ),
-                ],
-                Json(body),
-            )
-                .into_response());
-        }
+    if let Some(key) = &key
+        && let Begun::Replay(answer) = idempotency::begin(&mut tx, key, &request).await?
+    {
+        return Ok(answer);
     }
 
     let order = insert_order(&mut tx, &state.topic, valid, &trace).await?;
     let id = order.id;
     let body = serde_json::to_value(&order).map_err(|e| ApiError::Unexpected(e.into()))?;
     if let Some(key) = &key {
-        sqlx::query("INSERT INTO orders.idempotency_keys (key, request, status_code, response) VALUES ($1, $2, 201, $3)")
-            .bind(key)
-            .bind(&request)
-            .bind(&body)
-            .execute(&mut *tx)
-            .await?;
+        idempotency::record(&mut tx, key, &request, StatusCode::CREATED, &body).await?;
     }
     tx.commit().await?;
     tracing::info!(order_id = %id, total_minor = order.total_minor, "Order created");

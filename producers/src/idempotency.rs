@@ -1,0 +1,108 @@
+//! Idempotency keys of the order API (`Idempotency-Key`), as zero-to-production does them.
+//!
+//! A request with a key [`begin`]s in its transaction: requests with the same key queue on an
+//! advisory lock until the first one commits, then find its stored answer and [`Begun::Replay`]
+//! it (with `Idempotent-Replayed: true`); the first one [`Begun::Proceed`]s and [`record`]s its
+//! answer in the same transaction as its effect, so an answer is stored exactly when the effect
+//! committed. The same key with a different body is refused, naming the header.
+
+use axum::Json;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use sqlx::{PgConnection, Row};
+
+use crate::error::ApiError;
+
+/// The request's `Idempotency-Key`, if it sent one: 1 to 255 visible ASCII characters.
+pub fn key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            ApiError::field(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
+/// What a keyed request does after [`begin`].
+pub enum Begun {
+    /// The key is new: do the work, then [`record`] the answer in the same transaction.
+    Proceed,
+    /// The key was used before with this body: answer this, change nothing.
+    Replay(Response),
+}
+
+/// Takes the key's lock in `tx` and looks for the answer of an earlier request with it.
+pub async fn begin(tx: &mut PgConnection, key: &str, request: &Value) -> Result<Begun, ApiError> {
+    // Requests with one key queue here until the first commits; then they find its answer.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.idempotency.' || $1))")
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    let stored = sqlx::query(
+        "SELECT request, status_code, response FROM orders.idempotency_keys WHERE key = $1",
+    )
+    .bind(key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = stored else {
+        return Ok(Begun::Proceed);
+    };
+    let first: Value = row.get("request");
+    if first != *request {
+        return Err(ApiError::field(
+            "Idempotency-Key",
+            "was already used with a different request body",
+        ));
+    }
+    let status =
+        StatusCode::from_u16(row.get::<i16, _>("status_code") as u16).unwrap_or(StatusCode::OK);
+    let body: Value = row.get("response");
+    let location = body["id"]
+        .as_str()
+        .map(|id| format!("/orders/{id}"))
+        .unwrap_or_default();
+    Ok(Begun::Replay(
+        (
+            status,
+            [
+                (header::LOCATION, location),
+                (
+                    header::HeaderName::from_static("idempotent-replayed"),
+                    "true".into(),
+                ),
+            ],
+            Json(body),
+        )
+            .into_response(),
+    ))
+}
+
+/// Stores the answer to the key's first request, in the transaction of its effect.
+pub async fn record(
+    tx: &mut PgConnection,
+    key: &str,
+    request: &Value,
+    status: StatusCode,
+    response: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders.idempotency_keys (key, request, status_code, response) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(key)
+    .bind(request)
+    .bind(status.as_u16() as i16)
+    .bind(response)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
