@@ -165,7 +165,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
 ];
 
 /// All of keel's settings. Tests build one with [`Settings::local`] and override fields.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub database_url: String,
     pub kafka_brokers: String,
@@ -187,20 +187,20 @@ pub struct Settings {
 }
 
 /// Topic names. Configurable so that tests (and tenants sharing a cluster) get their own.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topics {
     pub orders: String,
     pub inventory: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RelaySettings {
     pub batch_size: usize,
     pub poll_interval: Duration,
     pub retention: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerSettings {
     pub max_retry_backoff: Duration,
     pub max_attempts: u32,
@@ -214,13 +214,13 @@ pub struct ConsumerSettings {
     pub batch_size: Option<usize>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheSettings {
     pub redis_url: String,
     pub ttl: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MailSettings {
     /// `None`: write `.eml` files into `dir`.
     pub smtp_url: Option<String>,
@@ -328,6 +328,69 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Every setting as the `KEEL_*` variable that reads back to it: what a process started with
+    /// these settings gets in its environment (tests, chaos and the bench start `keel` this way).
+    /// `Settings::from_vars(s.to_env())` is `s` again. Secrets travel as they are: never print
+    /// this.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let ms = |d: Duration| d.as_millis().to_string();
+        let secs = |d: Duration| d.as_secs().to_string();
+        let or_empty = |v: &Option<String>| v.clone().unwrap_or_default();
+        vec![
+            ("KEEL_DATABASE_URL", self.database_url.clone()),
+            ("KEEL_KAFKA_BROKERS", self.kafka_brokers.clone()),
+            ("KEEL_KAFKA_DEBUG", or_empty(&self.kafka_debug)),
+            ("KEEL_SCHEMA_REGISTRY_URL", self.schema_registry_url.clone()),
+            ("KEEL_TOPIC_ORDERS", self.topics.orders.clone()),
+            ("KEEL_TOPIC_INVENTORY", self.topics.inventory.clone()),
+            (
+                "KEEL_ADMIN_ADDR",
+                self.admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+            ),
+            ("KEEL_LIVENESS_TIMEOUT_SECS", secs(self.liveness_timeout)),
+            ("KEEL_TOPICS_FILE", self.topics_file.display().to_string()),
+            ("KEEL_REDIS_URL", self.cache.redis_url.clone()),
+            ("KEEL_CACHE_TTL_SECS", secs(self.cache.ttl)),
+            (
+                "KEEL_ORDER_SERVICE_ADDR",
+                self.order_service_addr.to_string(),
+            ),
+            ("KEEL_REGISTRY_ADDR", self.registry_addr.to_string()),
+            ("KEEL_RELAY_BATCH_SIZE", self.relay.batch_size.to_string()),
+            ("KEEL_RELAY_POLL_INTERVAL_MS", ms(self.relay.poll_interval)),
+            ("KEEL_OUTBOX_RETENTION_SECS", secs(self.relay.retention)),
+            (
+                "KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS",
+                ms(self.consumer.max_retry_backoff),
+            ),
+            (
+                "KEEL_CONSUMER_MAX_ATTEMPTS",
+                self.consumer.max_attempts.to_string(),
+            ),
+            ("KEEL_CONSUMER_FETCH_WAIT_MS", ms(self.consumer.fetch_wait)),
+            (
+                "KEEL_CONSUMER_INSTANCE_ID",
+                or_empty(&self.consumer.instance_id),
+            ),
+            (
+                "KEEL_CONSUMER_BATCH_SIZE",
+                self.consumer
+                    .batch_size
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
+                ms(self.consumer.session_timeout),
+            ),
+            ("KEEL_SMTP_URL", or_empty(&self.mail.smtp_url)),
+            ("KEEL_MAIL_DIR", self.mail.dir.display().to_string()),
+            ("KEEL_MAIL_FROM", self.mail.from.clone()),
+        ]
+    }
+}
+
 struct Source(BTreeMap<String, String>);
 
 impl Source {
@@ -393,6 +456,44 @@ mod tests {
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn settings_survive_the_trip_through_the_environment() {
+        let mut s = Settings::local();
+        s.database_url = "postgres://u@db:5432/other".into();
+        s.kafka_debug = Some("cgrp,fetch".into());
+        s.admin_addr = Some("127.0.0.1:9101".parse().unwrap());
+        s.relay.batch_size = 50;
+        s.relay.poll_interval = Duration::from_millis(200);
+        s.consumer.max_retry_backoff = Duration::from_millis(1500);
+        s.consumer.instance_id = Some("pod-1".into());
+        s.consumer.batch_size = Some(7);
+        s.consumer.session_timeout = Duration::from_secs(10);
+        s.mail.smtp_url = Some("smtp://mail:25".into());
+        let env = s.to_env();
+        let back =
+            Settings::from_vars(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone()))).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            Settings::from_vars(vars_of(&Settings::local())).unwrap(),
+            Settings::local()
+        );
+        // Every key keel reads from the environment for its settings is written (the scripts'
+        // own keys aside).
+        for (key, _, doc) in KEYS {
+            assert!(
+                doc.contains("(scripts only)") || env.iter().any(|(k, _)| k == key),
+                "{key} is not written by to_env"
+            );
+        }
+    }
+
+    fn vars_of(s: &Settings) -> Vec<(String, String)> {
+        s.to_env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
             .collect()
     }
 
