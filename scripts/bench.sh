@@ -15,6 +15,7 @@ RUN_DIR="$KEEL_RUN_DIR"
 trap 'stop tansu-bench' EXIT
 stop tansu-bench
 start_tansu tansu-bench 29092 memory://tansu/
+export KEEL_BROKER_QUIRKS=tansu
 export BENCH_KAFKA_BROKERS=127.0.0.1:29092 BENCH_KEEL_BIN="$TARGET/keel"
 # tansu answers a fetch only when its wait runs out, so the wait is every hop's latency there
 # (the raw round-trip baseline uses the same value). Apache Kafka answers as soon as data arrives.

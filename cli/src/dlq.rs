@@ -131,8 +131,16 @@ pub(crate) async fn read(
         .await?
         .into_iter()
         .collect();
-        let messages = kafka::read_partition(&s.kafka_brokers, &dlq, 0, None, LIMIT, IDLE)
-            .with_context(|| format!("reading {dlq}"))?;
+        let messages = kafka::read_partition(
+            &s.kafka_brokers,
+            s.broker_quirks,
+            &dlq,
+            0,
+            None,
+            LIMIT,
+            IDLE,
+        )
+        .with_context(|| format!("reading {dlq}"))?;
         for message in messages {
             let headers = message
                 .headers()

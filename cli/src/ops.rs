@@ -79,6 +79,7 @@ pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<
             let age = if p.lag() > 0 {
                 kafka::record_timestamp(
                     &s.kafka_brokers,
+                    s.broker_quirks,
                     &p.topic,
                     p.partition,
                     p.committed.unwrap_or(p.low).max(p.low),

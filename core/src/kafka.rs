@@ -12,6 +12,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::settings::BrokerQuirks;
+
 /// Settings every client shares.
 pub fn client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -383,13 +385,16 @@ pub fn topic_exists(brokers: &str, topic: &str) -> anyhow::Result<bool> {
 }
 
 /// Reads partition `partition` of `topic` from `from` (or its beginning) without joining a group
-/// and committing nothing: at most `limit` records, stopping when none arrives for `idle`.
+/// and committing nothing: at most `limit` records, up to the partition's end (its high
+/// watermark when the read begins), or until none arrives for `idle` (the records before the end
+/// may be transaction markers, which a reader never sees).
 ///
-/// "The end" is judged by that silence, not by the end offset: tansu 0.6 under-reports end
-/// offsets when the last batch holds several records, and a reader that stopped there would miss
-/// them.
+/// With [`BrokerQuirks::Tansu`] the end is judged by that silence alone: tansu 0.6
+/// under-reports end offsets when the last batch holds several records, and a reader that
+/// stopped there would miss them.
 pub fn read_partition(
     brokers: &str,
+    quirks: BrokerQuirks,
     topic: &str,
     partition: i32,
     from: Option<i64>,
@@ -400,6 +405,16 @@ pub fn read_partition(
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
     let consumer = outsider(brokers, "keel-reader")?;
+    let end = match quirks {
+        BrokerQuirks::None => {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)?;
+            if high <= from.unwrap_or(low).max(low) {
+                return Ok(Vec::new());
+            }
+            Some(high)
+        }
+        BrokerQuirks::Tansu => None,
+    };
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(
         topic,
@@ -411,7 +426,13 @@ pub fn read_partition(
     while read.len() < limit {
         match consumer.poll(idle) {
             None => break,
-            Some(Ok(m)) => read.push(m.detach()),
+            Some(Ok(m)) => {
+                let last = end.is_some_and(|end| m.offset() + 1 >= end);
+                read.push(m.detach());
+                if last {
+                    break;
+                }
+            }
             Some(Err(e)) => anyhow::bail!("reading {topic}/{partition}: {e}"),
         }
     }
@@ -423,13 +444,14 @@ pub fn read_partition(
 /// if it is there to read within `wait`.
 pub fn record_timestamp(
     brokers: &str,
+    quirks: BrokerQuirks,
     topic: &str,
     partition: i32,
     offset: i64,
     wait: Duration,
 ) -> anyhow::Result<Option<i64>> {
     use rdkafka::message::Message;
-    let read = read_partition(brokers, topic, partition, Some(offset), 1, wait)?;
+    let read = read_partition(brokers, quirks, topic, partition, Some(offset), 1, wait)?;
     Ok(read
         .first()
         .filter(|m| m.offset() == offset)

@@ -42,6 +42,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "librdkafka debug contexts for the consumer groups, e.g. cgrp,fetch (logged at debug level under target librdkafka); empty: none",
     ),
     (
+        "KEEL_BROKER_QUIRKS",
+        "",
+        "Workarounds for a broker's known wrong answers, kept out of the core path: tansu (tansu 0.6, the local stack: a fetch that skips records is read again; a partition is read until it falls silent, since tansu under-reports end offsets). Empty: none, Apache Kafka's semantics",
+    ),
+    (
         "KEEL_SCHEMA_REGISTRY_URL",
         "http://127.0.0.1:8081",
         "Confluent-compatible Schema Registry base URL",
@@ -164,11 +169,49 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("KEEL_TANSU", "", "Path of the tansu binary (scripts only)"),
 ];
 
+/// Which broker's wrong answers keel works around (`KEEL_BROKER_QUIRKS`). Every workaround is
+/// behind this one switch: with [`BrokerQuirks::None`] keel follows Apache Kafka's semantics and
+/// none of them is on the path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BrokerQuirks {
+    /// Apache Kafka (and every broker that answers as it does).
+    #[default]
+    None,
+    /// tansu 0.6: asked for an offset inside a batch, a fetch answers from the next batch on
+    /// (records are skipped); end offsets are under-reported when the last batch holds several
+    /// records.
+    Tansu,
+}
+
+impl BrokerQuirks {
+    /// The setting's value, as [`FromStr`] reads it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerQuirks::None => "",
+            BrokerQuirks::Tansu => "tansu",
+        }
+    }
+}
+
+impl FromStr for BrokerQuirks {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "none" => Ok(BrokerQuirks::None),
+            "tansu" => Ok(BrokerQuirks::Tansu),
+            _ => Err("must be empty (Apache Kafka's semantics) or tansu".to_owned()),
+        }
+    }
+}
+
 /// All of keel's settings. Tests build one with [`Settings::local`] and override fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub database_url: String,
     pub kafka_brokers: String,
+    /// The broker's known wrong answers keel works around; none by default.
+    pub broker_quirks: BrokerQuirks,
     /// librdkafka `debug` contexts for consumers; `None`: none.
     pub kafka_debug: Option<String>,
     pub schema_registry_url: String,
@@ -286,6 +329,10 @@ impl Settings {
         Ok(Settings {
             database_url: source.parse("KEEL_DATABASE_URL")?,
             kafka_brokers: source.parse("KEEL_KAFKA_BROKERS")?,
+            broker_quirks: source
+                .raw("KEEL_BROKER_QUIRKS")
+                .parse()
+                .map_err(|e: String| source.invalid("KEEL_BROKER_QUIRKS", &e))?,
             kafka_debug: source.optional("KEEL_KAFKA_DEBUG"),
             schema_registry_url: source
                 .parse::<String>("KEEL_SCHEMA_REGISTRY_URL")?
@@ -340,6 +387,7 @@ impl Settings {
         vec![
             ("KEEL_DATABASE_URL", self.database_url.clone()),
             ("KEEL_KAFKA_BROKERS", self.kafka_brokers.clone()),
+            ("KEEL_BROKER_QUIRKS", self.broker_quirks.as_str().to_owned()),
             ("KEEL_KAFKA_DEBUG", or_empty(&self.kafka_debug)),
             ("KEEL_SCHEMA_REGISTRY_URL", self.schema_registry_url.clone()),
             ("KEEL_TOPIC_ORDERS", self.topics.orders.clone()),
@@ -464,6 +512,7 @@ mod tests {
         let mut s = Settings::local();
         s.database_url = "postgres://u@db:5432/other".into();
         s.kafka_debug = Some("cgrp,fetch".into());
+        s.broker_quirks = BrokerQuirks::Tansu;
         s.admin_addr = Some("127.0.0.1:9101".parse().unwrap());
         s.relay.batch_size = 50;
         s.relay.poll_interval = Duration::from_millis(200);
@@ -543,6 +592,15 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn broker_quirks_are_off_unless_named() {
+        assert_eq!(Settings::local().broker_quirks, BrokerQuirks::None);
+        let s = Settings::from_vars(vars(&[("KEEL_BROKER_QUIRKS", "tansu")])).unwrap();
+        assert_eq!(s.broker_quirks, BrokerQuirks::Tansu);
+        let err = Settings::from_vars(vars(&[("KEEL_BROKER_QUIRKS", "redpanda")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEEL_BROKER_QUIRKS:"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,16 @@ pub fn brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
+/// The quirks of the broker tests run against: `KEEL_BROKER_QUIRKS` as `make test` sets it
+/// (`tansu` for the broker it starts; unset, Apache Kafka's semantics, for one given in
+/// `TEST_KAFKA_BROKERS`).
+pub fn broker_quirks() -> crate::settings::BrokerQuirks {
+    std::env::var("KEEL_BROKER_QUIRKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
+}
+
 /// The Redis tests use (keys are per-order UUIDs, so tests never collide).
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

@@ -54,6 +54,7 @@ impl Stack {
         let mut settings = Settings::local();
         settings.database_url = db.url.clone();
         settings.kafka_brokers = brokers();
+        settings.broker_quirks = keel_core::testkit::broker_quirks();
         settings.schema_registry_url = format!("http://{registry}");
         settings.topics.orders = orders.name.clone();
         settings.topics.inventory = inventory.name.clone();

@@ -14,6 +14,8 @@
 //! - [`apply`]: a batch at once, else record by record with the retry classes.
 //! - [`dead_letter`]: the dead-letter writer and its headers.
 //! - [`membership`]: owned partitions and lag.
+//! - [`quirks`]: the local broker's wrong answers, worked around only with
+//!   `KEEL_BROKER_QUIRKS=tansu`.
 //! - [`spans`]: each record's consumer span and the trace context handlers pass on.
 //!
 //! # Shutdown
@@ -24,12 +26,13 @@ pub mod apply;
 pub mod dead_letter;
 pub mod handler;
 pub mod membership;
+pub mod quirks;
 pub mod source;
 pub mod spans;
 pub mod transaction;
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_schemas::Decoder;
@@ -44,7 +47,7 @@ pub use handler::{DEFAULT_BATCH_SIZE, Handler, HandlerError, Meta};
 pub use transaction::{Outcome, transact};
 
 use membership::{MembershipWatch, measure_lag};
-use source::Positions;
+use quirks::Positions;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -64,6 +67,8 @@ pub struct ConsumerConfig {
     pub batch_size: Option<usize>,
     /// librdkafka `debug` contexts (see `KEEL_KAFKA_DEBUG`).
     pub kafka_debug: Option<String>,
+    /// See `KEEL_BROKER_QUIRKS`.
+    pub broker_quirks: keel_core::settings::BrokerQuirks,
 }
 
 impl ConsumerConfig {
@@ -78,6 +83,7 @@ impl ConsumerConfig {
             session_timeout: s.consumer.session_timeout,
             batch_size: s.consumer.batch_size,
             kafka_debug: s.kafka_debug.clone(),
+            broker_quirks: s.broker_quirks,
         }
     }
 }
@@ -85,7 +91,9 @@ impl ConsumerConfig {
 pub struct Consumer<H: Handler> {
     handler: H,
     pool: PgPool,
-    consumer: StreamConsumer<Positions>,
+    consumer: Arc<StreamConsumer<Positions>>,
+    /// The broker's wrong answers worked around ([`quirks`]); none against Apache Kafka.
+    broker_quirks: keel_core::settings::BrokerQuirks,
     producer: FutureProducer,
     decoder: Decoder,
     config: ConsumerConfig,
@@ -132,7 +140,8 @@ impl<H: Handler> Consumer<H> {
         Ok(Self {
             handler,
             pool,
-            consumer,
+            consumer: Arc::new(consumer),
+            broker_quirks: config.broker_quirks,
             producer,
             decoder,
             config,
