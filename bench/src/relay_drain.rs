@@ -1,0 +1,125 @@
+//! Scenario 1, relay drain: the relay publishes a backlog of pending outbox rows, against its own
+//! claim-and-mark SQL loop without Kafka and a raw producer sending the same kind of bytes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_core::testkit::wait_until;
+use serde_json::json;
+
+use crate::bench::{Bench, encoded, order_event, produce_all, rate};
+use crate::report;
+
+/// Scenario 1: the relay drains `rows` pending outbox rows; baselines: the claim-and-mark SQL
+/// loop alone, and a raw producer sending the same kind of bytes.
+pub(crate) async fn relay_drain(bench: &Bench, report: &mut report::Report) -> anyhow::Result<()> {
+    let rows = bench.args.rows;
+    let topic = bench.topic("drain").await?;
+    let template = serde_json::to_value(order_event(0))?;
+    eprintln!("bench: seeding {rows} outbox rows");
+    sqlx::query(
+        "INSERT INTO outbox.events (topic, message_key, event_type, event_id, payload)
+         SELECT $1, k::text, 'keel.orders.OrderCreated', e,
+                jsonb_set(jsonb_set($2::jsonb, '{OrderCreated,event_id}', to_jsonb(e::text)),
+                          '{OrderCreated,order_id}', to_jsonb(k::text))
+           FROM (SELECT gen_random_uuid() AS k, gen_random_uuid() AS e FROM generate_series(1, $3)) s",
+    )
+    .bind(&topic)
+    .bind(&template)
+    .bind(rows)
+    .execute(&bench.pool)
+    .await?;
+    sqlx::query("VACUUM ANALYZE outbox.events")
+        .execute(&bench.pool)
+        .await?;
+
+    // (a) The relay's own claim and mark, without Kafka, with the relay's batch size.
+    let batch_size = bench.keel.relay.batch_size;
+    let relay = keel_outbox::Relay::new(
+        bench.pool.clone(),
+        keel_outbox::RelayConfig {
+            brokers: bench.brokers.clone(),
+            registry_url: bench.registry_url.clone(),
+            batch_size,
+            poll_interval: Duration::from_millis(100),
+            retention: Duration::from_secs(86_400),
+        },
+    )?;
+    let started = Instant::now();
+    loop {
+        let claim = relay.claim().await?.context("not the relay leader")?;
+        if claim.is_empty() {
+            break;
+        }
+        relay.mark(claim).await?;
+    }
+    let sql = rate(rows as f64, started.elapsed());
+    sqlx::query("UPDATE outbox.events SET published_at = NULL WHERE topic = $1")
+        .bind(&topic)
+        .execute(&bench.pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE outbox.events")
+        .execute(&bench.pool)
+        .await?;
+
+    // (b) A raw producer, the same settings, bytes encoded beforehand.
+    let raw_topic = bench.topic("drain-raw").await?;
+    eprintln!("bench: encoding {rows} events for the raw producer");
+    let records = encoded(bench, &raw_topic, rows as usize).await?;
+    let started = Instant::now();
+    produce_all(&bench.brokers, &raw_topic, &records).await?;
+    let raw = rate(rows as f64, started.elapsed());
+    drop(records);
+
+    // The relay, as a process.
+    // Timed from its first published batch: start-up (connecting, registering the contracts) is
+    // not throughput.
+    // Polled every 50 ms, so cheap (the partial indexes): a count over a million rows at that
+    // pace would take the database's time from the relay being measured.
+    let relay = bench.keel(
+        "relay-drain",
+        &["relay"],
+        &[("KEEL_TOPIC_ORDERS", topic.clone())],
+    )?;
+    wait_until(
+        "the relay's first batch",
+        Duration::from_secs(120),
+        || async {
+            bench
+                .flag("SELECT EXISTS (SELECT 1 FROM outbox.events WHERE published_at IS NOT NULL)")
+                .await
+        },
+    )
+    .await?;
+    let started = Instant::now();
+    let remaining = bench
+        .scalar(
+            "SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL",
+        )
+        .await?;
+    wait_until("the relay to drain", Duration::from_secs(1800), || async {
+        Ok(!bench
+            .flag("SELECT EXISTS (SELECT 1 FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL)")
+            .await?)
+    })
+    .await?;
+    let keel = rate(remaining as f64, started.elapsed());
+    report.memory("relay", relay.peak_rss_mib());
+    relay.terminate()?;
+    // The next scenarios' relays must not wade through a million dead index entries (what
+    // autovacuum would clear in time on a real system).
+    sqlx::query("DELETE FROM outbox.events WHERE topic = $1")
+        .bind(&topic)
+        .execute(&bench.pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE outbox.events")
+        .execute(&bench.pool)
+        .await?;
+    report.scenario(
+        "relay drain",
+        json!({"rows": rows, "batch_size": batch_size, "relay_per_s": keel, "sql_loop_per_s": sql, "raw_producer_per_s": raw}),
+        keel / sql.min(raw),
+        0.8,
+    );
+    Ok(())
+}
