@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use keel_core::testkit::Process;
 use rand::Rng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -27,18 +27,49 @@ mod stack;
 
 use stack::{GROUPS, Parts, Stack};
 
-const SCENARIOS: &[&str] = &[
-    "relay-kill",
-    "group-kill",
-    "sigterm",
-    "two-of-each",
-    "poison",
-    "postgres-outage",
-    "redis-outage",
-    "registry-outage",
-    "http-abuse",
-    "broker-restart",
-];
+/// The scenarios, in the order a full run takes them.
+///
+/// An enum so that the compiler checks every scenario is handled where they differ
+/// ([`run_scenario`]); [`ValueEnum`] gives the list ([`ValueEnum::value_variants`], in declaration
+/// order) and the parsing of a name. `--only` itself stays a list of strings parsed in [`run`]:
+/// as a `Vec<Scenario>`, clap would reject an unknown name with its own message and exit code.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    RelayKill,
+    GroupKill,
+    Sigterm,
+    TwoOfEach,
+    Poison,
+    PostgresOutage,
+    RedisOutage,
+    RegistryOutage,
+    HttpAbuse,
+    BrokerRestart,
+}
+
+impl Scenario {
+    /// The name `--only` takes, and the one in the output, the JSON record and the names of the
+    /// scenario's database, topics and log files.
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::RelayKill => "relay-kill",
+            Scenario::GroupKill => "group-kill",
+            Scenario::Sigterm => "sigterm",
+            Scenario::TwoOfEach => "two-of-each",
+            Scenario::Poison => "poison",
+            Scenario::PostgresOutage => "postgres-outage",
+            Scenario::RedisOutage => "redis-outage",
+            Scenario::RegistryOutage => "registry-outage",
+            Scenario::HttpAbuse => "http-abuse",
+            Scenario::BrokerRestart => "broker-restart",
+        }
+    }
+
+    /// The scenario named `name` exactly (as [`Scenario::name`] spells it).
+    fn parse(name: &str) -> Option<Self> {
+        <Self as ValueEnum>::from_str(name, false).ok()
+    }
+}
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -72,7 +103,7 @@ fn var(key: &str) -> anyhow::Result<String> {
 
 /// What one scenario found.
 struct Result_ {
-    scenario: String,
+    scenario: Scenario,
     placed: u64,
     report: Value,
     duplicates: u64,
@@ -164,7 +195,8 @@ async fn inject_poison(stack: &Stack, n: &mut usize) -> anyhow::Result<()> {
 }
 
 /// One scenario, start to verdict.
-async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<Result_> {
+async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow::Result<Result_> {
+    let name = scenario.name();
     let period = args.period as f64;
     let seconds = args.period * u64::from(args.rounds);
     let mut problems = Vec::new();
@@ -172,7 +204,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
     // A broker of the scenario's own: consumer-group state never carries over between
     // scenarios (tansu 0.6 did not expire, within minutes, a member that vanished; see
     // chaos/README.md). On SQLite where the broker restarts, so that its data survives.
-    let storage = if name == "broker-restart" {
+    let storage = if scenario == Scenario::BrokerRestart {
         Storage::Sqlite
     } else {
         Storage::Memory
@@ -180,13 +212,13 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
     let (p, broker) = start_tansu(parts, &format!("tansu-{name}"), storage).await?;
     let mut tansu = Some(p);
     let mut stack = Stack::start(parts, name, &broker).await?;
-    if name == "two-of-each" {
+    if scenario == Scenario::TwoOfEach {
         stack.spawn("relay-2")?;
         for g in GROUPS {
             stack.spawn(&format!("{g}-2"))?;
         }
     }
-    let rate = if name == "broker-restart" {
+    let rate = if scenario == Scenario::BrokerRestart {
         args.rate / 4.0
     } else {
         args.rate
@@ -195,14 +227,14 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
     let mut poisoned = 0;
     for round in 0..args.rounds {
         let round_start = Instant::now();
-        match name {
-            "relay-kill" => kill_and_restart(&mut stack, "relay", period).await?,
-            "group-kill" => {
+        match scenario {
+            Scenario::RelayKill => kill_and_restart(&mut stack, "relay", period).await?,
+            Scenario::GroupKill => {
                 for g in GROUPS {
                     kill_and_restart(&mut stack, g, period / 4.0 + 2.0).await?;
                 }
             }
-            "sigterm" => {
+            Scenario::Sigterm => {
                 for instance in [
                     "relay",
                     GROUPS[0],
@@ -218,7 +250,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                     stack.spawn(instance)?;
                 }
             }
-            "two-of-each" => {
+            Scenario::TwoOfEach => {
                 // One of each pair dies; the other takes over its partitions.
                 let suffix = if round % 2 == 0 { "" } else { "-2" };
                 for base in ["relay", GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[3]] {
@@ -228,11 +260,11 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                     stack.spawn(&instance)?;
                 }
             }
-            "poison" => {
+            Scenario::Poison => {
                 tokio::time::sleep(moment(0.5, period - 1.0)).await;
                 inject_poison(&stack, &mut poisoned).await?;
             }
-            "postgres-outage" => {
+            Scenario::PostgresOutage => {
                 let away = cut(
                     &stack,
                     &stack.postgres,
@@ -243,11 +275,11 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                 .await;
                 notes.push(away);
             }
-            "redis-outage" => {
+            Scenario::RedisOutage => {
                 let away = cut(&stack, &stack.redis, "Redis", args.outage, &mut problems).await;
                 notes.push(away);
             }
-            "registry-outage" => {
+            Scenario::RegistryOutage => {
                 tokio::time::sleep(moment(0.5, period / 3.0)).await;
                 stack.kill9("registry")?;
                 let before = processed(&stack, GROUPS[0]).await?;
@@ -268,7 +300,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                     .wait_ready("registry", Duration::from_secs(30))
                     .await?;
             }
-            "http-abuse" => {
+            Scenario::HttpAbuse => {
                 tokio::time::sleep(moment(0.5, 2.0)).await;
                 let abuse = abuse::run(&stack.api).await?;
                 notes.push(format!(
@@ -277,7 +309,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                 ));
                 problems.extend(abuse.failures);
             }
-            "broker-restart" => {
+            Scenario::BrokerRestart => {
                 tokio::time::sleep(moment(1.0, period - 2.0)).await;
                 if let Some(p) = tansu.take() {
                     p.kill9();
@@ -286,7 +318,6 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
                 let (p, _) = run_tansu(parts, &format!("tansu-{name}"), &broker, storage).await?;
                 tansu = Some(p);
             }
-            _ => {}
         }
         stack.scrape_duplicates().await;
         let left = Duration::from_secs_f64(period).saturating_sub(round_start.elapsed());
@@ -313,7 +344,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
             }
         }
     }
-    if name == "poison" {
+    if scenario == Scenario::Poison {
         for g in GROUPS {
             let undecodable = report["groups"][g]["undecodable"].as_u64().unwrap_or(0);
             if undecodable != poisoned as u64 {
@@ -346,7 +377,7 @@ async fn run_scenario(args: &Args, parts: &Parts, name: &str) -> anyhow::Result<
     }
     let _ = std::fs::remove_file(parts.logs.join(format!("{}-tansu-{name}.db", parts.run)));
     Ok(Result_ {
-        scenario: name.to_owned(),
+        scenario,
         placed,
         report,
         duplicates,
@@ -478,7 +509,7 @@ fn row(r: &Result_) -> Vec<String> {
         })
         .sum();
     vec![
-        r.scenario.clone(),
+        r.scenario.name().to_owned(),
         r.placed.to_string(),
         g["inventory"]["expected"].as_i64().unwrap_or(0).to_string(),
         format!(
@@ -547,28 +578,33 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         logs: logs.clone(),
         run: chrono::Utc::now().format("%Y%m%d%H%M%S").to_string(),
     };
-    let chosen: Vec<&str> = SCENARIOS
+    let chosen: Vec<Scenario> = Scenario::value_variants()
         .iter()
         .copied()
-        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s))
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name()))
         .collect();
     for o in &args.only {
         anyhow::ensure!(
-            SCENARIOS.contains(&o.as_str()),
+            Scenario::parse(o).is_some(),
             "--only: unknown scenario {o} (known: {})",
-            SCENARIOS.join(", ")
+            Scenario::value_variants()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let mut results = Vec::new();
-    for name in chosen {
+    for scenario in chosen {
+        let name = scenario.name();
         println!(
             "==> {name}: {} round(s) of {} s at {} orders/s",
             args.rounds, args.period, args.rate
         );
-        let result = match run_scenario(&args, &parts, name).await {
+        let result = match run_scenario(&args, &parts, scenario).await {
             Ok(r) => r,
             Err(e) => Result_ {
-                scenario: name.to_owned(),
+                scenario,
                 placed: 0,
                 report: Value::Null,
                 duplicates: 0,
@@ -606,7 +642,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .iter()
         .map(|r| {
             json!({
-                "scenario": r.scenario, "orders": r.placed, "audit": r.report,
+                "scenario": r.scenario.name(), "orders": r.placed, "audit": r.report,
                 "duplicates_absorbed": r.duplicates, "drained_in_seconds": r.drained_in.as_secs_f64(),
                 "problems": r.problems, "notes": r.notes,
             })
@@ -616,4 +652,30 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     std::fs::write(&file, serde_json::to_string_pretty(&json)?)?;
     println!("Results: {}", file.display());
     Ok(results.iter().all(|r| r.problems.is_empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scenario_name_parses_back_to_its_scenario() {
+        for &s in Scenario::value_variants() {
+            assert_eq!(
+                Scenario::parse(s.name()),
+                Some(s),
+                "{s:?} as {:?}",
+                s.name()
+            );
+        }
+    }
+
+    #[test]
+    fn scenario_names_are_unique() {
+        let names: std::collections::HashSet<&str> = Scenario::value_variants()
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(names.len(), Scenario::value_variants().len());
+    }
 }
