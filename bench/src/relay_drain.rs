@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use keel_core::testkit::wait_until;
 use serde_json::json;
+use sqlx::Row;
 
 use crate::bench::{Bench, encoded, order_event, produce_all, rate};
 use crate::report;
@@ -33,25 +33,33 @@ pub(crate) async fn relay_drain(bench: &Bench, report: &mut report::Report) -> a
         .execute(&bench.pool)
         .await?;
 
-    // (a) The relay's own claim and mark, without Kafka, with the relay's batch size.
-    let batch_size = bench.keel.relay.batch_size;
-    let relay = keel_outbox::Relay::new(
-        bench.pool.clone(),
-        keel_outbox::RelayConfig {
-            brokers: bench.brokers.clone(),
-            registry_url: bench.registry_url.clone(),
-            batch_size,
-            poll_interval: Duration::from_millis(100),
-            retention: Duration::from_secs(86_400),
-        },
-    )?;
+    // (a) The relay's own statements (lock, claim, mark), without Kafka or decoding the rows,
+    // with the relay's batch size and its commit (`synchronous_commit` off for the step).
+    let batch_size = i64::try_from(bench.keel.relay.batch_size)?;
     let started = Instant::now();
     loop {
-        let claim = relay.claim().await?.context("not the relay leader")?;
-        if claim.is_empty() {
+        let mut tx = bench.pool.begin().await?;
+        sqlx::query(
+            "SELECT pg_try_advisory_xact_lock($1) FROM set_config('synchronous_commit', 'off', true)",
+        )
+        .bind(keel_outbox::relay::RELAY_LOCK)
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<i64> = sqlx::query(keel_outbox::relay::CLAIM)
+            .bind(batch_size)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| row.get("id"))
+            .collect();
+        if ids.is_empty() {
             break;
         }
-        relay.mark(claim).await?;
+        sqlx::query(keel_outbox::relay::MARK)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
     }
     let sql = rate(rows as f64, started.elapsed());
     sqlx::query("UPDATE outbox.events SET published_at = NULL WHERE topic = $1")

@@ -78,6 +78,9 @@ pub enum RelayError {
         total: usize,
         first: String,
     },
+    /// A step stopped by [`testing::crash_before_mark`], as a crash would stop it.
+    #[error("crashed before marking (a test's hook)")]
+    Crashed,
 }
 
 /// What one step did.
@@ -87,22 +90,6 @@ pub enum Step {
     NotLeader,
     /// Rows published and marked (0 when nothing was pending).
     Published(usize),
-}
-
-/// A claimed batch: the open transaction holding the relay lock and the rows' locks.
-pub struct Claim {
-    tx: Transaction<'static, Postgres>,
-    rows: Vec<Pending>,
-}
-
-impl Claim {
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
 }
 
 struct Pending {
@@ -139,8 +126,9 @@ fn publish_span(row: &Pending, event_id: &str) -> tracing::Span {
     span
 }
 
-/// The oldest pending rows, locked for this transaction.
-const CLAIM: &str =
+/// The oldest pending rows, locked for this transaction (`$1`: how many). With [`MARK`], the
+/// SQL of a step; `make bench` times the two alone as the relay's database baseline.
+pub const CLAIM: &str =
     "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers,
         extract(epoch FROM created_at)::float8 * 1000 AS created_ms
    FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL
@@ -169,6 +157,11 @@ fn parse(row: &sqlx::postgres::PgRow) -> Result<Pending, (i64, String)> {
     })
 }
 
+/// Marks rows `$1` (ids) published. The time is the acknowledgement's, not the claim's
+/// transaction start (`now()`), which for a large batch is seconds earlier.
+pub const MARK: &str =
+    "UPDATE outbox.events SET published_at = clock_timestamp() WHERE id = ANY($1)";
+
 /// Rows marked published per statement while a batch's acknowledgements come in.
 const MARK_SLICE: usize = 500;
 
@@ -177,12 +170,7 @@ async fn mark_published(
     rows: &[Pending],
 ) -> Result<(), sqlx::Error> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    // The time of the acknowledgement, not the claim's transaction start (`now()`), which for
-    // a large batch is seconds earlier.
-    sqlx::query("UPDATE outbox.events SET published_at = clock_timestamp() WHERE id = ANY($1)")
-        .bind(&ids)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(MARK).bind(&ids).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -266,6 +254,8 @@ pub struct Relay {
     producer: FutureProducer,
     encoder: Encoder,
     config: RelayConfig,
+    /// Set only by [`testing::crash_before_mark`].
+    crash_before_mark: bool,
 }
 
 impl Relay {
@@ -279,6 +269,7 @@ impl Relay {
             producer,
             encoder,
             config,
+            crash_before_mark: false,
         })
     }
 
@@ -291,30 +282,9 @@ impl Relay {
         Ok(())
     }
 
-    /// Takes the relay lock and claims the oldest pending rows. `None` when another relay holds
-    /// the lock. Rows whose payload cannot be read are set aside (marked failed) in the same
-    /// transaction, with an error log: they would otherwise block every row behind them.
-    pub async fn claim(&self) -> Result<Option<Claim>, RelayError> {
-        let Some(mut tx) = self.lead().await? else {
-            return Ok(None);
-        };
-        let rows = sqlx::query(CLAIM)
-            .bind(self.limit())
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
-            match parse(&row) {
-                Ok(p) => pending.push(p),
-                Err((id, reason)) => set_aside(&mut tx, id, &reason).await?,
-            }
-        }
-        Ok(Some(Claim { tx, rows: pending }))
-    }
-
     /// A transaction holding the relay lock; `None` when another relay holds it. It commits
     /// without waiting for its WAL to reach the disk (see "Marks" in the module's docs).
-    async fn lead(&self) -> Result<Option<Transaction<'static, Postgres>>, RelayError> {
+    async fn begin_as_leader(&self) -> Result<Option<Transaction<'static, Postgres>>, RelayError> {
         let mut tx = self.pool.begin().await?;
         let leader: bool = sqlx::query_scalar(
             "SELECT pg_try_advisory_xact_lock($1) FROM set_config('synchronous_commit', 'off', true)",
@@ -333,18 +303,9 @@ impl Relay {
         i64::try_from(self.config.batch_size).unwrap_or(i64::MAX)
     }
 
-    /// Encodes and produces every claimed row, and waits until Kafka acknowledged all of them.
-    pub async fn produce(&self, claim: &Claim) -> Result<(), RelayError> {
-        let mut sent = Vec::with_capacity(claim.rows.len());
-        for row in &claim.rows {
-            sent.push(self.enqueue(row, claim.rows.len()).await?);
-        }
-        settle(sent, &claim.rows).await
-    }
-
     /// Encodes `row` and hands it to the producer without waiting for the acknowledgement: a
     /// whole batch is in flight at once. `batch` is for the error message.
-    async fn enqueue(&self, row: &Pending, batch: usize) -> Result<Sent, RelayError> {
+    async fn send(&self, row: &Pending, batch: usize) -> Result<Sent, RelayError> {
         let value = self.encoder.encode(&row.topic, &row.event).await?;
         let event_id = row.event.event_id().to_string();
         let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
@@ -393,19 +354,11 @@ impl Relay {
         }
     }
 
-    /// Marks the claimed rows published and commits, releasing the relay lock.
-    pub async fn mark(&self, claim: Claim) -> Result<usize, RelayError> {
-        let Claim { mut tx, rows } = claim;
-        mark_published(&mut tx, &rows).await?;
-        tx.commit().await?;
-        Ok(rows.len())
-    }
-
     /// Claim, produce, mark, in one transaction. The claimed rows are streamed from PostgreSQL
     /// into the producer as they arrive, so reading the batch overlaps with sending it; the
     /// rows are marked only after Kafka acknowledged all of them.
     pub async fn step(&self) -> Result<Step, RelayError> {
-        let Some(mut tx) = self.lead().await? else {
+        let Some(mut tx) = self.begin_as_leader().await? else {
             return Ok(Step::NotLeader);
         };
         let mut rows = Vec::new();
@@ -416,7 +369,7 @@ impl Relay {
             while let Some(row) = stream.try_next().await? {
                 match parse(&row) {
                     Ok(p) => {
-                        sent.push(self.enqueue(&p, self.config.batch_size).await?);
+                        sent.push(self.send(&p, self.config.batch_size).await?);
                         rows.push(p);
                     }
                     Err(bad) => unpublishable.push(bad),
@@ -440,6 +393,9 @@ impl Relay {
             let rest = sent.split_off(to - from);
             let slice = std::mem::replace(&mut sent, rest);
             settle(slice, &rows[from..to]).await?;
+            if self.crash_before_mark {
+                return Err(RelayError::Crashed);
+            }
             mark_published(&mut tx, &rows[from..to]).await?;
             from = to;
         }
@@ -590,4 +546,18 @@ async fn delete_expired(pool: &PgPool, retention: Duration) -> Result<u64, sqlx:
     .execute(pool)
     .await?;
     Ok(deleted.rows_affected())
+}
+
+/// What tests need of the relay: a step that stops where a crash would.
+#[cfg(feature = "testing")]
+pub mod testing {
+    use super::Relay;
+
+    /// Every step of `relay` publishes its rows and waits for their acknowledgements, then fails
+    /// with [`super::RelayError::Crashed`] before marking them: the rows stay pending and are
+    /// published again, as after a crash between produce and mark.
+    pub fn crash_before_mark(mut relay: Relay) -> Relay {
+        relay.crash_before_mark = true;
+        relay
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keel_core::telemetry::TraceHeaders;
 use keel_core::testkit::{TestDb, TestTopic, eventually, read_topic};
-use keel_outbox::relay::Step;
+use keel_outbox::relay::{RelayError, Step};
 use keel_outbox::{Relay, RelayConfig, enqueue, pending};
 use keel_schemas::events::{Customer, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
 use keel_schemas::{Decoder, Event};
@@ -233,15 +233,13 @@ async fn publishes_every_row_once_keyed_and_in_order_with_trace_headers() {
 async fn a_crash_between_produce_and_mark_loses_nothing() {
     let h = Harness::start().await;
     let topic = TestTopic::new("orders", 3).await;
-    let relay = h.relay(100);
     let expected = h.enqueue_orders(&topic.name, 5, &TraceHeaders::new()).await;
 
-    // Produce the batch, then "crash": the claim is dropped without marking, which is what a
-    // killed process does (its transaction rolls back when the connection goes).
-    let claim = relay.claim().await.unwrap().expect("sole relay is leader");
-    assert_eq!(claim.len(), 10);
-    relay.produce(&claim).await.unwrap();
-    drop(claim);
+    // Produce the batch and wait for every acknowledgement, then "crash" before marking: the
+    // step's transaction rolls back, which is what a killed process's does when its connection
+    // goes.
+    let relay = keel_outbox::relay::testing::crash_before_mark(h.relay(100));
+    assert!(matches!(relay.step().await, Err(RelayError::Crashed)));
     drop(relay);
     assert_eq!(pending(&h.pool).await.unwrap(), 10, "nothing was marked");
 
