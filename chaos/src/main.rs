@@ -25,7 +25,7 @@ mod abuse;
 mod load;
 mod stack;
 
-use stack::{GROUPS, Parts, Stack};
+use stack::{GROUPS, Parts, Stack, workers};
 
 /// The scenarios, in the order a full run takes them.
 ///
@@ -214,7 +214,7 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
     let mut stack = Stack::start(parts, name, &broker).await?;
     if scenario == Scenario::TwoOfEach {
         stack.spawn("relay-2")?;
-        for g in GROUPS {
+        for g in GROUPS.iter() {
             stack.spawn(&format!("{g}-2"))?;
         }
     }
@@ -230,19 +230,12 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
         match scenario {
             Scenario::RelayKill => kill_and_restart(&mut stack, "relay", period).await?,
             Scenario::GroupKill => {
-                for g in GROUPS {
+                for g in GROUPS.iter() {
                     kill_and_restart(&mut stack, g, period / 4.0 + 2.0).await?;
                 }
             }
             Scenario::Sigterm => {
-                for instance in [
-                    "relay",
-                    GROUPS[0],
-                    GROUPS[1],
-                    GROUPS[2],
-                    GROUPS[3],
-                    "order-service",
-                ] {
+                for instance in workers().into_iter().chain(["order-service"]) {
                     tokio::time::sleep(moment(0.2, period / 6.0)).await;
                     if let Err(e) = stack.terminate(instance) {
                         problems.push(format!("SIGTERM of {instance}: {e}"));
@@ -253,7 +246,7 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
             Scenario::TwoOfEach => {
                 // One of each pair dies; the other takes over its partitions.
                 let suffix = if round % 2 == 0 { "" } else { "-2" };
-                for base in ["relay", GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[3]] {
+                for base in workers() {
                     tokio::time::sleep(moment(0.2, period / 5.0)).await;
                     let instance = format!("{base}{suffix}");
                     stack.kill9(&instance)?;
@@ -337,7 +330,7 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
             }
         }
         // Where the missing events are: skipped (the group went past them) or not reached.
-        for g in GROUPS {
+        for g in GROUPS.iter() {
             match stack.where_missing(g).await {
                 Ok(found) => notes.extend(found),
                 Err(e) => notes.push(format!("{g}: cannot locate its missing events: {e:#}")),
@@ -345,7 +338,7 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
         }
     }
     if scenario == Scenario::Poison {
-        for g in GROUPS {
+        for g in GROUPS.iter() {
             let undecodable = report["groups"][g]["undecodable"].as_u64().unwrap_or(0);
             if undecodable != poisoned as u64 {
                 problems.push(format!(
@@ -511,14 +504,12 @@ fn row(r: &Result_) -> Vec<String> {
     vec![
         r.scenario.name().to_owned(),
         r.placed.to_string(),
-        g["inventory"]["expected"].as_i64().unwrap_or(0).to_string(),
-        format!(
-            "{}/{}/{}/{}",
-            applied("inventory"),
-            applied("notification"),
-            applied("analytics"),
-            applied("cache-invalidation")
-        ),
+        g[GROUPS[0]]["expected"].as_i64().unwrap_or(0).to_string(),
+        GROUPS
+            .iter()
+            .map(|name| applied(name))
+            .collect::<Vec<_>>()
+            .join("/"),
         r.duplicates.to_string(),
         dead.to_string(),
         format!("{:.1} s", r.drained_in.as_secs_f64()),

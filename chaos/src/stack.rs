@@ -15,13 +15,16 @@ use sqlx::PgPool;
 /// The stock every SKU starts with (the inventory migration's seed).
 pub const OPENING_STOCK: i32 = 10_000;
 
-/// The groups, as `keel consume` names them.
-pub const GROUPS: &[&str] = &[
-    "inventory",
-    "notification",
-    "analytics",
-    "cache-invalidation",
-];
+/// The groups, as `keel consume` names them: keel's one list ([`keel_consumers::GROUPS`]).
+pub static GROUPS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(keel_consumers::names);
+
+/// The relay and every group: the instances that run beside the order service and registry.
+pub fn workers() -> Vec<&'static str> {
+    std::iter::once("relay")
+        .chain(GROUPS.iter().copied())
+        .collect()
+}
 
 /// What every scenario's stack is built from.
 #[derive(Clone)]
@@ -121,10 +124,10 @@ impl Stack {
             .wait_ready("order-service", Duration::from_secs(30))
             .await?;
         stack.spawn("relay")?;
-        for g in GROUPS {
+        for g in GROUPS.iter() {
             stack.spawn(g)?;
         }
-        for name in ["relay", GROUPS[0], GROUPS[1], GROUPS[2], GROUPS[3]] {
+        for name in workers() {
             stack.wait_ready(name, Duration::from_secs(60)).await?;
         }
         Ok(stack)

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use keel_consumers::{analytics, inventory, notification};
+use keel_consumers::{analytics, notification};
 use keel_core::Settings;
 use keel_schemas::events::Contract;
 use keel_schemas::{InventoryRejected, InventoryReserved, OrderCancelled, OrderCreated, OrderPaid};
@@ -45,7 +45,7 @@ const EXAMPLES: usize = 5;
 
 #[derive(Debug, Serialize)]
 struct Check {
-    name: &'static str,
+    name: String,
     /// What must hold.
     rule: &'static str,
     /// How many things break it (0: the check passed).
@@ -63,18 +63,6 @@ struct Tally {
     dead_lettered: usize,
     /// Records in its dead-letter topics that do not decode (poison: they belong to no order).
     undecodable: usize,
-}
-
-/// The events a group must apply: (topic, event types).
-fn wanted(group: &str, s: &Settings) -> Vec<(String, Vec<&'static str>)> {
-    let orders = vec![OrderCreated::NAME, OrderPaid::NAME, OrderCancelled::NAME];
-    match group {
-        notification::GROUP => vec![
-            (s.topics.orders.clone(), orders),
-            (s.topics.inventory.clone(), vec![InventoryRejected::NAME]),
-        ],
-        _ => vec![(s.topics.orders.clone(), orders)],
-    }
 }
 
 struct Auditor {
@@ -109,9 +97,9 @@ impl Auditor {
         Ok(())
     }
 
-    fn record(&mut self, name: &'static str, rule: &'static str, rows: Vec<String>) {
+    fn record(&mut self, name: impl Into<String>, rule: &'static str, rows: Vec<String>) {
         self.checks.push(Check {
-            name,
+            name: name.into(),
             rule,
             count: rows.len(),
             examples: rows.into_iter().take(EXAMPLES).collect(),
@@ -218,7 +206,7 @@ pub async fn audit(
     let mut tallies = BTreeMap::new();
     let decoder = keel_schemas::Decoder::new(&s.schema_registry_url)?;
     for group in keel_consumers::GROUPS {
-        let (dead, undecodable) = dead_letters(s, &pool, &decoder, group).await?;
+        let (dead, undecodable) = dead_letters(s, &pool, &decoder, group.name).await?;
         let dead_ids: Vec<String> = dead.iter().map(Uuid::to_string).collect();
         let mut tally = Tally {
             dead_lettered: dead.len(),
@@ -226,7 +214,7 @@ pub async fn audit(
             ..Tally::default()
         };
         let mut missing = Vec::new();
-        for (topic, types) in wanted(group, s) {
+        for (topic, types) in (group.applies)(&s.topics) {
             let types: Vec<String> = types.into_iter().map(str::to_owned).collect();
             let rows: Vec<(String, bool)> = sqlx::query_as(&format!(
                 "WITH {WINDOW}
@@ -238,7 +226,7 @@ pub async fn audit(
                   ORDER BY e.id"
             ))
             .bind(since)
-            .bind(group)
+            .bind(group.name)
             .bind(&topic)
             .bind(&types)
             .bind(&dead_ids)
@@ -254,18 +242,12 @@ pub async fn audit(
             }
         }
         tally.expected += tally.dead_lettered as i64;
-        let name: &'static str = match *group {
-            inventory::GROUP => "inventory.applied",
-            notification::GROUP => "notification.applied",
-            analytics::GROUP => "analytics.applied",
-            _ => "cache-invalidation.applied",
-        };
         a.record(
-            name,
+            format!("{}.applied", group.name),
             "every event the group wants is applied or dead-lettered",
             missing,
         );
-        tallies.insert(*group, tally);
+        tallies.insert(group.name, tally);
     }
 
     // Inventory's effects.
@@ -359,7 +341,7 @@ pub async fn audit(
         "SELECT p.event_id::text FROM consumers.processed_events p
           WHERE p.group_id = $2 AND p.processed_at >= $1
             AND NOT EXISTS (SELECT 1 FROM notification.messages m WHERE m.event_id = p.event_id)",
-        &[Bind::Text(notification::GROUP)],
+        &[Bind::Text(notification::GROUP.name)],
     )
     .await?;
     a.check(

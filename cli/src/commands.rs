@@ -65,7 +65,10 @@ pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
         .await
         .context("KEEL_DATABASE_URL")?;
     let admin = admin(s, &token, pool).await?;
-    let result = keel_consumers::run_group(group, s, token).await;
+    let result = match keel_consumers::group(group) {
+        Ok(group) => (group.run)(s.clone(), token).await,
+        Err(e) => Err(e),
+    };
     admin.cancel();
     result
 }

@@ -50,12 +50,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub fn topics_of(s: &Settings, group: &str) -> anyhow::Result<Vec<String>> {
-    keel_consumers::group_topics(group, s).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown consumer group {group:?}; known groups: {}",
-            keel_consumers::GROUPS.join(", ")
-        )
-    })
+    Ok((keel_consumers::group(group)?.topics)(&s.topics))
 }
 
 fn offsets(s: &Settings, group: &str, topics: &[String]) -> anyhow::Result<Vec<PartitionState>> {
@@ -68,7 +63,7 @@ fn offsets(s: &Settings, group: &str, topics: &[String]) -> anyhow::Result<Vec<P
 pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<()> {
     let groups: Vec<&str> = match group {
         Some(g) => vec![g],
-        None => keel_consumers::GROUPS.to_vec(),
+        None => keel_consumers::names(),
     };
     let mut report = Vec::new();
     let now = chrono::Utc::now().timestamp_millis();

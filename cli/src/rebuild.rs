@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_consumers::analytics::{self, Analytics};
-use keel_consumers::{Consumer, ConsumerConfig, Handler};
+use keel_consumers::{Consumer, ConsumerConfig};
 use keel_core::Settings;
 use keel_core::kafka;
 use tokio_util::sync::CancellationToken;
@@ -88,9 +88,8 @@ pub async fn rebuild(
     let started = Instant::now();
     let deadline = started + timeout;
     let group = analytics::REBUILD_GROUP;
-    let handler = Analytics::rebuilder(&s.topics);
-    let topics = handler.topics();
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let subscription = Analytics::rebuild_subscription(&s.topics);
+    let names: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
     let members = kafka::group_members(&s.kafka_brokers, group)?;
     if members > 0 {
         return Err(GroupBusy {
@@ -100,7 +99,11 @@ pub async fn rebuild(
         .into());
     }
 
-    keel_consumers::migrate(&s.database_url, &handler).await?;
+    keel_consumers::migrate(
+        &s.database_url,
+        Some((analytics::REBUILD_SCHEMA, &analytics::MIGRATOR)),
+    )
+    .await?;
     analytics::prepare_rebuild(&s.database_url)
         .await
         .context("preparing the rebuild schema")?;
@@ -135,7 +138,12 @@ pub async fn rebuild(
         .context("setting the rebuild group's starting offsets")?;
 
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
-    let consumer = Consumer::new(handler, pool.clone(), ConsumerConfig::from_settings(s))?;
+    let consumer = Consumer::new(
+        subscription.clone(),
+        Analytics::rebuilder(),
+        pool.clone(),
+        ConsumerConfig::from_settings(s),
+    )?;
     let stop = CancellationToken::new();
     let mut running = tokio::spawn(consumer.run(stop.clone()));
     let result = async {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel_consumers::{Handler, HandlerError, Meta, Outcome, dlq_topic, transact};
+use keel_consumers::{Handler, HandlerError, Meta, Outcome, Subscription, dlq_topic, transact};
 use keel_core::testkit::{TestTopic, eventually, read_topic, unique};
 use keel_schemas::Event;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -28,15 +28,13 @@ struct Log {
     fail_on: Option<Uuid>,
 }
 
+impl Log {
+    fn subscription(&self) -> Subscription {
+        Subscription::new(&self.group, vec![self.topic.clone()])
+    }
+}
+
 impl Handler for Log {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.topic.clone()]
-    }
-
     fn batch_size(&self) -> usize {
         LOG_BATCH
     }
@@ -118,9 +116,6 @@ async fn a_batch_commits_all_or_nothing_and_applies_each_event_once_in_order() {
         topic: topic.clone(),
         fail_on: None,
     };
-    keel_consumers::migrate(&stack.db.url, &handler)
-        .await
-        .unwrap();
     let (a, b, c) = (event(1), event(2), event(3));
     // `a` twice in one batch (a redelivery fetched together with the original).
     let batch = vec![
@@ -129,7 +124,9 @@ async fn a_batch_commits_all_or_nothing_and_applies_each_event_once_in_order() {
         (a.clone(), meta(&topic, 2)),
         (c.clone(), meta(&topic, 3)),
     ];
-    let outcomes = transact(&stack.pool, &handler, &batch).await.unwrap();
+    let outcomes = transact(&stack.pool, &handler.group, &handler, &batch)
+        .await
+        .unwrap();
     assert_eq!(
         outcomes,
         [
@@ -153,7 +150,9 @@ async fn a_batch_commits_all_or_nothing_and_applies_each_event_once_in_order() {
     );
 
     // The same batch again (a redelivery after a crash before the offsets were committed).
-    let again = transact(&stack.pool, &handler, &batch).await.unwrap();
+    let again = transact(&stack.pool, &handler.group, &handler, &batch)
+        .await
+        .unwrap();
     assert_eq!(again, vec![Outcome::Duplicate; 4]);
     assert_eq!(logged(&stack).await.len(), 3);
 
@@ -165,7 +164,9 @@ async fn a_batch_commits_all_or_nothing_and_applies_each_event_once_in_order() {
         (e.clone(), meta(&topic, 5)),
         (f.clone(), meta(&topic, 6)),
     ];
-    let error = transact(&stack.pool, &handler, &failing).await.unwrap_err();
+    let error = transact(&stack.pool, &handler.group, &handler, &failing)
+        .await
+        .unwrap_err();
     assert!(matches!(error, HandlerError::Permanent(_)), "{error}");
     assert_eq!(logged(&stack).await.len(), 3);
     let dedupe_rows: i64 = sqlx::query_scalar(
@@ -231,7 +232,12 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
         topic: stack.orders.name.clone(),
         fail_on: None,
     };
-    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    let consumer = tokio::spawn(
+        stack
+            .consumer(handler.subscription(), handler)
+            .await
+            .run(stop.clone()),
+    );
     eventually(
         "every event of the backlog to be applied",
         Duration::from_secs(120),
@@ -322,7 +328,12 @@ async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
         topic: stack.orders.name.clone(),
         fail_on: None,
     };
-    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    let consumer = tokio::spawn(
+        stack
+            .consumer(handler.subscription(), handler)
+            .await
+            .run(stop.clone()),
+    );
     eventually(
         "the records from the committed offset on to be applied",
         Duration::from_secs(60),

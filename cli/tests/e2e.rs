@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use keel_consumers::inventory::Inventory;
+use keel_consumers::inventory::{self, Inventory};
 use keel_consumers::{Consumer, Outcome};
 use keel_core::testkit::{brokers, eventually, read_topic, unique};
 use keel_outbox::relay::Step;
@@ -19,9 +19,12 @@ mod common;
 use common::{Stack, keel, order};
 
 async fn inventory(stack: &Stack, group: &str) -> Consumer<Inventory> {
-    let mut handler = Inventory::new(&stack.settings.topics);
-    handler.group = group.to_owned();
-    stack.consumer(handler).await
+    stack
+        .consumer(
+            stack.as_group(&inventory::GROUP, group),
+            Inventory::new(&stack.settings.topics),
+        )
+        .await
 }
 
 #[tokio::test]

@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use keel_consumers::analytics::Analytics;
-use keel_consumers::cache_invalidation::CacheInvalidation;
-use keel_consumers::inventory::Inventory;
-use keel_consumers::notification::{Mailer, Notification, Transport};
+use keel_consumers::analytics::{self, Analytics};
+use keel_consumers::cache_invalidation::{self, CacheInvalidation};
+use keel_consumers::inventory::{self, Inventory};
+use keel_consumers::notification::{self, Mailer, Notification, Transport};
 use keel_consumers::runtime::dlq_headers;
-use keel_consumers::{Handler, HandlerError, Meta, dlq_topic};
+use keel_consumers::{Handler, HandlerError, Meta, Subscription, dlq_topic};
 use keel_core::testkit::{Outage, TestTopic, brokers, eventually, read_topic, unique};
 use keel_schemas::Event;
 use rdkafka::Message;
@@ -50,14 +50,9 @@ async fn run_all(
     stop: &CancellationToken,
 ) -> Vec<JoinHandle<anyhow::Result<()>>> {
     let topics = &stack.settings.topics;
-    let mut inventory = Inventory::new(topics);
-    inventory.group = groups.inventory.clone();
-    let mut notification = Notification::new(topics);
-    notification.group = groups.notification.clone();
-    let mut analytics = Analytics::new(topics);
-    analytics.group = groups.analytics.clone();
-    let mut cache = CacheInvalidation::new(&stack.settings).unwrap();
-    cache.group = groups.cache.clone();
+    let inventory = Inventory::new(topics);
+    let cache = CacheInvalidation::new(&stack.settings).unwrap();
+    let consumer = |group: &keel_consumers::Group, id: &str| stack.as_group(group, id);
     let mailer = Mailer::new(
         stack.pool.clone(),
         Transport::from_settings(&stack.settings.mail).unwrap(),
@@ -66,10 +61,36 @@ async fn run_all(
     .unwrap();
     vec![
         tokio::spawn(stack.relay().run(stop.clone())),
-        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(notification).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(analytics).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(cache).await.run(stop.clone())),
+        tokio::spawn(
+            stack
+                .consumer(consumer(&inventory::GROUP, &groups.inventory), inventory)
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(
+                    consumer(&notification::GROUP, &groups.notification),
+                    Notification,
+                )
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(
+                    consumer(&analytics::GROUP, &groups.analytics),
+                    Analytics::new(),
+                )
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(consumer(&cache_invalidation::GROUP, &groups.cache), cache)
+                .await
+                .run(stop.clone()),
+        ),
         tokio::spawn(mailer.run(stop.clone())),
     ]
 }
@@ -383,9 +404,13 @@ async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the
         .await;
 
     let stop = CancellationToken::new();
-    let mut handler = Inventory::new(&stack.settings.topics);
-    handler.group = group.clone();
-    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    let handler = Inventory::new(&stack.settings.topics);
+    let consumer = tokio::spawn(
+        stack
+            .consumer(stack.as_group(&inventory::GROUP, &group), handler)
+            .await
+            .run(stop.clone()),
+    );
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
     eventually(
         "the order after the poison to be applied",
@@ -456,18 +481,32 @@ async fn while_redis_is_down_cache_invalidation_waits_and_catches_up_and_other_g
     let outage = Outage::forward(&target).await;
     let mut settings = stack.settings();
     settings.cache.redis_url = format!("redis://{}", outage.addr);
-    let mut cache = CacheInvalidation::new(&settings).unwrap();
-    cache.group = unique("cache");
-    let cache_group = cache.group.clone();
-    let mut inventory = Inventory::new(&stack.settings.topics);
-    inventory.group = unique("inventory");
-    let inventory_group = inventory.group.clone();
+    let cache = CacheInvalidation::new(&settings).unwrap();
+    let cache_group = unique("cache");
+    let inventory = Inventory::new(&stack.settings.topics);
+    let inventory_group = unique("inventory");
 
     let stop = CancellationToken::new();
     let tasks = [
         tokio::spawn(stack.relay().run(stop.clone())),
-        tokio::spawn(stack.consumer(cache).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
+        tokio::spawn(
+            stack
+                .consumer(
+                    stack.as_group(&cache_invalidation::GROUP, &cache_group),
+                    cache,
+                )
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(
+                    stack.as_group(&inventory::GROUP, &inventory_group),
+                    inventory,
+                )
+                .await
+                .run(stop.clone()),
+        ),
     ];
 
     outage.set_down(true);
@@ -592,22 +631,11 @@ async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or
     relay.await.unwrap().unwrap();
 }
 
-/// A group that exists only here: it records every event it sees. Adding it took this impl and
-/// its table; nothing in producers/ or outbox/ knows about it.
-struct Audit {
-    group: String,
-    topics: Vec<String>,
-}
+/// A group that exists only here: it records every event it sees. Adding it took this impl, its
+/// subscription and its table; nothing in producers/ or outbox/ knows about it.
+struct Audit;
 
 impl Handler for Audit {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        self.topics.clone()
-    }
-
     async fn handle(
         &self,
         tx: &mut PgConnection,
@@ -632,16 +660,23 @@ async fn a_group_defined_only_in_test_code_receives_every_event() {
         .await
         .unwrap();
     let stop = CancellationToken::new();
-    let mut inventory = Inventory::new(&stack.settings.topics);
-    inventory.group = unique("inventory");
-    let audit = Audit {
-        group: unique("audit"),
-        topics: vec![stack.orders.name.clone(), stack.inventory.name.clone()],
-    };
+    let inventory = Inventory::new(&stack.settings.topics);
+    let audit = Subscription::new(
+        unique("audit"),
+        vec![stack.orders.name.clone(), stack.inventory.name.clone()],
+    );
     let tasks = [
         tokio::spawn(stack.relay().run(stop.clone())),
-        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(audit).await.run(stop.clone())),
+        tokio::spawn(
+            stack
+                .consumer(
+                    stack.as_group(&inventory::GROUP, &unique("inventory")),
+                    inventory,
+                )
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(stack.consumer(audit, Audit).await.run(stop.clone())),
     ];
     for i in 0..10 {
         let created = stack
@@ -756,18 +791,6 @@ struct Counting<H> {
 }
 
 impl<H: Handler> Handler for Counting<H> {
-    fn group(&self) -> &str {
-        self.inner.group()
-    }
-
-    fn topics(&self) -> Vec<String> {
-        self.inner.topics()
-    }
-
-    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
-        self.inner.migrations()
-    }
-
     fn wants(&self, event: &Event) -> bool {
         self.inner.wants(event)
     }
@@ -795,14 +818,15 @@ async fn two_instances_of_a_group_share_the_partitions_and_apply_each_event_once
     let counters = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
     let mut tasks = vec![tokio::spawn(stack.relay().run(stop.clone()))];
     for applied in &counters {
-        let mut inner = Inventory::new(&stack.settings.topics);
-        inner.group = group.clone();
         let handler = Counting {
-            inner,
+            inner: Inventory::new(&stack.settings.topics),
             applied: applied.clone(),
         };
         tasks.push(tokio::spawn(
-            stack.consumer(handler).await.run(stop.clone()),
+            stack
+                .consumer(stack.as_group(&inventory::GROUP, &group), handler)
+                .await
+                .run(stop.clone()),
         ));
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_consumers::{Handler, HandlerError, Meta};
+use keel_consumers::{Handler, HandlerError, Meta, Subscription};
 use keel_core::testkit::{Outage, eventually, free_port, unique};
 use keel_schemas::Event;
 use serde_json::{Value, json};
@@ -105,20 +105,10 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
 
 /// A group whose handler waits until the test lets it go.
 struct Stuck {
-    group: String,
-    topic: String,
     release: Arc<Semaphore>,
 }
 
 impl Handler for Stuck {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.topic.clone()]
-    }
-
     async fn handle(
         &self,
         _tx: &mut PgConnection,
@@ -142,11 +132,12 @@ async fn health_fails_while_a_loop_is_stuck_and_recovers_when_it_moves() {
     let group = unique("stuck");
     let release = Arc::new(Semaphore::new(0));
     let consumer = stack
-        .consumer(Stuck {
-            group: group.clone(),
-            topic: stack.orders.name.clone(),
-            release: release.clone(),
-        })
+        .consumer(
+            Subscription::new(&group, vec![stack.orders.name.clone()]),
+            Stuck {
+                release: release.clone(),
+            },
+        )
         .await;
     let checks = keel_core::health::Checks::new(stop.clone(), Duration::from_secs(2));
     let server_stop = CancellationToken::new();

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::Duration;
 
-use keel_consumers::inventory::Inventory;
+use keel_consumers::inventory::{self, Inventory};
 use keel_core::testkit::{brokers, eventually, unique};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -110,11 +110,15 @@ async fn keel_consumes_what_a_confluent_python_client_writes() {
     .unwrap();
     assert_eq!(written.len(), 3);
 
-    let mut handler = Inventory::new(&stack.settings.topics);
-    handler.group = unique("inventory");
-    let group = handler.group.clone();
+    let handler = Inventory::new(&stack.settings.topics);
+    let group = unique("inventory");
     let stop = CancellationToken::new();
-    let consumer = tokio::spawn(stack.consumer(handler).await.run(stop.clone()));
+    let consumer = tokio::spawn(
+        stack
+            .consumer(stack.as_group(&inventory::GROUP, &group), handler)
+            .await
+            .run(stop.clone()),
+    );
     eventually(
         "inventory to apply the Python client's orders",
         Duration::from_secs(60),

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use keel_consumers::analytics::Analytics;
-use keel_consumers::cache_invalidation::CacheInvalidation;
-use keel_consumers::inventory::Inventory;
-use keel_consumers::notification::Notification;
+use keel_consumers::analytics::{self, Analytics};
+use keel_consumers::cache_invalidation::{self, CacheInvalidation};
+use keel_consumers::inventory::{self, Inventory};
+use keel_consumers::notification::{self, Notification};
 use keel_core::testkit::{eventually, unique};
 use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
@@ -41,21 +41,36 @@ async fn one_post_is_one_trace_across_the_service_the_relay_and_every_group() {
         unique("analytics"),
         unique("cache"),
     ];
-    let mut inventory = Inventory::new(topics);
-    inventory.group = groups[0].clone();
-    let mut notification = Notification::new(topics);
-    notification.group = groups[1].clone();
-    let mut analytics = Analytics::new(topics);
-    analytics.group = groups[2].clone();
-    let mut cache = CacheInvalidation::new(&stack.settings).unwrap();
-    cache.group = groups[3].clone();
+    let inventory = Inventory::new(topics);
+    let cache = CacheInvalidation::new(&stack.settings).unwrap();
+    let as_group = |g: &keel_consumers::Group, id: &str| stack.as_group(g, id);
     let stop = CancellationToken::new();
     let tasks = vec![
         tokio::spawn(stack.relay().run(stop.clone())),
-        tokio::spawn(stack.consumer(inventory).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(notification).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(analytics).await.run(stop.clone())),
-        tokio::spawn(stack.consumer(cache).await.run(stop.clone())),
+        tokio::spawn(
+            stack
+                .consumer(as_group(&inventory::GROUP, &groups[0]), inventory)
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(as_group(&notification::GROUP, &groups[1]), Notification)
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(as_group(&analytics::GROUP, &groups[2]), Analytics::new())
+                .await
+                .run(stop.clone()),
+        ),
+        tokio::spawn(
+            stack
+                .consumer(as_group(&cache_invalidation::GROUP, &groups[3]), cache)
+                .await
+                .run(stop.clone()),
+        ),
     ];
 
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";

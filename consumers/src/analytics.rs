@@ -19,19 +19,28 @@ use keel_schemas::Event;
 use sqlx::PgConnection;
 
 use crate::runtime::{Handler, HandlerError, Meta};
+use crate::{Group, ORDER_EVENTS, Subscription};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/analytics");
 pub const DB_SCHEMA: &str = "analytics";
-pub const GROUP: &str = "analytics";
+
+/// The analytics group's entry in [`crate::GROUPS`].
+pub static GROUP: Group = Group {
+    name: "analytics",
+    topics: |t| vec![t.orders.clone()],
+    applies: |t| vec![(t.orders.clone(), ORDER_EVENTS.to_vec())],
+    migrations: Some((DB_SCHEMA, &MIGRATOR)),
+    run: |s, shutdown| {
+        Box::pin(async move { crate::serve(&GROUP, Analytics::new(), &s, shutdown).await })
+    },
+};
 /// The group and schema `keel analytics rebuild` fills before swapping it in (see [`rebuild`]).
 pub const REBUILD_GROUP: &str = "analytics-rebuild";
 pub const REBUILD_SCHEMA: &str = "analytics_rebuild";
 
 pub struct Analytics {
-    pub group: String,
-    pub orders_topic: String,
-    /// The PostgreSQL schema written to: [`DB_SCHEMA`], or [`REBUILD_SCHEMA`] while rebuilding.
-    schema: &'static str,
+    /// The upserts into the schema written to: [`DB_SCHEMA`], or [`REBUILD_SCHEMA`] while
+    /// rebuilding.
     sql: Statements,
 }
 
@@ -75,22 +84,30 @@ impl Statements {
     }
 }
 
+impl Default for Analytics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Analytics {
     /// The live group, writing the warehouse dashboards read.
-    pub fn new(topics: &keel_core::settings::Topics) -> Self {
-        Self::writing(topics, GROUP, DB_SCHEMA)
+    pub fn new() -> Self {
+        Self::writing(DB_SCHEMA)
     }
 
     /// The rebuild's group, writing the schema that replaces the warehouse when it is complete.
-    pub fn rebuilder(topics: &keel_core::settings::Topics) -> Self {
-        Self::writing(topics, REBUILD_GROUP, REBUILD_SCHEMA)
+    pub fn rebuilder() -> Self {
+        Self::writing(REBUILD_SCHEMA)
     }
 
-    fn writing(topics: &keel_core::settings::Topics, group: &str, schema: &'static str) -> Self {
+    /// The rebuild's subscription: [`REBUILD_GROUP`], reading what the live group reads.
+    pub fn rebuild_subscription(topics: &keel_core::settings::Topics) -> Subscription {
+        Subscription::new(REBUILD_GROUP, (GROUP.topics)(topics))
+    }
+
+    fn writing(schema: &'static str) -> Self {
         Self {
-            group: group.to_owned(),
-            orders_topic: topics.orders.clone(),
-            schema,
             sql: Statements::new(schema),
         }
     }
@@ -131,7 +148,7 @@ pub async fn missing_from_rebuild(
             AND NOT EXISTS (SELECT 1 FROM consumers.processed_events r
                              WHERE r.group_id = $5 AND r.event_id = live.event_id)",
     )
-    .bind(GROUP)
+    .bind(GROUP.name)
     .bind(&topics)
     .bind(&partitions)
     .bind(&offsets)
@@ -185,18 +202,6 @@ fn at(millis: i64) -> Result<DateTime<chrono::Utc>, HandlerError> {
 }
 
 impl Handler for Analytics {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.orders_topic.clone()]
-    }
-
-    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
-        Some((self.schema, &MIGRATOR))
-    }
-
     fn wants(&self, event: &Event) -> bool {
         event.is_order_event()
     }

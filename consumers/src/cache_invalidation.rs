@@ -12,20 +12,28 @@ use keel_schemas::Event;
 use sqlx::PgConnection;
 
 use crate::runtime::{Handler, HandlerError, Meta};
+use crate::{Group, ORDER_EVENTS};
 
-pub const GROUP: &str = "cache-invalidation";
+/// The cache-invalidation group's entry in [`crate::GROUPS`].
+pub static GROUP: Group = Group {
+    name: "cache-invalidation",
+    topics: |t| vec![t.orders.clone()],
+    applies: |t| vec![(t.orders.clone(), ORDER_EVENTS.to_vec())],
+    migrations: None,
+    run: |s, shutdown| {
+        Box::pin(
+            async move { crate::serve(&GROUP, CacheInvalidation::new(&s)?, &s, shutdown).await },
+        )
+    },
+};
 
 pub struct CacheInvalidation {
-    pub group: String,
-    pub orders_topic: String,
     pub cache: Arc<OrderCache>,
 }
 
 impl CacheInvalidation {
     pub fn new(settings: &keel_core::Settings) -> anyhow::Result<Self> {
         Ok(Self {
-            group: GROUP.to_owned(),
-            orders_topic: settings.topics.orders.clone(),
             cache: Arc::new(OrderCache::new(
                 &settings.cache.redis_url,
                 settings.cache.ttl,
@@ -35,14 +43,6 @@ impl CacheInvalidation {
 }
 
 impl Handler for CacheInvalidation {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.orders_topic.clone()]
-    }
-
     fn wants(&self, event: &Event) -> bool {
         event.is_order_event()
     }

@@ -16,15 +16,23 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::runtime::{Handler, HandlerError, Meta};
+use crate::{Group, ORDER_EVENTS};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/inventory");
 pub const DB_SCHEMA: &str = "inventory";
-pub const GROUP: &str = "inventory";
+
+/// The inventory group's entry in [`crate::GROUPS`].
+pub static GROUP: Group = Group {
+    name: "inventory",
+    topics: |t| vec![t.orders.clone()],
+    applies: |t| vec![(t.orders.clone(), ORDER_EVENTS.to_vec())],
+    migrations: Some((DB_SCHEMA, &MIGRATOR)),
+    run: |s, shutdown| {
+        Box::pin(async move { crate::serve(&GROUP, Inventory::new(&s.topics), &s, shutdown).await })
+    },
+};
 
 pub struct Inventory {
-    /// The consumer group id: [`GROUP`] in production; tests use their own.
-    pub group: String,
-    pub orders_topic: String,
     /// Where outcomes are published.
     pub inventory_topic: String,
 }
@@ -32,8 +40,6 @@ pub struct Inventory {
 impl Inventory {
     pub fn new(topics: &keel_core::settings::Topics) -> Self {
         Self {
-            group: GROUP.to_owned(),
-            orders_topic: topics.orders.clone(),
             inventory_topic: topics.inventory.clone(),
         }
     }
@@ -216,18 +222,6 @@ impl Inventory {
 }
 
 impl Handler for Inventory {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.orders_topic.clone()]
-    }
-
-    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
-        Some((DB_SCHEMA, &MIGRATOR))
-    }
-
     fn wants(&self, event: &Event) -> bool {
         event.is_order_event()
     }

@@ -10,13 +10,15 @@
 //! exactly-once.
 //!
 //! # Layout
-//! - [`runtime`]: the consume → decode → transact → store-offset loop, shared by every group.
+//! - [`runtime`]: the consume → decode → transact → store-offset loop, shared by every group
+//!   (its rooms are listed in its own doc).
 //! - [`inventory`]: stock reservations per order; publishes its outcomes through the outbox.
 //! - [`notification`]: one customer message per event, delivered after commit by a mailer.
 //! - [`analytics`]: a rebuildable warehouse of orders, revenue, cancellations and units.
 //! - [`cache_invalidation`]: keeps the order service's Redis cache fresh.
-//! - [`run_group`]: the registry of groups `keel consume <group>` knows. Adding a group is one
-//!   [`Handler`] impl and one line there (see `consumers/README.md`).
+//! - [`GROUPS`]: the one list of groups, which `keel consume`, `keel lag`, `keel audit`, chaos
+//!   and the bench all read. Adding a group is one [`Handler`] impl, its [`Group`] entry and one
+//!   line there (see `consumers/README.md`).
 
 pub mod analytics;
 pub mod cache_invalidation;
@@ -24,72 +26,98 @@ pub mod inventory;
 pub mod notification;
 pub mod runtime;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use keel_core::Settings;
+use keel_core::settings::Topics;
+use keel_schemas::events::Contract;
+use keel_schemas::{OrderCancelled, OrderCreated, OrderPaid};
 use tokio_util::sync::CancellationToken;
 
 pub use runtime::{
-    Consumer, ConsumerConfig, Handler, HandlerError, Meta, Outcome, dlq_topic, transact,
+    Consumer, ConsumerConfig, Handler, HandlerError, Meta, Outcome, Subscription, dlq_topic,
+    transact,
 };
 
-/// The groups `keel consume` can run.
-pub const GROUPS: &[&str] = &[
-    inventory::GROUP,
-    notification::GROUP,
-    analytics::GROUP,
-    cache_invalidation::GROUP,
-];
+/// A group's run until shutdown, as [`Group::run`] returns it: awaited by `keel consume`'s main
+/// task, so it need not be `Send` (and the compiler cannot prove it is, through sqlx's
+/// migrations, for a future stored behind a function pointer).
+pub type Running = Pin<Box<dyn Future<Output = anyhow::Result<()>>>>;
 
-/// The topics `group` reads, for operations tools (lag, replay); `None` for an unknown group.
-pub fn group_topics(group: &str, s: &Settings) -> Option<Vec<String>> {
-    Some(match group {
-        inventory::GROUP => inventory::Inventory::new(&s.topics).topics(),
-        notification::GROUP => notification::Notification::new(&s.topics).topics(),
-        analytics::GROUP => analytics::Analytics::new(&s.topics).topics(),
-        cache_invalidation::GROUP => cache_invalidation::CacheInvalidation::new(s).ok()?.topics(),
-        _ => return None,
-    })
+/// A topic a group reads and the event types (contract names) it applies from it.
+pub type Applied = (String, Vec<&'static str>);
+
+/// A consumer group keel runs: everything the tools need to know of it besides its effect.
+#[derive(Debug)]
+pub struct Group {
+    /// The Kafka group id; also the process's name (`keel consume <name>`) and the group's label
+    /// in dedupe rows, metrics and logs.
+    pub name: &'static str,
+    /// The topics it reads, as the settings name them.
+    pub topics: fn(&Topics) -> Vec<String>,
+    /// The event types it applies, per topic it reads: what `keel audit` expects it to have
+    /// applied (or dead-lettered).
+    pub applies: fn(&Topics) -> Vec<Applied>,
+    /// Its own tables: their PostgreSQL schema and migrations (`None`: it has none).
+    pub migrations: Option<(&'static str, &'static sqlx::migrate::Migrator)>,
+    /// Runs it until `shutdown`: its migrations, its consumer, and whatever runs beside it.
+    pub run: fn(Settings, CancellationToken) -> Running,
 }
 
-/// Runs consumer group `group` until `shutdown`: its migrations, then its consumer (and, for
-/// notification, its mailer). The registry of groups: a new group is one line here.
-pub async fn run_group(
-    group: &str,
-    s: &Settings,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    match group {
-        inventory::GROUP => serve(inventory::Inventory::new(&s.topics), s, shutdown).await,
-        analytics::GROUP => serve(analytics::Analytics::new(&s.topics), s, shutdown).await,
-        cache_invalidation::GROUP => {
-            serve(cache_invalidation::CacheInvalidation::new(s)?, s, shutdown).await
-        }
-        notification::GROUP => {
-            let transport = notification::Transport::from_settings(&s.mail)?;
-            let pool = keel_core::db::pool(&s.database_url, 2).await?;
-            let mailer = notification::Mailer::new(pool, transport, &s.mail.from)?;
-            let handler = notification::Notification::new(&s.topics);
-            let (consumed, mailed) = tokio::join!(
-                serve(handler, s, shutdown.clone()),
-                mailer.run(shutdown.clone())
-            );
-            consumed.and(mailed)
-        }
-        other => anyhow::bail!(
-            "unknown consumer group {other:?}; known groups: {}",
-            GROUPS.join(", ")
-        ),
+impl Group {
+    /// The group's own subscription under `topics`' names.
+    pub fn subscription(&self, topics: &Topics) -> Subscription {
+        Subscription::new(self.name, (self.topics)(topics))
     }
 }
 
-/// Migrates and runs one handler's consumer until `shutdown`.
+/// The order service's events, which every group that follows orders applies.
+pub const ORDER_EVENTS: &[&str] = &[OrderCreated::NAME, OrderPaid::NAME, OrderCancelled::NAME];
+
+/// Every group `keel consume` can run, in the order the tools list them.
+pub static GROUPS: &[&Group] = &[
+    &inventory::GROUP,
+    &notification::GROUP,
+    &analytics::GROUP,
+    &cache_invalidation::GROUP,
+];
+
+/// The group named `name`, or an error listing the known ones.
+pub fn group(name: &str) -> anyhow::Result<&'static Group> {
+    GROUPS
+        .iter()
+        .copied()
+        .find(|g| g.name == name)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown consumer group {name:?}; known groups: {}",
+                names().join(", ")
+            )
+        })
+}
+
+/// The names of [`GROUPS`].
+pub fn names() -> Vec<&'static str> {
+    GROUPS.iter().map(|g| g.name).collect()
+}
+
+/// Migrates and runs `group`'s consumer with `handler` until `shutdown`: what a [`Group::run`]
+/// calls.
 pub async fn serve<H: Handler>(
+    group: &Group,
     handler: H,
     s: &Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    migrate(&s.database_url, &handler).await?;
+    migrate(&s.database_url, group.migrations).await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
-    let consumer = Consumer::new(handler, pool, ConsumerConfig::from_settings(s))?;
+    let consumer = Consumer::new(
+        group.subscription(&s.topics),
+        handler,
+        pool,
+        ConsumerConfig::from_settings(s),
+    )?;
     let result = consumer.run(shutdown.clone()).await;
     // If the consumer failed, stop whatever runs beside it (the mailer) too.
     shutdown.cancel();
@@ -98,9 +126,9 @@ pub async fn serve<H: Handler>(
 
 /// Applies the runtime's migrations and those of every group.
 pub async fn migrate_all(s: &Settings) -> anyhow::Result<()> {
-    migrate(&s.database_url, &inventory::Inventory::new(&s.topics)).await?;
-    migrate(&s.database_url, &notification::Notification::new(&s.topics)).await?;
-    migrate(&s.database_url, &analytics::Analytics::new(&s.topics)).await?;
+    for group in GROUPS {
+        migrate(&s.database_url, group.migrations).await?;
+    }
     Ok(())
 }
 
@@ -110,11 +138,44 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/runt
 /// The PostgreSQL schema the runtime owns.
 pub const DB_SCHEMA: &str = "consumers";
 
-/// Applies the runtime's migrations and those of `handler`'s group.
-pub async fn migrate<H: Handler>(database_url: &str, handler: &H) -> anyhow::Result<()> {
+/// Applies the runtime's migrations and a group's own (`migrations`: its schema and migrator).
+pub async fn migrate(
+    database_url: &str,
+    migrations: Option<(&str, &'static sqlx::migrate::Migrator)>,
+) -> anyhow::Result<()> {
     keel_core::db::migrate(database_url, DB_SCHEMA, &MIGRATOR).await?;
-    if let Some((schema, migrator)) = handler.migrations() {
+    if let Some((schema, migrator)) = migrations {
         keel_core::db::migrate(database_url, schema, migrator).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_group_has_its_own_name_and_reads_what_it_applies() {
+        let topics = Settings::local().topics;
+        let mut seen = std::collections::BTreeSet::new();
+        for g in GROUPS {
+            assert!(seen.insert(g.name), "{} is listed twice", g.name);
+            assert_eq!(group(g.name).map(|found| found.name).ok(), Some(g.name));
+            let reads = (g.topics)(&topics);
+            for (topic, types) in (g.applies)(&topics) {
+                assert!(
+                    reads.contains(&topic),
+                    "{} applies events of {topic} it does not read",
+                    g.name
+                );
+                assert!(!types.is_empty());
+            }
+        }
+        assert!(
+            group("no-such-group")
+                .unwrap_err()
+                .to_string()
+                .contains("inventory")
+        );
+    }
 }

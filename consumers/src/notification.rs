@@ -36,26 +36,42 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::runtime::{Handler, HandlerError, Meta};
+use crate::{Group, ORDER_EVENTS};
+use keel_schemas::InventoryRejected;
+use keel_schemas::events::Contract;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/notification");
 pub const DB_SCHEMA: &str = "notification";
-pub const GROUP: &str = "notification";
 
-pub struct Notification {
-    pub group: String,
-    pub orders_topic: String,
-    pub inventory_topic: String,
+/// The notification group's entry in [`crate::GROUPS`]: its consumer and, beside it, the
+/// [`Mailer`].
+pub static GROUP: Group = Group {
+    name: "notification",
+    topics: |t| vec![t.orders.clone(), t.inventory.clone()],
+    applies: |t| {
+        vec![
+            (t.orders.clone(), ORDER_EVENTS.to_vec()),
+            (t.inventory.clone(), vec![InventoryRejected::NAME]),
+        ]
+    },
+    migrations: Some((DB_SCHEMA, &MIGRATOR)),
+    run: |s, shutdown| Box::pin(async move { run(&s, shutdown).await }),
+};
+
+/// The consumer and the mailer, until `shutdown` (or until either fails).
+async fn run(s: &keel_core::Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let transport = Transport::from_settings(&s.mail)?;
+    let pool = keel_core::db::pool(&s.database_url, 2).await?;
+    let mailer = Mailer::new(pool, transport, &s.mail.from)?;
+    let (consumed, mailed) = tokio::join!(
+        crate::serve(&GROUP, Notification, s, shutdown.clone()),
+        mailer.run(shutdown.clone())
+    );
+    consumed.and(mailed)
 }
 
-impl Notification {
-    pub fn new(topics: &keel_core::settings::Topics) -> Self {
-        Self {
-            group: GROUP.to_owned(),
-            orders_topic: topics.orders.clone(),
-            inventory_topic: topics.inventory.clone(),
-        }
-    }
-}
+/// The notification group's effect: one message per customer-facing event.
+pub struct Notification;
 
 /// How a customer sees an order id: its last 8 hex digits (order ids are UUIDv7, whose leading
 /// digits are a timestamp and alike for orders placed together).
@@ -148,18 +164,6 @@ fn customer_of(event: &Event) -> &str {
 }
 
 impl Handler for Notification {
-    fn group(&self) -> &str {
-        &self.group
-    }
-
-    fn topics(&self) -> Vec<String> {
-        vec![self.orders_topic.clone(), self.inventory_topic.clone()]
-    }
-
-    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
-        Some((DB_SCHEMA, &MIGRATOR))
-    }
-
     fn wants(&self, event: &Event) -> bool {
         compose(event).is_some()
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keel_consumers::{Consumer, ConsumerConfig, Handler};
+use keel_consumers::{Consumer, ConsumerConfig, Handler, Subscription};
 use keel_core::Settings;
 use keel_core::testkit::{Process, TestDb, TestTopic, brokers, redis_url, unique};
 use keel_outbox::{Relay, RelayConfig};
@@ -128,17 +128,25 @@ impl Stack {
         .unwrap()
     }
 
-    /// A consumer of `handler` on this stack (migrated).
-    pub async fn consumer<H: Handler>(&self, handler: H) -> Consumer<H> {
-        keel_consumers::migrate(&self.db.url, &handler)
-            .await
-            .unwrap();
+    /// A consumer of `handler` on this stack (every group's tables are migrated at the start),
+    /// in `subscription`'s group.
+    pub async fn consumer<H: Handler>(
+        &self,
+        subscription: Subscription,
+        handler: H,
+    ) -> Consumer<H> {
         Consumer::new(
+            subscription,
             handler,
             self.pool.clone(),
             ConsumerConfig::from_settings(&self.settings()),
         )
         .unwrap()
+    }
+
+    /// `group`'s subscription under this stack's topics, with the test's own group id `id`.
+    pub fn as_group(&self, group: &keel_consumers::Group, id: &str) -> Subscription {
+        Subscription::new(id, (group.topics)(&self.settings.topics))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Value {

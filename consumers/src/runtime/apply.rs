@@ -86,7 +86,7 @@ impl<H: Handler> Consumer<H> {
                     return outcomes;
                 }
                 Err(e) => tracing::debug!(
-                    group = self.handler.group(), records = batch.len(), error = %e,
+                    group = self.group(), records = batch.len(), error = %e,
                     "Cannot apply the batch in one transaction; applying its records one by one"
                 ),
             }
@@ -110,7 +110,7 @@ impl<H: Handler> Consumer<H> {
         for (event, (meta, _)) in decoded.into_iter().zip(prepared) {
             records.push((event?, meta.clone()));
         }
-        transact(&self.pool, &self.handler, &records).await
+        transact(&self.pool, self.group(), &self.handler, &records).await
     }
 
     /// Applies one record, retrying as its error class says (see the module doc), and
@@ -160,7 +160,7 @@ impl<H: Handler> Consumer<H> {
                 while let Err(e) = self.dead_letter(message, &error, attempts).await {
                     let delay = backoff.next_delay();
                     tracing::warn!(
-                        group = self.handler.group(), topic = %meta.topic, partition = meta.partition,
+                        group = self.group(), topic = %meta.topic, partition = meta.partition,
                         offset = meta.offset, error = %e, retry_in_ms = delay.as_millis() as u64,
                         "Cannot write to the dead-letter topic; retrying"
                     );
@@ -175,14 +175,14 @@ impl<H: Handler> Consumer<H> {
             keel_core::metrics::metrics()
                 .consumer_retries
                 .get_or_create(&keel_core::metrics::RetryLabels {
-                    group: self.handler.group().to_owned(),
+                    group: self.group().to_owned(),
                     class: error.class().to_owned(),
                 })
                 .inc();
             keel_core::health::beat(&self.health_loop);
             let delay = backoff.next_delay();
             tracing::warn!(
-                group = self.handler.group(), topic = %meta.topic, partition = meta.partition, offset = meta.offset,
+                group = self.group(), topic = %meta.topic, partition = meta.partition, offset = meta.offset,
                 attempt = attempts, class = error.class(), retry_in_ms = delay.as_millis() as u64, error = %error,
                 "Cannot apply the record yet; retrying"
             );
@@ -200,7 +200,13 @@ impl<H: Handler> Consumer<H> {
         meta: &Meta,
     ) -> Result<Outcome, HandlerError> {
         let event = self.decode(message).await?;
-        let outcomes = transact(&self.pool, &self.handler, &[(event, meta.clone())]).await?;
+        let outcomes = transact(
+            &self.pool,
+            self.group(),
+            &self.handler,
+            &[(event, meta.clone())],
+        )
+        .await?;
         Ok(outcomes.into_iter().next().unwrap_or(Outcome::Ignored))
     }
 

@@ -38,7 +38,7 @@ impl<H: Handler> Consumer<H> {
         error: &HandlerError,
         attempts: u32,
     ) -> anyhow::Result<()> {
-        let group = self.handler.group();
+        let group = self.group();
         let topic = dlq_topic(message.topic(), group);
         self.ensure_dlq(&topic).await?;
         let mut headers = OwnedHeaders::new();

@@ -74,20 +74,11 @@ impl HandlerError {
 /// Records per transaction for a group that does not choose ([`Handler::batch_size`]).
 pub const DEFAULT_BATCH_SIZE: usize = 100;
 
-/// A consumer group: which topics it reads and what it does with each event, inside the
-/// runtime's transaction. Adding a group is implementing this trait; producers are untouched.
+/// What a consumer group does with each event, inside the runtime's transaction. Which group
+/// it is and what it reads are its [`crate::Group`] entry's (or, in tests, a
+/// [`super::Subscription`]'s): a handler is only the effect. Adding a group is implementing this
+/// trait and one line in [`crate::GROUPS`]; producers are untouched.
 pub trait Handler: Send + Sync + 'static {
-    /// The consumer group id; also the process's name (`keel consume <group>`).
-    fn group(&self) -> &str;
-
-    /// Topics the group reads.
-    fn topics(&self) -> Vec<String>;
-
-    /// The group's own tables: its PostgreSQL schema and migrations.
-    fn migrations(&self) -> Option<(&'static str, &'static sqlx::migrate::Migrator)> {
-        None
-    }
-
     /// Most records the group applies in one transaction unless `KEEL_CONSUMER_BATCH_SIZE` says
     /// otherwise. Larger batches share a commit among more records, and cost a group whose
     /// records update the same rows (inventory's stock) more per record: 100 suits most.

@@ -43,7 +43,7 @@ impl<H: Handler> Consumer<H> {
         keel_core::metrics::metrics()
             .consumer_assigned
             .get_or_create(&keel_core::metrics::GroupLabels {
-                group: self.handler.group().to_owned(),
+                group: self.group().to_owned(),
             })
             .set(owned as i64);
         if owned > 0 {
@@ -59,7 +59,7 @@ impl<H: Handler> Consumer<H> {
         {
             watch.warned_at = Some(now);
             tracing::warn!(
-                group = self.handler.group(),
+                group = self.group(),
                 unassigned_secs = quiet_for.as_secs(),
                 "No partitions assigned: more instances than partitions, or the group's rebalance does not complete (docs/operations.md)"
             );

@@ -88,7 +88,25 @@ impl ConsumerConfig {
     }
 }
 
+/// Which group a consumer is and what it reads: a [`crate::Group`]'s, or a test's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The Kafka group id, and the group's name in dedupe rows, metrics and logs.
+    pub group: String,
+    pub topics: Vec<String>,
+}
+
+impl Subscription {
+    pub fn new(group: impl Into<String>, topics: Vec<String>) -> Self {
+        Self {
+            group: group.into(),
+            topics,
+        }
+    }
+}
+
 pub struct Consumer<H: Handler> {
+    subscription: Subscription,
     handler: H,
     pool: PgPool,
     consumer: Arc<StreamConsumer<Positions>>,
@@ -107,9 +125,15 @@ pub struct Consumer<H: Handler> {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Joins `handler`'s group and subscribes to its topics.
-    pub fn new(handler: H, pool: PgPool, config: ConsumerConfig) -> anyhow::Result<Self> {
-        let mut client = keel_core::kafka::consumer_config(&config.brokers, handler.group());
+    /// Joins `subscription`'s group and subscribes to its topics; `handler` applies its events.
+    pub fn new(
+        subscription: Subscription,
+        handler: H,
+        pool: PgPool,
+        config: ConsumerConfig,
+    ) -> anyhow::Result<Self> {
+        let group = subscription.group.as_str();
+        let mut client = keel_core::kafka::consumer_config(&config.brokers, group);
         client.set(
             "fetch.wait.max.ms",
             config.fetch_wait.as_millis().to_string(),
@@ -123,7 +147,7 @@ impl<H: Handler> Consumer<H> {
         }
         if let Some(id) = &config.instance_id {
             // Unique per group: one process may run several groups under one instance name.
-            client.set("group.instance.id", format!("{}-{id}", handler.group()));
+            client.set("group.instance.id", format!("{group}-{id}"));
         }
         let consumer: StreamConsumer<Positions> = client
             .create_with_context(Positions::default())
@@ -131,13 +155,13 @@ impl<H: Handler> Consumer<H> {
         let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
-        let topics = handler.topics();
-        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let handler_group = handler.group().to_owned();
         let decoder = Decoder::new(&config.registry_url)?;
         let batch_size = config.batch_size.unwrap_or_else(|| handler.batch_size());
         Ok(Self {
+            health_loop: format!("consumer:{group}"),
+            subscription,
             handler,
             pool,
             consumer: Arc::new(consumer),
@@ -147,23 +171,23 @@ impl<H: Handler> Consumer<H> {
             config,
             batch_size,
             dlq_ready: Mutex::default(),
-            health_loop: format!("consumer:{}", handler_group),
             membership: Mutex::default(),
         })
     }
 
-    pub fn handler(&self) -> &H {
-        &self.handler
+    /// The group id.
+    fn group(&self) -> &str {
+        &self.subscription.group
     }
 
     /// Consumes until `shutdown`, then commits what is done.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let group = self.handler.group().to_owned();
-        tracing::info!(group, topics = ?self.handler.topics(), batch_size = self.batch_size, "Consumer started");
+        let group = self.group().to_owned();
+        tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");
         let lag = tokio::spawn(measure_lag(
             self.config.brokers.clone(),
             group.clone(),
-            self.handler.topics(),
+            self.subscription.topics.clone(),
             shutdown.clone(),
         ));
         let metrics = keel_core::metrics::metrics();

@@ -197,7 +197,7 @@ impl<H: Handler> Consumer<H> {
             );
             return true;
         };
-        let group = self.handler.group();
+        let group = self.group();
         let (verdict, after) = judge(position, offset);
         match verdict {
             Verdict::Deliver => {

@@ -33,7 +33,7 @@ impl<H: Handler> Consumer<H> {
                 },
                 () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
-            tracing::warn!(group = self.handler.group(), error = %error, "Kafka consumer error");
+            tracing::warn!(group = self.group(), error = %error, "Kafka consumer error");
             tokio::select! {
                 () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -85,7 +85,7 @@ impl<H: Handler> Consumer<H> {
                     batch.push(m);
                 }
                 Err(e) => {
-                    tracing::warn!(group = self.handler.group(), error = %e, "Kafka consumer error");
+                    tracing::warn!(group = self.group(), error = %e, "Kafka consumer error");
                     break;
                 }
             }

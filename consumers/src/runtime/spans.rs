@@ -14,7 +14,7 @@ impl<H: Handler> Consumer<H> {
         let received = trace_headers(message);
         // With tracing on, a consumer span in the producer's trace; handlers pass its context on.
         let span = if keel_core::telemetry::recording() {
-            let span = process_span(message, self.handler.group());
+            let span = process_span(message, self.group());
             keel_core::telemetry::continue_trace(&span, &received);
             span
         } else {

@@ -15,6 +15,7 @@ use super::handler::{Handler, HandlerError, Meta};
 /// anything fails, nothing commits and the error says why.
 pub async fn transact<H: Handler>(
     pool: &PgPool,
+    group: &str,
     handler: &H,
     records: &[(Event, Meta)],
 ) -> Result<Vec<Outcome>, HandlerError> {
@@ -34,7 +35,7 @@ pub async fn transact<H: Handler>(
          SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::int4[], $5::int8[])
          ON CONFLICT DO NOTHING RETURNING event_id",
     )
-    .bind(handler.group())
+    .bind(group)
     .bind(wanted.iter().map(|(e, _)| e.event_id()).collect::<Vec<_>>())
     .bind(wanted.iter().map(|(_, m)| m.topic.as_str()).collect::<Vec<_>>())
     .bind(wanted.iter().map(|(_, m)| m.partition).collect::<Vec<_>>())
@@ -68,7 +69,7 @@ pub async fn transact<H: Handler>(
     let end_to_end = keel_core::metrics::metrics()
         .consumer_end_to_end
         .get_or_create(&keel_core::metrics::GroupLabels {
-            group: handler.group().to_owned(),
+            group: group.to_owned(),
         })
         .clone();
     for (event, _) in fresh {
