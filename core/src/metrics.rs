@@ -70,155 +70,102 @@ fn rows() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 15))
 }
 
-pub struct Metrics {
-    registry: Registry,
-    /// `keel_http_requests_total{method, route, status}`.
-    pub http_requests: Family<HttpLabels, Counter>,
-    /// `keel_http_request_duration_seconds{method, route}`.
-    pub http_duration: Histograms<RouteLabels>,
-    /// `keel_outbox_pending_rows`: rows committed, not yet published (nor set aside).
-    pub outbox_pending: Gauge,
-    /// `keel_outbox_oldest_pending_age_seconds`: 0 when nothing is pending.
-    pub outbox_oldest_age: Gauge<f64, AtomicU64>,
-    /// `keel_outbox_failed_rows`: rows set aside as unpublishable.
-    pub outbox_failed: Gauge,
-    /// `keel_relay_published_total{topic}`.
-    pub relay_published: Family<TopicLabels, Counter>,
-    /// `keel_relay_failed_total{topic}`: deliveries Kafka did not acknowledge (retried).
-    pub relay_failed: Family<TopicLabels, Counter>,
-    /// `keel_relay_batch_size_rows`.
-    pub relay_batch_size: Histogram,
-    /// `keel_relay_commit_to_ack_seconds`: from the writer's commit to Kafka's acknowledgement.
-    pub relay_commit_to_ack: Histogram,
-    /// `keel_consumer_records_total{group, outcome}`.
-    pub consumer_records: Family<OutcomeLabels, Counter>,
-    /// `keel_consumer_retries_total{group, class}`.
-    pub consumer_retries: Family<RetryLabels, Counter>,
-    /// `keel_consumer_processing_seconds{group}`: one record, decode to commit, retries included
-    /// (a batch's time shared among its records).
-    pub consumer_processing: Histograms<GroupLabels>,
-    /// `keel_consumer_batch_records{group}`: records applied per transaction.
-    pub consumer_batch: Histograms<GroupLabels>,
-    /// `keel_consumer_assigned_partitions{group}`: partitions this instance owns now. Zero on
-    /// every instance of a lagging group means its rebalance does not complete.
-    pub consumer_assigned: Family<GroupLabels, Gauge>,
-    /// `keel_consumer_end_to_end_seconds{group}`: from the event's `occurred_at` to the group's
-    /// commit.
-    pub consumer_end_to_end: Histograms<GroupLabels>,
-    /// `keel_consumer_lag_records{group, topic, partition}`: records between the group's committed
-    /// offset and the partition's end, measured every ten seconds.
-    pub consumer_lag: Family<PartitionLabels, Gauge>,
+/// Declares every metric once: the field, its constructor, and its registration (name, unit, help),
+/// so a metric cannot exist without being exposed. Registration follows declaration order, which
+/// is the order families appear on `/metrics`.
+macro_rules! metrics {
+    (@register $registry:ident, $name:literal, $help:literal, $metric:expr) => {
+        $registry.register($name, $help, $metric)
+    };
+    (@register $registry:ident, $name:literal, $help:literal, $metric:expr, $unit:ident) => {
+        $registry.register_with_unit($name, $help, Unit::$unit, $metric)
+    };
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $new:expr,
+            name: $name:literal, $(unit: $unit:ident,)? help: $help:literal;
+    )*) => {
+        /// Every metric family of a keel process; [`metrics`] holds the process's one instance.
+        pub struct Metrics {
+            registry: Registry,
+            $($(#[doc = $doc])* pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            fn new() -> Self {
+                let mut registry = Registry::default();
+                $(
+                    let $field: $ty = $new;
+                    metrics!(@register registry, $name, $help, $field.clone() $(, $unit)?);
+                )*
+                Metrics { registry, $($field),* }
+            }
+        }
+    };
 }
 
-impl Metrics {
-    fn new() -> Self {
-        let mut registry = Registry::default();
-        let m = Metrics {
-            registry: Registry::default(),
-            http_requests: Family::default(),
-            http_duration: Family::new_with_constructor(seconds),
-            outbox_pending: Gauge::default(),
-            outbox_oldest_age: Gauge::default(),
-            outbox_failed: Gauge::default(),
-            relay_published: Family::default(),
-            relay_failed: Family::default(),
-            relay_batch_size: rows(),
-            relay_commit_to_ack: seconds(),
-            consumer_records: Family::default(),
-            consumer_retries: Family::default(),
-            consumer_processing: Family::new_with_constructor(seconds),
-            consumer_batch: Family::new_with_constructor(rows),
-            consumer_assigned: Family::default(),
-            consumer_end_to_end: Family::new_with_constructor(seconds),
-            consumer_lag: Family::default(),
-        };
-        registry.register(
-            "keel_http_requests",
-            "HTTP requests answered",
-            m.http_requests.clone(),
-        );
-        registry.register_with_unit(
-            "keel_http_request_duration",
-            "HTTP request latency",
-            Unit::Seconds,
-            m.http_duration.clone(),
-        );
-        registry.register(
-            "keel_outbox_pending_rows",
-            "Outbox rows committed and not yet published",
-            m.outbox_pending.clone(),
-        );
-        registry.register_with_unit(
-            "keel_outbox_oldest_pending_age",
-            "Age of the oldest pending outbox row",
-            Unit::Seconds,
-            m.outbox_oldest_age.clone(),
-        );
-        registry.register(
-            "keel_outbox_failed_rows",
-            "Outbox rows set aside as unpublishable",
-            m.outbox_failed.clone(),
-        );
-        registry.register(
-            "keel_relay_published",
-            "Records the relay published and Kafka acknowledged",
-            m.relay_published.clone(),
-        );
-        registry.register(
-            "keel_relay_failed",
-            "Deliveries Kafka did not acknowledge (the batch is retried)",
-            m.relay_failed.clone(),
-        );
-        registry.register(
-            "keel_relay_batch_size_rows",
-            "Rows per relay batch",
-            m.relay_batch_size.clone(),
-        );
-        registry.register_with_unit(
-            "keel_relay_commit_to_ack",
-            "From the outbox row's commit to Kafka's acknowledgement",
-            Unit::Seconds,
-            m.relay_commit_to_ack.clone(),
-        );
-        registry.register(
-            "keel_consumer_records",
-            "Records a group finished, by outcome",
-            m.consumer_records.clone(),
-        );
-        registry.register(
-            "keel_consumer_retries",
-            "Attempts a group will retry, by error class",
-            m.consumer_retries.clone(),
-        );
-        registry.register_with_unit(
-            "keel_consumer_processing",
-            "Time to finish one record, retries included",
-            Unit::Seconds,
-            m.consumer_processing.clone(),
-        );
-        registry.register(
-            "keel_consumer_batch_records",
-            "Records a group applied in one transaction",
-            m.consumer_batch.clone(),
-        );
-        registry.register(
-            "keel_consumer_assigned_partitions",
-            "Partitions this instance of the group owns",
-            m.consumer_assigned.clone(),
-        );
-        registry.register_with_unit(
-            "keel_consumer_end_to_end",
-            "From the event's occurred_at to the group's commit",
-            Unit::Seconds,
-            m.consumer_end_to_end.clone(),
-        );
-        registry.register(
-            "keel_consumer_lag_records",
-            "Records between the group's committed offset and the partition's end",
-            m.consumer_lag.clone(),
-        );
-        Metrics { registry, ..m }
-    }
+// The name is registered without the suffixes prometheus-client appends: `_total` on counters,
+// `_seconds` from the unit.
+metrics! {
+    /// `keel_http_requests_total{method, route, status}`.
+    http_requests: Family<HttpLabels, Counter> = Family::default(),
+        name: "keel_http_requests", help: "HTTP requests answered";
+    /// `keel_http_request_duration_seconds{method, route}`.
+    http_duration: Histograms<RouteLabels> = Family::new_with_constructor(seconds),
+        name: "keel_http_request_duration", unit: Seconds, help: "HTTP request latency";
+    /// `keel_outbox_pending_rows`: rows committed, not yet published (nor set aside).
+    outbox_pending: Gauge = Gauge::default(),
+        name: "keel_outbox_pending_rows", help: "Outbox rows committed and not yet published";
+    /// `keel_outbox_oldest_pending_age_seconds`: 0 when nothing is pending.
+    outbox_oldest_age: Gauge<f64, AtomicU64> = Gauge::default(),
+        name: "keel_outbox_oldest_pending_age", unit: Seconds,
+        help: "Age of the oldest pending outbox row";
+    /// `keel_outbox_failed_rows`: rows set aside as unpublishable.
+    outbox_failed: Gauge = Gauge::default(),
+        name: "keel_outbox_failed_rows", help: "Outbox rows set aside as unpublishable";
+    /// `keel_relay_published_total{topic}`.
+    relay_published: Family<TopicLabels, Counter> = Family::default(),
+        name: "keel_relay_published", help: "Records the relay published and Kafka acknowledged";
+    /// `keel_relay_failed_total{topic}`: deliveries Kafka did not acknowledge (retried).
+    relay_failed: Family<TopicLabels, Counter> = Family::default(),
+        name: "keel_relay_failed",
+        help: "Deliveries Kafka did not acknowledge (the batch is retried)";
+    /// `keel_relay_batch_size_rows`.
+    relay_batch_size: Histogram = rows(),
+        name: "keel_relay_batch_size_rows", help: "Rows per relay batch";
+    /// `keel_relay_commit_to_ack_seconds`: from the writer's commit to Kafka's acknowledgement.
+    relay_commit_to_ack: Histogram = seconds(),
+        name: "keel_relay_commit_to_ack", unit: Seconds,
+        help: "From the outbox row's commit to Kafka's acknowledgement";
+    /// `keel_consumer_records_total{group, outcome}`.
+    consumer_records: Family<OutcomeLabels, Counter> = Family::default(),
+        name: "keel_consumer_records", help: "Records a group finished, by outcome";
+    /// `keel_consumer_retries_total{group, class}`.
+    consumer_retries: Family<RetryLabels, Counter> = Family::default(),
+        name: "keel_consumer_retries", help: "Attempts a group will retry, by error class";
+    /// `keel_consumer_processing_seconds{group}`: one record, decode to commit, retries included
+    /// (a batch's time shared among its records).
+    consumer_processing: Histograms<GroupLabels> = Family::new_with_constructor(seconds),
+        name: "keel_consumer_processing", unit: Seconds,
+        help: "Time to finish one record, retries included";
+    /// `keel_consumer_batch_records{group}`: records applied per transaction.
+    consumer_batch: Histograms<GroupLabels> = Family::new_with_constructor(rows),
+        name: "keel_consumer_batch_records", help: "Records a group applied in one transaction";
+    /// `keel_consumer_assigned_partitions{group}`: partitions this instance owns now. Zero on
+    /// every instance of a lagging group means its rebalance does not complete.
+    consumer_assigned: Family<GroupLabels, Gauge> = Family::default(),
+        name: "keel_consumer_assigned_partitions",
+        help: "Partitions this instance of the group owns";
+    /// `keel_consumer_end_to_end_seconds{group}`: from the event's `occurred_at` to the group's
+    /// commit.
+    consumer_end_to_end: Histograms<GroupLabels> = Family::new_with_constructor(seconds),
+        name: "keel_consumer_end_to_end", unit: Seconds,
+        help: "From the event's occurred_at to the group's commit";
+    /// `keel_consumer_lag_records{group, topic, partition}`: records between the group's committed
+    /// offset and the partition's end, measured every ten seconds.
+    consumer_lag: Family<PartitionLabels, Gauge> = Family::default(),
+        name: "keel_consumer_lag_records",
+        help: "Records between the group's committed offset and the partition's end";
 }
 
 /// This process's metrics.
@@ -272,4 +219,233 @@ mod tests {
         );
         assert!(text.ends_with("# EOF\n"));
     }
+
+    /// Every family touched once with fixed labels on a fresh registry (not [`metrics`], which
+    /// other tests share), so a change to any name, help text, unit, type, label set, bucket
+    /// layout or the registration order shows up here.
+    #[test]
+    fn renders_every_family_unchanged() {
+        let m = Metrics::new();
+        let group = || GroupLabels {
+            group: "inventory".into(),
+        };
+        let topic = || TopicLabels {
+            topic: "orders".into(),
+        };
+        m.http_requests
+            .get_or_create(&HttpLabels {
+                method: "POST".into(),
+                route: "/orders".into(),
+                status: 201,
+            })
+            .inc();
+        m.http_duration
+            .get_or_create(&RouteLabels {
+                method: "POST".into(),
+                route: "/orders".into(),
+            })
+            .observe(0.003);
+        m.outbox_pending.set(2);
+        m.outbox_oldest_age.set(1.5);
+        m.outbox_failed.set(1);
+        m.relay_published.get_or_create(&topic()).inc();
+        m.relay_failed.get_or_create(&topic()).inc();
+        m.relay_batch_size.observe(3.0);
+        m.relay_commit_to_ack.observe(0.02);
+        m.consumer_records
+            .get_or_create(&OutcomeLabels {
+                group: "inventory".into(),
+                outcome: "applied".into(),
+            })
+            .inc();
+        m.consumer_retries
+            .get_or_create(&RetryLabels {
+                group: "inventory".into(),
+                class: "transient".into(),
+            })
+            .inc();
+        m.consumer_processing.get_or_create(&group()).observe(0.004);
+        m.consumer_batch.get_or_create(&group()).observe(5.0);
+        m.consumer_assigned.get_or_create(&group()).set(3);
+        m.consumer_end_to_end.get_or_create(&group()).observe(0.5);
+        m.consumer_lag
+            .get_or_create(&PartitionLabels {
+                group: "inventory".into(),
+                topic: "orders".into(),
+                partition: 0,
+            })
+            .set(7);
+
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        assert_eq!(text, EXPECTED, "\n{text}");
+    }
+
+    /// `/metrics` as dashboards and alerts (`docs/operations.md`) expect it: change it only on
+    /// purpose.
+    const EXPECTED: &str = r#"# HELP keel_http_requests HTTP requests answered.
+# TYPE keel_http_requests counter
+keel_http_requests_total{method="POST",route="/orders",status="201"} 1
+# HELP keel_http_request_duration_seconds HTTP request latency.
+# TYPE keel_http_request_duration_seconds histogram
+# UNIT keel_http_request_duration_seconds seconds
+keel_http_request_duration_seconds_sum{method="POST",route="/orders"} 0.003
+keel_http_request_duration_seconds_count{method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.001",method="POST",route="/orders"} 0
+keel_http_request_duration_seconds_bucket{le="0.002",method="POST",route="/orders"} 0
+keel_http_request_duration_seconds_bucket{le="0.004",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.008",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.016",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.032",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.064",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.128",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.256",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="0.512",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="1.024",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="2.048",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="4.096",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="8.192",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="16.384",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="32.768",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="65.536",method="POST",route="/orders"} 1
+keel_http_request_duration_seconds_bucket{le="+Inf",method="POST",route="/orders"} 1
+# HELP keel_outbox_pending_rows Outbox rows committed and not yet published.
+# TYPE keel_outbox_pending_rows gauge
+keel_outbox_pending_rows 2
+# HELP keel_outbox_oldest_pending_age_seconds Age of the oldest pending outbox row.
+# TYPE keel_outbox_oldest_pending_age_seconds gauge
+# UNIT keel_outbox_oldest_pending_age_seconds seconds
+keel_outbox_oldest_pending_age_seconds 1.5
+# HELP keel_outbox_failed_rows Outbox rows set aside as unpublishable.
+# TYPE keel_outbox_failed_rows gauge
+keel_outbox_failed_rows 1
+# HELP keel_relay_published Records the relay published and Kafka acknowledged.
+# TYPE keel_relay_published counter
+keel_relay_published_total{topic="orders"} 1
+# HELP keel_relay_failed Deliveries Kafka did not acknowledge (the batch is retried).
+# TYPE keel_relay_failed counter
+keel_relay_failed_total{topic="orders"} 1
+# HELP keel_relay_batch_size_rows Rows per relay batch.
+# TYPE keel_relay_batch_size_rows histogram
+keel_relay_batch_size_rows_sum 3.0
+keel_relay_batch_size_rows_count 1
+keel_relay_batch_size_rows_bucket{le="1.0"} 0
+keel_relay_batch_size_rows_bucket{le="2.0"} 0
+keel_relay_batch_size_rows_bucket{le="4.0"} 1
+keel_relay_batch_size_rows_bucket{le="8.0"} 1
+keel_relay_batch_size_rows_bucket{le="16.0"} 1
+keel_relay_batch_size_rows_bucket{le="32.0"} 1
+keel_relay_batch_size_rows_bucket{le="64.0"} 1
+keel_relay_batch_size_rows_bucket{le="128.0"} 1
+keel_relay_batch_size_rows_bucket{le="256.0"} 1
+keel_relay_batch_size_rows_bucket{le="512.0"} 1
+keel_relay_batch_size_rows_bucket{le="1024.0"} 1
+keel_relay_batch_size_rows_bucket{le="2048.0"} 1
+keel_relay_batch_size_rows_bucket{le="4096.0"} 1
+keel_relay_batch_size_rows_bucket{le="8192.0"} 1
+keel_relay_batch_size_rows_bucket{le="16384.0"} 1
+keel_relay_batch_size_rows_bucket{le="+Inf"} 1
+# HELP keel_relay_commit_to_ack_seconds From the outbox row's commit to Kafka's acknowledgement.
+# TYPE keel_relay_commit_to_ack_seconds histogram
+# UNIT keel_relay_commit_to_ack_seconds seconds
+keel_relay_commit_to_ack_seconds_sum 0.02
+keel_relay_commit_to_ack_seconds_count 1
+keel_relay_commit_to_ack_seconds_bucket{le="0.001"} 0
+keel_relay_commit_to_ack_seconds_bucket{le="0.002"} 0
+keel_relay_commit_to_ack_seconds_bucket{le="0.004"} 0
+keel_relay_commit_to_ack_seconds_bucket{le="0.008"} 0
+keel_relay_commit_to_ack_seconds_bucket{le="0.016"} 0
+keel_relay_commit_to_ack_seconds_bucket{le="0.032"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="0.064"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="0.128"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="0.256"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="0.512"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="1.024"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="2.048"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="4.096"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="8.192"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="16.384"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="32.768"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="65.536"} 1
+keel_relay_commit_to_ack_seconds_bucket{le="+Inf"} 1
+# HELP keel_consumer_records Records a group finished, by outcome.
+# TYPE keel_consumer_records counter
+keel_consumer_records_total{group="inventory",outcome="applied"} 1
+# HELP keel_consumer_retries Attempts a group will retry, by error class.
+# TYPE keel_consumer_retries counter
+keel_consumer_retries_total{group="inventory",class="transient"} 1
+# HELP keel_consumer_processing_seconds Time to finish one record, retries included.
+# TYPE keel_consumer_processing_seconds histogram
+# UNIT keel_consumer_processing_seconds seconds
+keel_consumer_processing_seconds_sum{group="inventory"} 0.004
+keel_consumer_processing_seconds_count{group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.001",group="inventory"} 0
+keel_consumer_processing_seconds_bucket{le="0.002",group="inventory"} 0
+keel_consumer_processing_seconds_bucket{le="0.004",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.008",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.016",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.032",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.064",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.128",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.256",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="0.512",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="1.024",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="2.048",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="4.096",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="8.192",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="16.384",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="32.768",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="65.536",group="inventory"} 1
+keel_consumer_processing_seconds_bucket{le="+Inf",group="inventory"} 1
+# HELP keel_consumer_batch_records Records a group applied in one transaction.
+# TYPE keel_consumer_batch_records histogram
+keel_consumer_batch_records_sum{group="inventory"} 5.0
+keel_consumer_batch_records_count{group="inventory"} 1
+keel_consumer_batch_records_bucket{le="1.0",group="inventory"} 0
+keel_consumer_batch_records_bucket{le="2.0",group="inventory"} 0
+keel_consumer_batch_records_bucket{le="4.0",group="inventory"} 0
+keel_consumer_batch_records_bucket{le="8.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="16.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="32.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="64.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="128.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="256.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="512.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="1024.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="2048.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="4096.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="8192.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="16384.0",group="inventory"} 1
+keel_consumer_batch_records_bucket{le="+Inf",group="inventory"} 1
+# HELP keel_consumer_assigned_partitions Partitions this instance of the group owns.
+# TYPE keel_consumer_assigned_partitions gauge
+keel_consumer_assigned_partitions{group="inventory"} 3
+# HELP keel_consumer_end_to_end_seconds From the event's occurred_at to the group's commit.
+# TYPE keel_consumer_end_to_end_seconds histogram
+# UNIT keel_consumer_end_to_end_seconds seconds
+keel_consumer_end_to_end_seconds_sum{group="inventory"} 0.5
+keel_consumer_end_to_end_seconds_count{group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="0.001",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.002",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.004",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.008",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.016",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.032",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.064",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.128",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.256",group="inventory"} 0
+keel_consumer_end_to_end_seconds_bucket{le="0.512",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="1.024",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="2.048",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="4.096",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="8.192",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="16.384",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="32.768",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="65.536",group="inventory"} 1
+keel_consumer_end_to_end_seconds_bucket{le="+Inf",group="inventory"} 1
+# HELP keel_consumer_lag_records Records between the group's committed offset and the partition's end.
+# TYPE keel_consumer_lag_records gauge
+keel_consumer_lag_records{group="inventory",topic="orders",partition="0"} 7
+# EOF
+"#;
 }
