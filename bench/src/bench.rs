@@ -17,14 +17,13 @@ use crate::Args;
 /// What every scenario shares.
 pub(crate) struct Bench {
     pub(crate) args: Args,
-    pub(crate) db_url: String,
     pub(crate) brokers: String,
     pub(crate) registry_url: String,
     pub(crate) keel_bin: String,
     pub(crate) pool: PgPool,
     pub(crate) run: String,
-    /// What keel's processes read from this environment's `KEEL_*` (batch size, fetch wait), so
-    /// that the raw baselines use the same values.
+    /// The settings keel's processes run with: this environment's `KEEL_*` (batch size, fetch
+    /// wait), on the bench's database, broker and registry. The raw baselines use the same values.
     pub(crate) keel: keel_core::Settings,
 }
 
@@ -33,26 +32,24 @@ pub(crate) fn var(key: &str, default: &str) -> String {
 }
 
 impl Bench {
+    /// Starts `keel <args>` with [`Bench::keel`]'s settings as `configure` changes them.
     pub(crate) fn keel(
         &self,
         name: &str,
         args: &[&str],
-        env: &[(&str, String)],
+        configure: impl FnOnce(&mut keel_core::Settings),
     ) -> anyhow::Result<Process> {
         let logs = self.args.out.join("logs");
         std::fs::create_dir_all(&logs)?;
         let log = std::fs::File::create(logs.join(format!("{}-{name}.log", self.run)))?;
+        let mut settings = self.keel.clone();
+        configure(&mut settings);
         let mut cmd = Command::new(&self.keel_bin);
         cmd.args(args)
-            .env("KEEL_DATABASE_URL", &self.db_url)
-            .env("KEEL_KAFKA_BROKERS", &self.brokers)
-            .env("KEEL_SCHEMA_REGISTRY_URL", &self.registry_url)
+            .envs(settings.to_env())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         Process::spawn(name, cmd)
     }
 
@@ -85,13 +82,15 @@ impl Bench {
         &self,
         name: &str,
         group: &str,
-        env: &[(&str, String)],
+        configure: impl FnOnce(&mut keel_core::Settings),
     ) -> anyhow::Result<GroupProcess> {
         let port = free_port()?;
-        let mut env = env.to_vec();
-        env.push(("KEEL_ADMIN_ADDR", format!("127.0.0.1:{port}")));
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         Ok(GroupProcess {
-            process: self.keel(name, &["consume", group], &env)?,
+            process: self.keel(name, &["consume", group], |s| {
+                configure(s);
+                s.admin_addr = Some(admin);
+            })?,
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
             http: reqwest::Client::new(),
         })

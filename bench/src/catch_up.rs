@@ -85,14 +85,9 @@ pub(crate) async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyh
         eprintln!("bench: {group}: raw SQL {raw_sql:.0}/s; running the group");
 
         // The group, as a process.
-        let service = bench.group(
-            &format!("{group}-backlog"),
-            group,
-            &[
-                ("KEEL_TOPIC_ORDERS", topic.clone()),
-                ("KEEL_TOPIC_INVENTORY", topics.inventory.clone()),
-            ],
-        )?;
+        let service = bench.group(&format!("{group}-backlog"), group, |s| {
+            s.topics = topics.clone()
+        })?;
         let before = bench.processed(group).await?;
         wait_until("the group to start", Duration::from_secs(120), || async {
             Ok(service.handled().await? > 0)

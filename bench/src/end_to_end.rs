@@ -103,14 +103,14 @@ pub(crate) async fn end_to_end(
     let orders = bench.topic("e2e-orders").await?;
     let inventory = bench.topic("e2e-inventory").await?;
     let port = free_port()?;
-    let env = [
-        ("KEEL_TOPIC_ORDERS", orders.clone()),
-        ("KEEL_TOPIC_INVENTORY", inventory.clone()),
-        ("KEEL_ORDER_SERVICE_ADDR", format!("127.0.0.1:{port}")),
-    ];
-    let service = bench.keel("order-service-e2e", &["order-service"], &env)?;
-    let relay = bench.keel("relay-e2e", &["relay"], &env)?;
-    let consumer = bench.group("inventory-e2e", "inventory", &env)?;
+    let configure = |s: &mut keel_core::Settings| {
+        s.topics.orders = orders.clone();
+        s.topics.inventory = inventory.clone();
+        s.order_service_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    };
+    let service = bench.keel("order-service-e2e", &["order-service"], configure)?;
+    let relay = bench.keel("relay-e2e", &["relay"], configure)?;
+    let consumer = bench.group("inventory-e2e", "inventory", configure)?;
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     wait_until("the order service", Duration::from_secs(60), || {

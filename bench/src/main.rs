@@ -90,9 +90,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     keel_core::db::drop_database(&db_url).await?;
     keel_core::db::ensure_database(&db_url).await?;
     let keel_bin = var("BENCH_KEEL_BIN", "target/release/keel");
+    let mut keel = keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+    keel.database_url = db_url.clone();
+    keel.kafka_brokers = var("BENCH_KAFKA_BROKERS", "127.0.0.1:29092");
     let migrate = Command::new(&keel_bin)
         .arg("migrate")
-        .env("KEEL_DATABASE_URL", &db_url)
+        .envs(keel.to_env())
         .env("RUST_LOG", "warn")
         .status()
         .with_context(|| format!("running {keel_bin} migrate"))?;
@@ -100,15 +103,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let (registry, _) =
         keel_schemas::registry::spawn(&db_url, "127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    keel.schema_registry_url = format!("http://{registry}");
     let bench = Bench {
         pool: keel_core::db::pool(&db_url, 20).await?,
-        db_url,
-        brokers: var("BENCH_KAFKA_BROKERS", "127.0.0.1:29092"),
-        registry_url: format!("http://{registry}"),
+        brokers: keel.kafka_brokers.clone(),
+        registry_url: keel.schema_registry_url.clone(),
         keel_bin,
         run: run.clone(),
         args: args.clone(),
-        keel: keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?,
+        keel,
     };
     let mut report = report::Report::new(&run, &args_json(&args));
     let only = |s: &str| args.only.iter().any(|o| o == s);

@@ -84,11 +84,9 @@ pub(crate) async fn relay_drain(bench: &Bench, report: &mut report::Report) -> a
     // not throughput.
     // Polled every 50 ms, so cheap (the partial indexes): a count over a million rows at that
     // pace would take the database's time from the relay being measured.
-    let relay = bench.keel(
-        "relay-drain",
-        &["relay"],
-        &[("KEEL_TOPIC_ORDERS", topic.clone())],
-    )?;
+    let relay = bench.keel("relay-drain", &["relay"], |s| {
+        s.topics.orders = topic.clone()
+    })?;
     wait_until(
         "the relay's first batch",
         Duration::from_secs(120),

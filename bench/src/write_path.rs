@@ -50,14 +50,10 @@ where
 pub(crate) async fn write_path(bench: &Bench, report: &mut report::Report) -> anyhow::Result<f64> {
     let topic = bench.topic("write").await?;
     let port = free_port()?;
-    let service = bench.keel(
-        "order-service",
-        &["order-service"],
-        &[
-            ("KEEL_ORDER_SERVICE_ADDR", format!("127.0.0.1:{port}")),
-            ("KEEL_TOPIC_ORDERS", topic.clone()),
-        ],
-    )?;
+    let service = bench.keel("order-service", &["order-service"], |s| {
+        s.order_service_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        s.topics.orders = topic.clone();
+    })?;
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     wait_until("the order service", Duration::from_secs(60), || {

@@ -568,6 +568,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         redis: var("CHAOS_REDIS")?,
         logs: logs.clone(),
         run: chrono::Utc::now().format("%Y%m%d%H%M%S").to_string(),
+        settings: keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     let chosen: Vec<Scenario> = Scenario::value_variants()
         .iter()

@@ -34,6 +34,8 @@ pub struct Parts {
     pub redis: String,
     pub logs: std::path::PathBuf,
     pub run: String,
+    /// What keel's processes start from: this environment's `KEEL_*` (`KEEL_BROKER_QUIRKS`).
+    pub settings: keel_core::Settings,
 }
 
 pub struct Stack {
@@ -110,7 +112,7 @@ impl Stack {
                 .build()?,
         };
         let status = stack
-            .command("migrate", &["migrate"], &[])?
+            .command("migrate", &["migrate"], |_| {})?
             .status()
             .context("keel migrate")?;
         anyhow::ensure!(status.success(), "keel migrate failed ({status})");
@@ -133,52 +135,44 @@ impl Stack {
         Ok(stack)
     }
 
-    /// `KEEL_*` for a process of this stack; services reach PostgreSQL through the forwarder,
-    /// except the registry (its outages are scenarios of their own).
+    /// A `keel` process of this stack with its settings as `configure` changes them. Services
+    /// reach PostgreSQL and Redis through the forwarders, except the registry (its outages are
+    /// scenarios of their own).
     fn command(
         &self,
         instance: &str,
         args: &[&str],
-        env: &[(&str, String)],
+        configure: impl FnOnce(&mut keel_core::Settings),
     ) -> anyhow::Result<Command> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(
             self.parts
                 .logs
                 .join(format!("{}-{}-{instance}.log", self.parts.run, self.name)),
         )?;
-        let proxied_db = format!(
-            "postgres://postgres@{}/{}",
-            self.postgres.addr, self.db_name
-        );
+        let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = self.parts.settings.clone();
+        s.database_url = if instance == "registry" || instance == "migrate" {
+            self.db_url.clone()
+        } else {
+            format!(
+                "postgres://postgres@{}/{}",
+                self.postgres.addr, self.db_name
+            )
+        };
+        s.kafka_brokers = self.brokers.clone();
+        s.schema_registry_url = format!("http://127.0.0.1:{}", self.registry_port);
+        s.registry_addr = local(self.registry_port);
+        s.order_service_addr = local(self.api_port);
+        s.topics.orders = self.orders_topic.clone();
+        s.topics.inventory = self.inventory_topic.clone();
+        s.cache.redis_url = Some(format!("redis://{}", self.redis.addr));
+        s.mail.dir = self.mail_dir.clone();
+        s.consumer.max_retry_backoff = Duration::from_secs(1);
+        s.relay.poll_interval = Duration::from_millis(200);
+        configure(&mut s);
         let mut cmd = Command::new(&self.parts.keel_bin);
         cmd.args(args)
-            .env(
-                "KEEL_DATABASE_URL",
-                if instance == "registry" || instance == "migrate" {
-                    &self.db_url
-                } else {
-                    &proxied_db
-                },
-            )
-            .env("KEEL_KAFKA_BROKERS", &self.brokers)
-            .env(
-                "KEEL_SCHEMA_REGISTRY_URL",
-                format!("http://127.0.0.1:{}", self.registry_port),
-            )
-            .env(
-                "KEEL_REGISTRY_ADDR",
-                format!("127.0.0.1:{}", self.registry_port),
-            )
-            .env(
-                "KEEL_ORDER_SERVICE_ADDR",
-                format!("127.0.0.1:{}", self.api_port),
-            )
-            .env("KEEL_TOPIC_ORDERS", &self.orders_topic)
-            .env("KEEL_TOPIC_INVENTORY", &self.inventory_topic)
-            .env("KEEL_REDIS_URL", format!("redis://{}", self.redis.addr))
-            .env("KEEL_MAIL_DIR", &self.mail_dir)
-            .env("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "1000")
-            .env("KEEL_RELAY_POLL_INTERVAL_MS", "200")
+            .envs(s.to_env())
             // CHAOS_RUST_LOG=info (or debug) to see more of what the services did.
             .env(
                 "RUST_LOG",
@@ -187,9 +181,6 @@ impl Stack {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         Ok(cmd)
     }
 
@@ -209,21 +200,23 @@ impl Stack {
             "relay" => vec!["relay"],
             group => vec!["consume", group],
         };
-        let mut env = Vec::new();
+        let mut admin = None;
         if !matches!(base, "registry" | "order-service") {
             let port = match self.admin.get(instance) {
                 Some(p) => *p,
                 None => free_port()?,
             };
             self.admin.insert(instance.to_owned(), port);
-            env.push(("KEEL_ADMIN_ADDR", format!("127.0.0.1:{port}")));
-            // Static membership: a restarted instance takes its own partitions back.
-            env.push((
-                "KEEL_CONSUMER_INSTANCE_ID",
-                format!("{}-{}-{instance}", self.parts.run, self.name),
-            ));
+            admin = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
         }
-        let cmd = self.command(instance, &args, &env)?;
+        // Static membership: a restarted instance takes its own partitions back.
+        let instance_id = format!("{}-{}-{instance}", self.parts.run, self.name);
+        let cmd = self.command(instance, &args, |s| {
+            if admin.is_some() {
+                s.admin_addr = admin;
+                s.consumer.instance_id = Some(instance_id);
+            }
+        })?;
         self.procs
             .insert(instance.to_owned(), Process::spawn(instance, cmd)?);
         Ok(())
@@ -333,10 +326,10 @@ impl Stack {
                 "--since",
                 &since,
             ],
-            &[
-                ("KEEL_DATABASE_URL", self.db_url.clone()),
-                ("KEEL_REDIS_URL", format!("redis://{}", self.parts.redis)),
-            ],
+            |s| {
+                s.database_url = self.db_url.clone();
+                s.cache.redis_url = Some(format!("redis://{}", self.parts.redis));
+            },
         )?;
         cmd.stdout(Stdio::piped());
         let out = tokio::task::spawn_blocking(move || cmd.output())

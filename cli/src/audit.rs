@@ -381,7 +381,7 @@ pub async fn audit(
             .bind(since)
             .fetch_all(&pool)
             .await?;
-    let cache = keel_core::cache::OrderCache::new(&s.cache.redis_url, s.cache.ttl)?;
+    let cache = keel_core::cache::OrderCache::new(s.cache.require_redis()?, s.cache.ttl)?;
     let mut stale = Vec::new();
     for chunk in versions.chunks(1000) {
         let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();

@@ -32,7 +32,7 @@ pub async fn registry(s: &Settings) -> anyhow::Result<()> {
 }
 
 pub async fn order_service(s: &Settings) -> anyhow::Result<()> {
-    let app = keel_producers::Application::build(keel_producers::Config::from_settings(s)).await?;
+    let app = keel_producers::Application::build(s).await?;
     app.run_until(shutdown::on_signal()).await
 }
 
@@ -46,7 +46,7 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
     let token = shutdown::on_signal();
     let admin = admin(s, &token, pool.clone()).await?;
-    let relay = keel_outbox::Relay::new(pool, keel_outbox::RelayConfig::from_settings(s))?;
+    let relay = keel_outbox::Relay::new(pool, s)?;
     relay
         .prepare(&[
             (&s.topics.orders, "keel.orders"),

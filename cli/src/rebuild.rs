@@ -18,8 +18,8 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use keel_consumers::Consumer;
 use keel_consumers::analytics::{self, Analytics};
-use keel_consumers::{Consumer, ConsumerConfig};
 use keel_core::Settings;
 use keel_core::kafka;
 use tokio_util::sync::CancellationToken;
@@ -142,7 +142,7 @@ pub async fn rebuild(
         subscription.clone(),
         Analytics::rebuilder(),
         pool.clone(),
-        ConsumerConfig::from_settings(s),
+        s,
     )?;
     let stop = CancellationToken::new();
     let mut running = tokio::spawn(consumer.run(stop.clone()));

@@ -480,7 +480,7 @@ async fn while_redis_is_down_cache_invalidation_waits_and_catches_up_and_other_g
         .to_owned();
     let outage = Outage::forward(&target).await;
     let mut settings = stack.settings();
-    settings.cache.redis_url = format!("redis://{}", outage.addr);
+    settings.cache.redis_url = Some(format!("redis://{}", outage.addr));
     let cache = CacheInvalidation::new(&settings).unwrap();
     let cache_group = unique("cache");
     let inventory = Inventory::new(&stack.settings.topics);

@@ -35,7 +35,7 @@ impl CacheInvalidation {
     pub fn new(settings: &keel_core::Settings) -> anyhow::Result<Self> {
         Ok(Self {
             cache: Arc::new(OrderCache::new(
-                &settings.cache.redis_url,
+                settings.cache.require_redis()?,
                 settings.cache.ttl,
             )?),
         })

@@ -36,8 +36,7 @@ use keel_schemas::{OrderCancelled, OrderCreated, OrderPaid};
 use tokio_util::sync::CancellationToken;
 
 pub use runtime::{
-    Consumer, ConsumerConfig, Handler, HandlerError, Meta, Outcome, Subscription, dlq_topic,
-    transact,
+    Consumer, Handler, HandlerError, Meta, Outcome, Subscription, dlq_topic, transact,
 };
 
 /// A group's run until shutdown, as [`Group::run`] returns it: awaited by `keel consume`'s main
@@ -112,12 +111,7 @@ pub async fn serve<H: Handler>(
 ) -> anyhow::Result<()> {
     migrate(&s.database_url, group.migrations).await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
-    let consumer = Consumer::new(
-        group.subscription(&s.topics),
-        handler,
-        pool,
-        ConsumerConfig::from_settings(s),
-    )?;
+    let consumer = Consumer::new(group.subscription(&s.topics), handler, pool, s)?;
     let result = consumer.run(shutdown.clone()).await;
     // If the consumer failed, stop whatever runs beside it (the mailer) too.
     shutdown.cancel();

@@ -79,7 +79,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_REDIS_URL",
         "redis://127.0.0.1:6379",
-        "Redis holding the order service's read-through cache",
+        "Redis holding the order service's read-through cache; empty: no cache (GET /orders/{id} reads PostgreSQL, and the cache-invalidation group and the audit refuse to start)",
     ),
     (
         "KEEL_CACHE_TTL_SECS",
@@ -259,7 +259,8 @@ pub struct ConsumerSettings {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheSettings {
-    pub redis_url: String,
+    /// `None`: no cache.
+    pub redis_url: Option<String>,
     pub ttl: Duration,
 }
 
@@ -363,7 +364,7 @@ impl Settings {
                 batch_size: consumer_batch_size,
             },
             cache: CacheSettings {
-                redis_url: source.parse("KEEL_REDIS_URL")?,
+                redis_url: source.optional("KEEL_REDIS_URL"),
                 ttl: Duration::from_secs(source.parse("KEEL_CACHE_TTL_SECS")?),
             },
             mail: MailSettings {
@@ -398,7 +399,7 @@ impl Settings {
             ),
             ("KEEL_LIVENESS_TIMEOUT_SECS", secs(self.liveness_timeout)),
             ("KEEL_TOPICS_FILE", self.topics_file.display().to_string()),
-            ("KEEL_REDIS_URL", self.cache.redis_url.clone()),
+            ("KEEL_REDIS_URL", or_empty(&self.cache.redis_url)),
             ("KEEL_CACHE_TTL_SECS", secs(self.cache.ttl)),
             (
                 "KEEL_ORDER_SERVICE_ADDR",
@@ -436,6 +437,19 @@ impl Settings {
             ("KEEL_MAIL_DIR", self.mail.dir.display().to_string()),
             ("KEEL_MAIL_FROM", self.mail.from.clone()),
         ]
+    }
+}
+
+impl CacheSettings {
+    /// The Redis URL, for what cannot work without Redis; an error naming the key when unset.
+    pub fn require_redis(&self) -> Result<&str, SettingsError> {
+        self.redis_url
+            .as_deref()
+            .ok_or_else(|| SettingsError::Invalid {
+                key: "KEEL_REDIS_URL",
+                value: String::new(),
+                message: "must be set: this needs the order cache's Redis".to_owned(),
+            })
     }
 }
 
@@ -521,6 +535,12 @@ mod tests {
         s.consumer.batch_size = Some(7);
         s.consumer.session_timeout = Duration::from_secs(10);
         s.mail.smtp_url = Some("smtp://mail:25".into());
+        let mut without_cache = s.clone();
+        without_cache.cache.redis_url = None;
+        assert_eq!(
+            Settings::from_vars(vars_of(&without_cache)).unwrap(),
+            without_cache
+        );
         let env = s.to_env();
         let back =
             Settings::from_vars(env.iter().map(|(k, v)| ((*k).to_owned(), v.clone()))).unwrap();

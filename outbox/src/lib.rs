@@ -23,7 +23,7 @@ use keel_core::telemetry::TraceHeaders;
 use keel_schemas::Event;
 use sqlx::PgConnection;
 
-pub use relay::{Relay, RelayConfig};
+pub use relay::Relay;
 
 /// The outbox's migrations, applied to PostgreSQL schema [`DB_SCHEMA`].
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

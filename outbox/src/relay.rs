@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use futures::{FutureExt, TryStreamExt};
+use keel_core::Settings;
 use keel_core::backoff::Backoff;
+use keel_core::settings::RelaySettings;
 use keel_core::telemetry::TraceHeaders;
 use keel_schemas::{EncodeError, Encoder, Event};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -43,28 +45,6 @@ use tokio_util::sync::CancellationToken;
 /// Key of the advisory lock that serialises relay batches (`hashtext('keel.outbox.relay')` would
 /// do as well; a constant is easier to find in `pg_locks`).
 pub const RELAY_LOCK: i64 = 0x6b65_656c_0001;
-
-/// The relay's knobs; see [`keel_core::settings::RelaySettings`].
-#[derive(Debug, Clone)]
-pub struct RelayConfig {
-    pub brokers: String,
-    pub registry_url: String,
-    pub batch_size: usize,
-    pub poll_interval: Duration,
-    pub retention: Duration,
-}
-
-impl RelayConfig {
-    pub fn from_settings(s: &keel_core::Settings) -> Self {
-        Self {
-            brokers: s.kafka_brokers.clone(),
-            registry_url: s.schema_registry_url.clone(),
-            batch_size: s.relay.batch_size,
-            poll_interval: s.relay.poll_interval,
-            retention: s.relay.retention,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -253,22 +233,23 @@ pub struct Relay {
     pool: PgPool,
     producer: FutureProducer,
     encoder: Encoder,
-    config: RelayConfig,
+    config: RelaySettings,
     /// Set only by [`testing::crash_before_mark`].
     crash_before_mark: bool,
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, config: RelayConfig) -> anyhow::Result<Self> {
-        let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
+    /// A relay publishing from `pool` with `s`'s broker, registry and relay settings.
+    pub fn new(pool: PgPool, s: &Settings) -> anyhow::Result<Self> {
+        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka_brokers)
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
-        let encoder = Encoder::new(&config.registry_url)?;
+        let encoder = Encoder::new(&s.schema_registry_url)?;
         Ok(Self {
             pool,
             producer,
             encoder,
-            config,
+            config: s.relay.clone(),
             crash_before_mark: false,
         })
     }

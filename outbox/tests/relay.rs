@@ -6,7 +6,7 @@ use std::time::Duration;
 use keel_core::telemetry::TraceHeaders;
 use keel_core::testkit::{TestDb, TestTopic, eventually, read_topic};
 use keel_outbox::relay::{RelayError, Step};
-use keel_outbox::{Relay, RelayConfig, enqueue, pending};
+use keel_outbox::{Relay, enqueue, pending};
 use keel_schemas::events::{Customer, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
 use keel_schemas::{Decoder, Event};
 use rdkafka::Message;
@@ -46,17 +46,13 @@ impl Harness {
     }
 
     fn relay(&self, batch_size: usize) -> Relay {
-        Relay::new(
-            self.pool.clone(),
-            RelayConfig {
-                brokers: keel_core::testkit::brokers(),
-                registry_url: self.registry_url.clone(),
-                batch_size,
-                poll_interval: Duration::from_millis(200),
-                retention: Duration::from_secs(3600),
-            },
-        )
-        .unwrap()
+        let mut s = keel_core::Settings::local();
+        s.kafka_brokers = keel_core::testkit::brokers();
+        s.schema_registry_url = self.registry_url.clone();
+        s.relay.batch_size = batch_size;
+        s.relay.poll_interval = Duration::from_millis(200);
+        s.relay.retention = Duration::from_secs(3600);
+        Relay::new(self.pool.clone(), &s).unwrap()
     }
 
     /// Enqueues each order's events in one transaction per event, as the order service does.

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use keel_core::Settings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -51,29 +52,6 @@ fn record_status<B>(
     span: &tracing::Span,
 ) {
     span.record("http.response.status_code", response.status().as_u16());
-}
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub database_url: String,
-    pub addr: SocketAddr,
-    pub orders_topic: String,
-    /// Redis URL and TTL of the order cache; `None` disables the cache.
-    pub cache: Option<(String, std::time::Duration)>,
-    /// `/health` fails after a loop made no progress for this long (the service has none).
-    pub liveness_timeout: std::time::Duration,
-}
-
-impl Config {
-    pub fn from_settings(s: &keel_core::Settings) -> Self {
-        Self {
-            database_url: s.database_url.clone(),
-            addr: s.order_service_addr,
-            orders_topic: s.topics.orders.clone(),
-            cache: Some((s.cache.redis_url.clone(), s.cache.ttl)),
-            liveness_timeout: s.liveness_timeout,
-        }
-    }
 }
 
 pub struct Application {
@@ -131,32 +109,34 @@ async fn measure(
 
 impl Application {
     /// Applies the order service's and the outbox's migrations, connects, and binds.
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        keel_core::db::migrate(&config.database_url, crate::DB_SCHEMA, &crate::MIGRATOR).await?;
+    /// With `s.cache.redis_url` unset, `GET /orders/{id}` reads PostgreSQL every time.
+    pub async fn build(s: &Settings) -> anyhow::Result<Self> {
+        keel_core::db::migrate(&s.database_url, crate::DB_SCHEMA, &crate::MIGRATOR).await?;
         keel_core::db::migrate(
-            &config.database_url,
+            &s.database_url,
             keel_outbox::DB_SCHEMA,
             &keel_outbox::MIGRATOR,
         )
         .await?;
-        let pool = keel_core::db::pool(&config.database_url, 20).await?;
-        let listener = TcpListener::bind(config.addr).await.map_err(|e| {
-            anyhow::anyhow!(
-                "KEEL_ORDER_SERVICE_ADDR: cannot listen on {}: {e}",
-                config.addr
-            )
+        let pool = keel_core::db::pool(&s.database_url, 20).await?;
+        let addr = s.order_service_addr;
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("KEEL_ORDER_SERVICE_ADDR: cannot listen on {addr}: {e}")
         })?;
-        let cache = match &config.cache {
-            Some((url, ttl)) => Some(Arc::new(keel_core::cache::OrderCache::new(url, *ttl)?)),
+        let cache = match &s.cache.redis_url {
+            Some(url) => Some(Arc::new(keel_core::cache::OrderCache::new(
+                url,
+                s.cache.ttl,
+            )?)),
             None => None,
         };
         let state = AppState {
             pool,
-            topic: Arc::from(config.orders_topic.as_str()),
+            topic: Arc::from(s.topics.orders.as_str()),
             cache,
         };
         let stopping = CancellationToken::new();
-        let checks = keel_core::health::Checks::new(stopping.clone(), config.liveness_timeout)
+        let checks = keel_core::health::Checks::new(stopping.clone(), s.liveness_timeout)
             .database(state.pool.clone());
         Ok(Self {
             listener,

@@ -19,7 +19,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod routes;
 
-pub use app::{Application, Config};
+pub use app::Application;
 
 /// The order service's migrations, applied to PostgreSQL schema [`DB_SCHEMA`].
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use keel_core::cache::OrderCache;
 use keel_core::testkit::{TestDb, redis_url};
-use keel_producers::{Application, Config};
+use keel_producers::Application;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -30,15 +30,18 @@ async fn spawn_app() -> App {
 
 async fn spawn_app_with(cache: Option<(String, Duration)>) -> App {
     let db = TestDb::new().await;
-    let app = Application::build(Config {
-        database_url: db.url.clone(),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        orders_topic: "orders".into(),
-        cache,
-        liveness_timeout: Duration::from_secs(60),
-    })
-    .await
-    .expect("order service builds");
+    let mut settings = keel_core::Settings::local();
+    settings.database_url = db.url.clone();
+    settings.order_service_addr = "127.0.0.1:0".parse().unwrap();
+    settings.topics.orders = "orders".into();
+    settings.cache.redis_url = cache.as_ref().map(|(url, _)| url.clone());
+    if let Some((_, ttl)) = cache {
+        settings.cache.ttl = ttl;
+    }
+    settings.liveness_timeout = Duration::from_secs(60);
+    let app = Application::build(&settings)
+        .await
+        .expect("order service builds");
     let url = format!("http://{}", app.local_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until(shutdown.clone()));

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use keel_consumers::{Consumer, ConsumerConfig, Handler, Subscription};
+use keel_consumers::{Consumer, Handler, Subscription};
 use keel_core::Settings;
 use keel_core::testkit::{Process, TestDb, TestTopic, brokers, redis_url, unique};
-use keel_outbox::{Relay, RelayConfig};
+use keel_outbox::Relay;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -59,7 +59,7 @@ impl Stack {
         settings.topics.orders = orders.name.clone();
         settings.topics.inventory = inventory.name.clone();
         settings.order_service_addr = "127.0.0.1:0".parse().unwrap();
-        settings.cache.redis_url = redis_url();
+        settings.cache.redis_url = Some(redis_url());
         settings.mail.dir = mail_dir.clone();
         settings.consumer.max_retry_backoff = Duration::from_secs(1);
         settings.consumer.max_attempts = 3;
@@ -67,10 +67,9 @@ impl Stack {
         // one broker: the broker should notice a dead member in seconds, not Kafka's 45 s.
         settings.consumer.session_timeout = Duration::from_secs(10);
 
-        let app =
-            keel_producers::Application::build(keel_producers::Config::from_settings(&settings))
-                .await
-                .unwrap();
+        // Relays started as processes claim 50 rows a step.
+        settings.relay.batch_size = 50;
+        let app = keel_producers::Application::build(&settings).await.unwrap();
         let api = format!("http://{}", app.local_addr());
         tokio::spawn(app.run_until(shutdown.clone()));
         keel_consumers::migrate_all(&settings).await.unwrap();
@@ -96,36 +95,16 @@ impl Stack {
 
     /// `KEEL_*` variables for a child process, matching [`Stack::settings`].
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        let s = self.settings();
-        vec![
-            ("KEEL_DATABASE_URL", s.database_url),
-            ("KEEL_KAFKA_BROKERS", s.kafka_brokers),
-            ("KEEL_SCHEMA_REGISTRY_URL", s.schema_registry_url),
-            ("KEEL_TOPIC_ORDERS", s.topics.orders),
-            ("KEEL_TOPIC_INVENTORY", s.topics.inventory),
-            ("KEEL_REDIS_URL", s.cache.redis_url),
-            ("KEEL_MAIL_DIR", s.mail.dir.display().to_string()),
-            ("KEEL_CONSUMER_MAX_RETRY_BACKOFF_MS", "1000".into()),
-            (
-                "KEEL_CONSUMER_SESSION_TIMEOUT_MS",
-                s.consumer.session_timeout.as_millis().to_string(),
-            ),
-            ("KEEL_RELAY_BATCH_SIZE", "50".into()),
-        ]
+        self.settings.to_env()
     }
 
+    /// An in-process relay of this stack: batches of 100, polling every 200 ms.
     pub fn relay(&self) -> Relay {
-        Relay::new(
-            self.pool.clone(),
-            RelayConfig {
-                brokers: brokers(),
-                registry_url: self.registry_url.clone(),
-                batch_size: 100,
-                poll_interval: Duration::from_millis(200),
-                retention: Duration::from_secs(3600),
-            },
-        )
-        .unwrap()
+        let mut s = self.settings();
+        s.relay.batch_size = 100;
+        s.relay.poll_interval = Duration::from_millis(200);
+        s.relay.retention = Duration::from_secs(3600);
+        Relay::new(self.pool.clone(), &s).unwrap()
     }
 
     /// A consumer of `handler` on this stack (every group's tables are migrated at the start),
@@ -135,13 +114,7 @@ impl Stack {
         subscription: Subscription,
         handler: H,
     ) -> Consumer<H> {
-        Consumer::new(
-            subscription,
-            handler,
-            self.pool.clone(),
-            ConsumerConfig::from_settings(&self.settings()),
-        )
-        .unwrap()
+        Consumer::new(subscription, handler, self.pool.clone(), &self.settings).unwrap()
     }
 
     /// `group`'s subscription under this stack's topics, with the test's own group id `id`.

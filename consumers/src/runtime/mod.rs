@@ -33,8 +33,9 @@ pub mod transaction;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use keel_core::Settings;
+use keel_core::settings::ConsumerSettings;
 use keel_schemas::Decoder;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -48,45 +49,6 @@ pub use transaction::{Outcome, transact};
 
 use membership::{MembershipWatch, measure_lag};
 use quirks::Positions;
-
-#[derive(Debug, Clone)]
-pub struct ConsumerConfig {
-    pub brokers: String,
-    pub registry_url: String,
-    pub max_retry_backoff: Duration,
-    /// Attempts at a record failing with a transient error before it is dead-lettered.
-    pub max_attempts: u32,
-    /// Static membership: this instance's `group.instance.id` (see `KEEL_CONSUMER_INSTANCE_ID`).
-    pub instance_id: Option<String>,
-    /// `fetch.wait.max.ms` (see `KEEL_CONSUMER_FETCH_WAIT_MS`).
-    pub fetch_wait: Duration,
-    /// `session.timeout.ms` (see `KEEL_CONSUMER_SESSION_TIMEOUT_MS`).
-    pub session_timeout: Duration,
-    /// Most records applied in one transaction (see `KEEL_CONSUMER_BATCH_SIZE`); `None`: the
-    /// handler's own ([`Handler::batch_size`]).
-    pub batch_size: Option<usize>,
-    /// librdkafka `debug` contexts (see `KEEL_KAFKA_DEBUG`).
-    pub kafka_debug: Option<String>,
-    /// See `KEEL_BROKER_QUIRKS`.
-    pub broker_quirks: keel_core::settings::BrokerQuirks,
-}
-
-impl ConsumerConfig {
-    pub fn from_settings(s: &keel_core::Settings) -> Self {
-        Self {
-            brokers: s.kafka_brokers.clone(),
-            registry_url: s.schema_registry_url.clone(),
-            max_retry_backoff: s.consumer.max_retry_backoff,
-            max_attempts: s.consumer.max_attempts,
-            instance_id: s.consumer.instance_id.clone(),
-            fetch_wait: s.consumer.fetch_wait,
-            session_timeout: s.consumer.session_timeout,
-            batch_size: s.consumer.batch_size,
-            kafka_debug: s.kafka_debug.clone(),
-            broker_quirks: s.broker_quirks,
-        }
-    }
-}
 
 /// Which group a consumer is and what it reads: a [`crate::Group`]'s, or a test's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +76,10 @@ pub struct Consumer<H: Handler> {
     broker_quirks: keel_core::settings::BrokerQuirks,
     producer: FutureProducer,
     decoder: Decoder,
-    config: ConsumerConfig,
+    /// The runtime's settings (`KEEL_CONSUMER_*`).
+    config: ConsumerSettings,
+    /// Where dead-letter topics are created and lag is measured.
+    brokers: String,
     /// Most records in one transaction: the setting's, else the handler's.
     batch_size: usize,
     /// Dead-letter topics known to exist.
@@ -130,10 +95,11 @@ impl<H: Handler> Consumer<H> {
         subscription: Subscription,
         handler: H,
         pool: PgPool,
-        config: ConsumerConfig,
+        s: &Settings,
     ) -> anyhow::Result<Self> {
+        let config = &s.consumer;
         let group = subscription.group.as_str();
-        let mut client = keel_core::kafka::consumer_config(&config.brokers, group);
+        let mut client = keel_core::kafka::consumer_config(&s.kafka_brokers, group);
         client.set(
             "fetch.wait.max.ms",
             config.fetch_wait.as_millis().to_string(),
@@ -142,7 +108,7 @@ impl<H: Handler> Consumer<H> {
             "session.timeout.ms",
             config.session_timeout.as_millis().to_string(),
         );
-        if let Some(debug) = &config.kafka_debug {
+        if let Some(debug) = &s.kafka_debug {
             client.set("debug", debug);
         }
         if let Some(id) = &config.instance_id {
@@ -152,12 +118,12 @@ impl<H: Handler> Consumer<H> {
         let consumer: StreamConsumer<Positions> = client
             .create_with_context(Positions::default())
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
-        let producer: FutureProducer = keel_core::kafka::producer_config(&config.brokers)
+        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka_brokers)
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let decoder = Decoder::new(&config.registry_url)?;
+        let decoder = Decoder::new(&s.schema_registry_url)?;
         let batch_size = config.batch_size.unwrap_or_else(|| handler.batch_size());
         Ok(Self {
             health_loop: format!("consumer:{group}"),
@@ -165,10 +131,11 @@ impl<H: Handler> Consumer<H> {
             handler,
             pool,
             consumer: Arc::new(consumer),
-            broker_quirks: config.broker_quirks,
+            broker_quirks: s.broker_quirks,
+            brokers: s.kafka_brokers.clone(),
             producer,
             decoder,
-            config,
+            config: config.clone(),
             batch_size,
             dlq_ready: Mutex::default(),
             membership: Mutex::default(),
@@ -185,7 +152,7 @@ impl<H: Handler> Consumer<H> {
         let group = self.group().to_owned();
         tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");
         let lag = tokio::spawn(measure_lag(
-            self.config.brokers.clone(),
+            self.brokers.clone(),
             group.clone(),
             self.subscription.topics.clone(),
             shutdown.clone(),
