@@ -13,6 +13,7 @@ use sqlx::PgConnection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+#[path = "e2e/common/mod.rs"]
 mod common;
 
 use common::{Stack, keel, order};

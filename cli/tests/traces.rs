@@ -16,6 +16,7 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+#[path = "e2e/common/mod.rs"]
 mod common;
 
 use common::{Stack, order};

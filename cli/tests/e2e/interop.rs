@@ -11,9 +11,7 @@ use keel_core::testkit::{brokers, eventually, unique};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-mod common;
-
-use common::{Stack, order};
+use crate::common::{Stack, order};
 
 fn python_client(args: &[&str]) -> Vec<Value> {
     let python = std::env::var("TEST_INTEROP_PYTHON").unwrap_or_else(|_| {

@@ -14,9 +14,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-mod common;
-
-use common::{Stack, keel, order};
+use crate::common::{Stack, keel, order};
 
 async fn inventory(stack: &Stack, group: &str) -> Consumer<Inventory> {
     stack

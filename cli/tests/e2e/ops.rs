@@ -10,9 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-mod common;
-
-use common::{Stack, keel, keel_run, order};
+use crate::common::{Stack, keel, keel_run, order};
 
 fn json_of(out: &Output) -> Value {
     assert!(

@@ -11,9 +11,7 @@ use keel_core::testkit::eventually;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
-mod common;
-
-use common::{Stack, keel, keel_run, order};
+use crate::common::{Stack, keel, keel_run, order};
 
 const AUDIT: &[&str] = &["audit", "--output", "json", "--opening-stock", "10000"];
 

@@ -20,9 +20,7 @@ use sqlx::PgConnection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-mod common;
-
-use common::{Stack, keel, order};
+use crate::common::{Stack, keel, order};
 
 /// Group ids of one test: unique, because tests share the broker.
 struct Groups {

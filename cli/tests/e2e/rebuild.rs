@@ -12,9 +12,7 @@ use keel_core::testkit::eventually;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-mod common;
-
-use common::{Stack, keel, order};
+use crate::common::{Stack, keel, order};
 
 type Daily = Vec<(String, i64, i64, i64)>;
 type Units = Vec<(String, i64, i64)>;

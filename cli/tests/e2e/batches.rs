@@ -12,9 +12,7 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-mod common;
-
-use common::Stack;
+use crate::common::Stack;
 
 /// The batch size `Log` asks for: the tests' settings leave `KEEL_CONSUMER_BATCH_SIZE` empty, so
 /// the runtime uses it.
