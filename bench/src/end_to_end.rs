@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_core::kafka;
-use keel_core::testkit::{free_port, wait_until};
+use keel_core::testkit::{free_port, wait_ready, wait_until};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -113,16 +113,13 @@ pub(crate) async fn end_to_end(
     let consumer = bench.group("inventory-e2e", "inventory", configure)?;
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    wait_until("the order service", Duration::from_secs(60), || {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            Ok(http
-                .get(format!("{url}/ready"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success()))
-        }
-    })
+    wait_ready(
+        &http,
+        "the order service",
+        &format!("{url}/ready"),
+        Duration::from_secs(60),
+        || service.exited(),
+    )
     .await?;
     // At the 20% run's rate, the one the targets are for.
     let baseline = raw_round_trips(bench, 1000, (capacity * 0.2).max(1.0)).await?;

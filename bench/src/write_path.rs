@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_core::testkit::{free_port, wait_until};
+use keel_core::testkit::{free_port, wait_ready};
 use serde_json::json;
 
 use crate::bench::{Bench, order_body, percentile, rate};
@@ -56,16 +56,13 @@ pub(crate) async fn write_path(bench: &Bench, report: &mut report::Report) -> an
     })?;
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    wait_until("the order service", Duration::from_secs(60), || {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            Ok(http
-                .get(format!("{url}/ready"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success()))
-        }
-    })
+    wait_ready(
+        &http,
+        "the order service",
+        &format!("{url}/ready"),
+        Duration::from_secs(60),
+        || service.exited(),
+    )
     .await?;
     let window = Duration::from_secs(bench.args.seconds);
     let body = order_body();

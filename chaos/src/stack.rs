@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use keel_core::kafka::{self, TopicSpec};
-use keel_core::testkit::{Outage, Process, free_port, metric_sum, wait_until};
+use keel_core::testkit::{Outage, Process, free_port, metric_sum, wait_ready};
 use serde_json::Value;
 use sqlx::PgPool;
 
@@ -234,21 +234,17 @@ impl Stack {
     }
 
     /// Polls the instance's `/ready` until it answers 200.
-    pub async fn wait_ready(&mut self, instance: &str, timeout: Duration) -> anyhow::Result<()> {
-        let url = self.ready_url(instance);
-        let http = self.http.clone();
-        let name = instance.to_owned();
-        let procs = &self.procs;
-        wait_until(&format!("{instance} to be ready"), timeout, || {
-            let alive = procs.get(&name).is_some_and(|p| !p.exited());
-            let request = http.get(&url).send();
-            let name = name.clone();
-            async move {
-                anyhow::ensure!(alive, "{name} exited (see its log)");
-                Ok(request.await.is_ok_and(|r| r.status().is_success()))
-            }
-        })
-        .await
+    pub async fn wait_ready(&self, instance: &str, timeout: Duration) -> anyhow::Result<()> {
+        let process = self.procs.get(instance);
+        wait_ready(
+            &self.http,
+            instance,
+            &self.ready_url(instance),
+            timeout,
+            || process.is_none_or(Process::exited),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Whether the instance answers `/ready` with 200 now.

@@ -45,11 +45,15 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
         ],
     );
     let ready = format!("http://{admin}/ready");
-    let body = eventually("the relay to be ready", Duration::from_secs(60), || async {
-        get(&stack.http, &ready).await.filter(|(s, _)| *s == 200)
-    })
+    let body = keel_core::testkit::wait_ready(
+        &stack.http,
+        "the relay",
+        &ready,
+        Duration::from_secs(60),
+        || relay.exited(),
+    )
     .await
-    .1;
+    .unwrap();
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         body,

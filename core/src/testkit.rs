@@ -159,23 +159,75 @@ impl Drop for TestTopic {
     }
 }
 
-/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+/// The one polling loop of tests, chaos and the bench: calls `check` every 50 ms until it gives
+/// `Some`, or fails naming `what` after `timeout`. An error from `check` ends the wait at once
+/// (the thing waited for cannot come: a process exited).
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = check().await {
-            return v;
+        if let Some(v) = check().await? {
+            return Ok(v);
         }
-        assert!(
+        anyhow::ensure!(
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// [`poll`] for a test: `check` gives `Some` when the condition holds; panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let polled = poll(what, timeout, || {
+        let checked = check();
+        async move { Ok(checked.await) }
+    })
+    .await;
+    polled.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`poll`] for a harness: `check` says whether the condition holds.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    poll(what, timeout, || {
+        let checked = check();
+        async move { Ok(checked.await?.then_some(())) }
+    })
+    .await
+}
+
+/// Waits until `url` (a service's `/ready`) answers 200, and returns its body. `exited` is asked
+/// at every attempt: a process that exited will never be ready, and the wait fails at once.
+pub async fn wait_ready(
+    http: &reqwest::Client,
+    what: &str,
+    url: &str,
+    timeout: Duration,
+    exited: impl Fn() -> bool,
+) -> anyhow::Result<String> {
+    poll(&format!("{what} to be ready"), timeout, || {
+        let request = http.get(url).send();
+        let gone = exited();
+        async move {
+            anyhow::ensure!(!gone, "{what} exited (see its log)");
+            Ok(match request.await {
+                Ok(r) if r.status().is_success() => r.text().await.ok(),
+                _ => None,
+            })
+        }
+    })
+    .await
 }
 
 /// Reads `topic` from the beginning with a throwaway group until `until` says the records read
@@ -322,25 +374,6 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Polls `check` every 50 ms until it holds; an error naming `what` after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
