@@ -145,12 +145,7 @@ impl<H: Handler> Consumer<H> {
                 Err(e) => e,
             };
             span.record("keel.attempts", attempts);
-            let budget_spent = match &error {
-                HandlerError::Unavailable(_) => false,
-                HandlerError::Transient(_) => attempts >= self.config.max_attempts,
-                HandlerError::Permanent(_) => true,
-            };
-            if budget_spent {
+            if budget_spent(&error, attempts, self.config.max_attempts) {
                 let outcome = Outcome::DeadLettered {
                     class: error.class(),
                     reason: error.to_string(),
@@ -218,5 +213,46 @@ impl<H: Handler> Consumer<H> {
                 Err(HandlerError::Permanent(format!("cannot decode: {reason}")))
             }
         }
+    }
+}
+
+/// Whether a record whose `attempts`-th attempt failed with `error` goes to the dead-letter
+/// topic now (else it is retried): never for an outage, after `max_attempts` for a transient
+/// error, at once for a permanent one.
+fn budget_spent(error: &HandlerError, attempts: u32, max_attempts: u32) -> bool {
+    match error {
+        HandlerError::Unavailable(_) => false,
+        HandlerError::Transient(_) => attempts >= max_attempts,
+        HandlerError::Permanent(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_waited_out_however_long_it_lasts() {
+        let down = HandlerError::Unavailable(anyhow::anyhow!("connection refused"));
+        assert!(!budget_spent(&down, 1, 3));
+        assert!(!budget_spent(&down, 10_000, 3));
+    }
+
+    #[test]
+    fn a_transient_error_is_retried_up_to_the_budget_then_dead_lettered() {
+        let deadlock = HandlerError::Transient(anyhow::anyhow!("deadlock detected"));
+        assert!(!budget_spent(&deadlock, 1, 3));
+        assert!(!budget_spent(&deadlock, 2, 3));
+        assert!(budget_spent(&deadlock, 3, 3));
+        assert!(
+            budget_spent(&deadlock, 1, 1),
+            "a budget of one attempt retries nothing"
+        );
+    }
+
+    #[test]
+    fn a_permanent_error_is_dead_lettered_at_once() {
+        let poison = HandlerError::Permanent("cannot decode".into());
+        assert!(budget_spent(&poison, 1, 8));
     }
 }

@@ -196,16 +196,8 @@ impl<H: Handler> Consumer<H> {
                 .get_or_create(&group_labels)
                 .observe(batch.len() as f64);
             let processing = metrics.consumer_processing.get_or_create(&group_labels);
-            let mut by_outcome: Vec<(&'static str, u64)> = Vec::new();
             for (message, outcome) in batch.iter().zip(&outcomes) {
                 processing.observe(per_record);
-                match by_outcome
-                    .iter_mut()
-                    .find(|(name, _)| *name == outcome.name())
-                {
-                    Some((_, n)) => *n += 1,
-                    None => by_outcome.push((outcome.name(), 1)),
-                }
                 tracing::debug!(
                     group,
                     topic = message.topic(),
@@ -222,8 +214,7 @@ impl<H: Handler> Consumer<H> {
                 }
             }
             drop(processing);
-            // One labelled counter lookup per outcome in the batch, not per record.
-            for (outcome, n) in by_outcome {
+            for (outcome, n) in transaction::tally(&outcomes) {
                 metrics
                     .consumer_records
                     .get_or_create(&keel_core::metrics::OutcomeLabels {

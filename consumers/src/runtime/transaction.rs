@@ -102,3 +102,46 @@ impl Outcome {
         }
     }
 }
+
+/// How many of `outcomes` there are of each kind, in the order each kind first appears: a
+/// batch's records counted with one labelled-counter lookup per kind, not one per record.
+pub(super) fn tally<'a>(
+    outcomes: impl IntoIterator<Item = &'a Outcome>,
+) -> Vec<(&'static str, u64)> {
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
+    for outcome in outcomes {
+        match counts.iter_mut().find(|(name, _)| *name == outcome.name()) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((outcome.name(), 1)),
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_counted_by_kind_in_order_of_first_appearance() {
+        let dead = Outcome::DeadLettered {
+            class: "permanent",
+            reason: "cannot decode".into(),
+        };
+        let outcomes = [
+            Outcome::Duplicate,
+            Outcome::Applied,
+            dead.clone(),
+            Outcome::Applied,
+            Outcome::Duplicate,
+            Outcome::Applied,
+            dead,
+        ];
+        assert_eq!(
+            tally(&outcomes),
+            vec![("duplicate", 2), ("applied", 3), ("dead_lettered", 2)]
+        );
+        assert_eq!(tally(&[]), Vec::<(&str, u64)>::new());
+        assert_eq!(Outcome::Ignored.name(), "ignored");
+    }
+}
