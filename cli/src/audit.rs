@@ -33,12 +33,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::failure::Failure;
 use crate::ops::{Output, table};
-
-/// Some check failed; `main` exits 4.
-#[derive(Debug, thiserror::Error)]
-#[error("audit failed: {0} check(s) found problems")]
-pub struct AuditFailed(pub usize);
 
 /// Examples shown per failed check.
 const EXAMPLES: usize = 5;
@@ -140,13 +136,26 @@ async fn dead_letters(
     Ok((ids, undecodable))
 }
 
-/// `keel audit`.
+/// `keel audit`: [`Failure::AuditFailed`] if a check found problems.
 pub async fn audit(
     s: &Settings,
     since: Option<DateTime<Utc>>,
     opening_stock: Option<i32>,
     output: Output,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
+    match check_all(s, since, opening_stock, output).await? {
+        0 => Ok(()),
+        failed => Err(Failure::AuditFailed(failed)),
+    }
+}
+
+/// Runs every check and prints the report; how many checks found problems.
+async fn check_all(
+    s: &Settings,
+    since: Option<DateTime<Utc>>,
+    opening_stock: Option<i32>,
+    output: Output,
+) -> anyhow::Result<usize> {
     keel_consumers::migrate_all(s)
         .await
         .context("KEEL_DATABASE_URL")?;
@@ -463,8 +472,5 @@ pub async fn audit(
         }
     }
     pool.close().await;
-    if failed > 0 {
-        return Err(AuditFailed(failed).into());
-    }
-    Ok(())
+    Ok(failed)
 }

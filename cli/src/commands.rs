@@ -7,21 +7,22 @@ use keel_core::shutdown;
 use crate::args::{
     AnalyticsCommand, Command, DlqCommand, OutboxCommand, SchemaCommand, TopicsCommand,
 };
+use crate::failure::Failure;
 use crate::{audit, dlq, ops, rebuild, topics};
 
 /// Does what `command` says, with settings `s`.
-pub async fn run(command: Command, s: &Settings) -> anyhow::Result<()> {
+pub async fn run(command: Command, s: &Settings) -> Result<(), Failure> {
     match command {
-        Command::Migrate => migrate(s).await,
-        Command::Registry => registry(s).await,
-        Command::OrderService => order_service(s).await,
-        Command::Relay => relay(s).await,
-        Command::Consume { group } => consume(s, &group).await,
-        Command::Topics(TopicsCommand::Create { output }) => topics::create(s, output).await,
-        Command::Topics(TopicsCommand::List { output }) => topics::list(s, output),
-        Command::Topics(TopicsCommand::Describe { output }) => topics::describe(s, output).await,
-        Command::Settings => print_settings(),
-        Command::Lag { group, output } => ops::lag(s, group.as_deref(), output),
+        Command::Migrate => migrate(s).await?,
+        Command::Registry => registry(s).await?,
+        Command::OrderService => order_service(s).await?,
+        Command::Relay => relay(s).await?,
+        Command::Consume { group } => consume(s, &group).await?,
+        Command::Topics(TopicsCommand::Create { output }) => topics::create(s, output).await?,
+        Command::Topics(TopicsCommand::List { output }) => topics::list(s, output)?,
+        Command::Topics(TopicsCommand::Describe { output }) => topics::describe(s, output).await?,
+        Command::Settings => print_settings()?,
+        Command::Lag { group, output } => ops::lag(s, group.as_deref(), output)?,
         Command::Replay {
             group,
             from,
@@ -39,20 +40,20 @@ pub async fn run(command: Command, s: &Settings) -> anyhow::Result<()> {
                 wait.map(std::time::Duration::from_secs),
                 output,
             )
-            .await
+            .await?
         }
         Command::Audit {
             since,
             opening_stock,
             output,
-        } => audit::audit(s, since, opening_stock, output).await,
+        } => audit::audit(s, since, opening_stock, output).await?,
         Command::Dlq(DlqCommand::List {
             group,
             topic,
             output,
-        }) => dlq::list(s, &group, topic.as_deref(), output).await,
+        }) => dlq::list(s, &group, topic.as_deref(), output).await?,
         Command::Dlq(DlqCommand::Show { group, ids, output }) => {
-            dlq::show(s, &group, &ids, output).await
+            dlq::show(s, &group, &ids, output).await?
         }
         Command::Dlq(DlqCommand::Redrive {
             group,
@@ -60,17 +61,18 @@ pub async fn run(command: Command, s: &Settings) -> anyhow::Result<()> {
             all,
             dry_run,
             output,
-        }) => dlq::redrive(s, &group, &ids, all, dry_run, output).await,
+        }) => dlq::redrive(s, &group, &ids, all, dry_run, output).await?,
         Command::Analytics(AnalyticsCommand::Rebuild {
             from,
             timeout,
             output,
-        }) => rebuild::rebuild(s, &from, std::time::Duration::from_secs(timeout), output).await,
-        Command::Outbox(OutboxCommand::Status { output }) => ops::outbox_status(s, output).await,
-        Command::Schema(SchemaCommand::Check { dir }) => schema_check(&dir),
-        Command::Schema(SchemaCommand::Publish { dir }) => schema_publish(&dir),
-        Command::Schema(SchemaCommand::Register { dir }) => schema_register(s, &dir).await,
+        }) => rebuild::rebuild(s, &from, std::time::Duration::from_secs(timeout), output).await?,
+        Command::Outbox(OutboxCommand::Status { output }) => ops::outbox_status(s, output).await?,
+        Command::Schema(SchemaCommand::Check { dir }) => schema_check(&dir)?,
+        Command::Schema(SchemaCommand::Publish { dir }) => schema_publish(&dir)?,
+        Command::Schema(SchemaCommand::Register { dir }) => schema_register(s, &dir).await?,
     }
+    Ok(())
 }
 
 /// The name a command's process reports itself as in logs and traces: the service it runs.

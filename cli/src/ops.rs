@@ -1,7 +1,7 @@
 //! Day-2 operations: where the groups stand, replaying them, and the outbox's state.
 //!
-//! Exit codes scripts can rely on: 0 done, 1 failed, 2 configuration error, 3 refused because
-//! the group has live members (stop them, or pass `--wait`).
+//! `keel replay` exits 3 ([`Failure::Busy`]) when the group has live members: stop them, or pass
+//! `--wait`.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -10,19 +10,13 @@ use anyhow::Context;
 use keel_core::Settings;
 use keel_core::kafka::{self, PartitionState};
 
+use crate::failure::Failure;
+
 /// How a command prints what it found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
     Table,
     Json,
-}
-
-/// The replay was refused: the group is running. `main` exits 3.
-#[derive(Debug, thiserror::Error)]
-#[error("group {group} has {members} live member(s); stop them first or pass --wait <seconds>")]
-pub struct GroupBusy {
-    pub group: String,
-    pub members: usize,
 }
 
 /// A plain text table: columns padded to their widest cell.
@@ -192,14 +186,16 @@ pub async fn replay(
     dry_run: bool,
     wait: Option<Duration>,
     output: Output,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     let mut topics = topics_of(s, group)?;
     if let Some(t) = topic {
-        anyhow::ensure!(
-            topics.iter().any(|x| x == t),
-            "group {group} does not read topic {t}; it reads {}",
-            topics.join(", ")
-        );
+        if !topics.iter().any(|x| x == t) {
+            return Err(anyhow::anyhow!(
+                "group {group} does not read topic {t}; it reads {}",
+                topics.join(", ")
+            )
+            .into());
+        }
         topics = vec![t.to_owned()];
     }
     let states = offsets(s, group, &topics)?;
@@ -277,7 +273,7 @@ pub async fn replay(
         Ok(())
     };
     if dry_run {
-        return print(&moves, false);
+        return Ok(print(&moves, false)?);
     }
     let deadline = wait.map(|w| Instant::now() + w);
     loop {
@@ -288,11 +284,10 @@ pub async fn replay(
         match deadline {
             Some(d) if Instant::now() < d => tokio::time::sleep(Duration::from_millis(500)).await,
             _ => {
-                return Err(GroupBusy {
+                return Err(Failure::Busy {
                     group: group.to_owned(),
                     members,
-                }
-                .into());
+                });
             }
         }
     }
@@ -302,7 +297,7 @@ pub async fn replay(
         .collect();
     kafka::commit_offsets(&s.kafka_brokers, group, &targets)
         .with_context(|| format!("committing {group}'s new offsets"))?;
-    print(&moves, true)
+    Ok(print(&moves, true)?)
 }
 
 /// `keel outbox status`.

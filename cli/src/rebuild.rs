@@ -24,7 +24,8 @@ use keel_core::Settings;
 use keel_core::kafka;
 use tokio_util::sync::CancellationToken;
 
-use crate::ops::{From, GroupBusy, Output};
+use crate::failure::Failure;
+use crate::ops::{From, Output};
 
 /// How long the swap may hold the live group's writes while the rebuild takes in its last events.
 const SWAP_HOLD: Duration = Duration::from_secs(60);
@@ -81,9 +82,11 @@ pub async fn rebuild(
     from: &From,
     timeout: Duration,
     output: Output,
-) -> anyhow::Result<()> {
+) -> Result<(), Failure> {
     if matches!(from, From::Latest | From::Offset(_)) {
-        anyhow::bail!("--from {from:?}: a rebuild starts at earliest or at a time");
+        return Err(
+            anyhow::anyhow!("--from {from:?}: a rebuild starts at earliest or at a time").into(),
+        );
     }
     let started = Instant::now();
     let deadline = started + timeout;
@@ -92,11 +95,10 @@ pub async fn rebuild(
     let names: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
     let members = kafka::group_members(&s.kafka_brokers, group)?;
     if members > 0 {
-        return Err(GroupBusy {
+        return Err(Failure::Busy {
             group: group.to_owned(),
             members,
-        }
-        .into());
+        });
     }
 
     keel_consumers::migrate(
@@ -205,7 +207,8 @@ pub async fn rebuild(
         analytics::DB_SCHEMA
     ))
     .fetch_one(&pool)
-    .await?;
+    .await
+    .map_err(anyhow::Error::from)?;
     let seconds = started.elapsed().as_secs_f64();
     match output {
         Output::Json => println!(
