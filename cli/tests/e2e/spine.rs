@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use keel_consumers::inventory::{self, Inventory};
+use keel_consumers::runtime::testing;
 use keel_consumers::{Consumer, Outcome};
 use keel_core::testkit::{brokers, eventually, read_topic, unique};
 use keel_outbox::relay::Step;
@@ -45,8 +46,11 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
     // The consumer applies the event, then dies after its DB commit but before storing the offset.
     let never = CancellationToken::new();
     let first = inventory(&stack, &group).await;
-    let message = first.next(&never).await.unwrap();
-    assert_eq!(first.apply(&message, &never).await, Some(Outcome::Applied));
+    let message = testing::next(&first, &never).await.unwrap();
+    assert_eq!(
+        testing::apply(&first, &message, &never).await,
+        Some(Outcome::Applied)
+    );
     drop(message);
     drop(first);
     assert_eq!(stack.stock("SKU-1").await, (10000, 2));
@@ -54,12 +58,12 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
     // Restarted, it sees the record again, and the relay's duplicate: both are recognised.
     let second = inventory(&stack, &group).await;
     for _ in 0..2 {
-        let message = second.next(&never).await.unwrap();
+        let message = testing::next(&second, &never).await.unwrap();
         assert_eq!(
-            second.apply(&message, &never).await,
+            testing::apply(&second, &message, &never).await,
             Some(Outcome::Duplicate)
         );
-        second.store(&message).unwrap();
+        testing::store(&second, &message).unwrap();
     }
     assert_eq!(stack.stock("SKU-1").await, (10000, 2), "reserved once");
     assert_eq!(stack.stock("SKU-2").await, (10000, 1));
@@ -71,8 +75,11 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
         .await;
     // The payment, and inventory's own outcome (InventoryReserved) from its outbox row.
     assert_eq!(stack.relay().step().await.unwrap(), Step::Published(2));
-    let message = second.next(&never).await.unwrap();
-    assert_eq!(second.apply(&message, &never).await, Some(Outcome::Applied));
+    let message = testing::next(&second, &never).await.unwrap();
+    assert_eq!(
+        testing::apply(&second, &message, &never).await,
+        Some(Outcome::Applied)
+    );
     assert_eq!(stack.stock("SKU-1").await, (9998, 0));
     let status: String =
         sqlx::query_scalar("SELECT status FROM inventory.reservations WHERE order_id = $1::uuid")

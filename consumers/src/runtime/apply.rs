@@ -54,22 +54,12 @@ impl<H: Handler> Consumer<H> {
         events
     }
 
-    /// Applies `batch` (records taken from the consumer in one go, in order) in one transaction
-    /// when it can. If that fails (a record that does not decode, an effect that fails, an
-    /// outage), nothing of it committed and its records are applied one by one as
-    /// [`Consumer::apply`] does, with its retries and dead-lettering. Outcomes come in the
-    /// records' order; fewer than the records if `shutdown` came first (the rest are not done).
-    /// Does not store offsets: see [`Consumer::store`].
-    pub async fn apply_batch(
-        &self,
-        batch: &[BorrowedMessage<'_>],
-        shutdown: &CancellationToken,
-    ) -> Vec<Outcome> {
-        let decoded = self.decode_batch(batch).await;
-        self.apply_decoded(batch, decoded, shutdown).await
-    }
-
-    /// [`Consumer::apply_batch`] with the records already decoded ([`Consumer::decode_batch`]).
+    /// Applies `batch` (records taken from the consumer in one go, in order, already decoded by
+    /// [`Consumer::decode_batch`]) in one transaction when it can. If that fails (a record that
+    /// does not decode, an effect that fails, an outage), nothing of it committed and its records
+    /// are applied one by one as [`Consumer::apply_one`] does, with its retries and dead-lettering.
+    /// Outcomes come in the records' order; fewer than the records if `shutdown` came first (the
+    /// rest are not done). Does not store offsets.
     pub(super) async fn apply_decoded(
         &self,
         batch: &[BorrowedMessage<'_>],
@@ -116,17 +106,7 @@ impl<H: Handler> Consumer<H> {
     /// Applies one record, retrying as its error class says (see the module doc), and
     /// dead-letters it if it can never be applied. `None` if `shutdown` came while waiting to
     /// retry: the record is not done and its offset must not be stored.
-    /// Does not store the offset: see [`Consumer::store`].
-    pub async fn apply(
-        &self,
-        message: &BorrowedMessage<'_>,
-        shutdown: &CancellationToken,
-    ) -> Option<Outcome> {
-        let (meta, span) = self.prepare(message);
-        self.apply_one(message, &meta, &span, shutdown).await
-    }
-
-    async fn apply_one(
+    pub(super) async fn apply_one(
         &self,
         message: &BorrowedMessage<'_>,
         meta: &Meta,

@@ -17,6 +17,7 @@
 //! - [`quirks`]: the local broker's wrong answers, worked around only with
 //!   `KEEL_BROKER_QUIRKS=tansu`.
 //! - [`spans`]: each record's consumer span and the trace context handlers pass on.
+//! - `testing` (feature `testing`): one record taken, applied and stored step by step.
 //!
 //! # Shutdown
 //! On shutdown the record in progress finishes (or, if it is waiting to retry, is abandoned
@@ -29,6 +30,8 @@ pub mod membership;
 pub mod quirks;
 pub mod source;
 pub mod spans;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transaction;
 
 use std::collections::HashSet;

@@ -14,7 +14,7 @@ use super::handler::Handler;
 
 impl<H: Handler> Consumer<H> {
     /// The next record, or `None` if `shutdown` came first.
-    pub async fn next(&self, shutdown: &CancellationToken) -> Option<BorrowedMessage<'_>> {
+    pub(super) async fn next(&self, shutdown: &CancellationToken) -> Option<BorrowedMessage<'_>> {
         loop {
             // Waiting for records is progress: beat at least every second while idle.
             keel_core::health::beat(&self.health_loop);
@@ -53,7 +53,10 @@ impl<H: Handler> Consumer<H> {
 
     /// The records librdkafka already holds, at least one and at most the batch size; empty if
     /// `shutdown` came first. Waits only for the first: a batch never waits for more records.
-    pub async fn next_batch(&self, shutdown: &CancellationToken) -> Vec<BorrowedMessage<'_>> {
+    pub(super) async fn next_batch(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Vec<BorrowedMessage<'_>> {
         let Some(first) = self.next(shutdown).await else {
             return Vec::new();
         };
@@ -95,7 +98,7 @@ impl<H: Handler> Consumer<H> {
     /// Marks the record done: its offset will be committed. Fails after the record's partition
     /// was revoked; that is harmless (the new owner redelivers it and sees a duplicate), so the
     /// loop logs it and goes on.
-    pub fn store(&self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
+    pub(super) fn store(&self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         self.consumer.store_offset_from_message(message)?;
         Ok(())
     }
