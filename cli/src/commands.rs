@@ -127,17 +127,20 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
     .await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
     let token = shutdown::on_signal();
-    let admin = admin(s, &token, pool.clone()).await?;
-    let relay = keel_outbox::Relay::new(pool, s)?;
-    relay
-        .prepare(&[
-            (&s.topics.orders, "keel.orders"),
-            (&s.topics.inventory, "keel.inventory"),
-        ])
-        .await
-        .context("KEEL_SCHEMA_REGISTRY_URL: the registry did not accept keel's contracts")?;
-    let result = relay.run(token).await;
-    admin.cancel();
+    let admin = Admin::start(s, &token, pool.clone()).await?;
+    let result = async {
+        let relay = keel_outbox::Relay::new(pool, s)?;
+        relay
+            .prepare(&[
+                (&s.topics.orders, "keel.orders"),
+                (&s.topics.inventory, "keel.inventory"),
+            ])
+            .await
+            .context("KEEL_SCHEMA_REGISTRY_URL: the registry did not accept keel's contracts")?;
+        relay.run(token).await
+    }
+    .await;
+    admin.stop().await;
     result
 }
 
@@ -146,31 +149,54 @@ pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
     let pool = keel_core::db::pool(&s.database_url, 1)
         .await
         .context("KEEL_DATABASE_URL")?;
-    let admin = admin(s, &token, pool).await?;
+    let admin = Admin::start(s, &token, pool).await?;
     let result = match keel_consumers::group(group) {
         Ok(group) => (group.run)(s.clone(), token).await,
         Err(e) => Err(e),
     };
-    admin.cancel();
+    admin.stop().await;
     result
 }
 
-/// Serves `/health`, `/ready` and `/metrics` on `KEEL_ADMIN_ADDR`, if set, until the returned
-/// token is cancelled: after the service stopped, so that `/ready` reports the shutdown meanwhile.
-async fn admin(
-    s: &Settings,
-    shutdown: &tokio_util::sync::CancellationToken,
-    pool: sqlx::PgPool,
-) -> anyhow::Result<tokio_util::sync::CancellationToken> {
-    let stop = tokio_util::sync::CancellationToken::new();
-    if let Some(addr) = s.admin_addr {
-        let checks = keel_core::health::Checks::new(shutdown.clone(), s.liveness_timeout)
-            .database(pool)
-            .broker(&s.kafka_brokers)
-            .registry(&s.schema_registry_url);
-        keel_core::health::serve(addr, checks, stop.clone()).await?;
+/// The admin server beside a service: `/health`, `/ready` and `/metrics` on `KEEL_ADMIN_ADDR`,
+/// if set. The service stops it after it stopped itself, so that `/ready` reports the shutdown
+/// meanwhile.
+struct Admin {
+    stop: tokio_util::sync::CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Admin {
+    /// Starts serving; ready until `shutdown`.
+    async fn start(
+        s: &Settings,
+        shutdown: &tokio_util::sync::CancellationToken,
+        pool: sqlx::PgPool,
+    ) -> anyhow::Result<Self> {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut server = None;
+        if let Some(addr) = s.admin_addr {
+            let checks = keel_core::health::Checks::new(shutdown.clone(), s.liveness_timeout)
+                .database(pool)
+                .broker(&s.kafka_brokers)
+                .registry(&s.schema_registry_url);
+            let (_, task) = keel_core::health::serve(addr, checks, stop.clone()).await?;
+            server = Some(task);
+        }
+        Ok(Self { stop, server })
     }
-    Ok(stop)
+
+    /// Stops the server and waits until it has (a scrape in progress is answered first): the
+    /// process exits only after.
+    async fn stop(self) {
+        self.stop.cancel();
+        let Some(server) = self.server else { return };
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "Admin server failed"),
+            Err(e) => tracing::warn!(error = %e, "Admin server task failed"),
+        }
+    }
 }
 
 pub fn print_settings() -> anyhow::Result<()> {

@@ -221,7 +221,8 @@ pub fn router(checks: Checks) -> Router {
 }
 
 /// Serves [`router`] on `addr` until `shutdown` (`KEEL_ADMIN_ADDR`). Returns the bound address
-/// and the server's task.
+/// and the server's task, which ends once the requests in progress at `shutdown` are answered:
+/// await it before exiting.
 pub async fn serve(
     addr: SocketAddr,
     checks: Checks,

@@ -23,7 +23,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub const DB_SCHEMA: &str = "registry";
 
 /// Migrates `database_url`, binds `addr` (port 0 picks one) and serves until `shutdown`.
-/// Returns the bound address and the server task.
+/// Returns the bound address and the server task, which ends once the requests in progress at
+/// `shutdown` are answered: await it before exiting.
 pub async fn spawn(
     database_url: &str,
     addr: std::net::SocketAddr,

@@ -154,11 +154,15 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.group().to_owned();
         tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");
-        let lag = tokio::spawn(measure_lag(
+        // The tasks beside the loop. They stop when the loop does (whatever ended it), and `run`
+        // returns only once they have: nothing of the consumer outlives it.
+        let beside = tokio_util::task::TaskTracker::new();
+        let loop_ended = shutdown.child_token();
+        beside.spawn(measure_lag(
             self.brokers.clone(),
             group.clone(),
             self.subscription.topics.clone(),
-            shutdown.clone(),
+            loop_ended.clone(),
         ));
         let metrics = keel_core::metrics::metrics();
         let group_labels = keel_core::metrics::GroupLabels {
@@ -239,7 +243,9 @@ impl<H: Handler> Consumer<H> {
             tracing::debug!(group, error = %e, "Final commit");
         }
         keel_core::health::done(&self.health_loop);
-        lag.abort();
+        loop_ended.cancel();
+        beside.close();
+        beside.wait().await;
         tracing::info!(group, "Consumer stopped");
         Ok(())
     }
