@@ -54,3 +54,74 @@ fn read_partition_stops_at_the_end_offset_without_waiting_for_silence() {
     assert_eq!(offsets(tail), vec![7, 8, 9]);
     assert_eq!(offsets(past_the_end), Vec::<i64>::new());
 }
+
+/// Kafka's `Utils.murmur2`, as the Java client's default partitioner hashes a record's key.
+fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+#[test]
+fn murmur2_matches_kafkas_own_test_vectors() {
+    // From Apache Kafka's UtilsTest.testMurmur2.
+    assert_eq!(murmur2(b"21"), -973932308);
+    assert_eq!(murmur2(b"foobar"), -790332482);
+    assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
+    assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
+    assert_eq!(
+        murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+        -58897971
+    );
+    assert_eq!(murmur2(b"abc"), 479470107);
+}
+
+#[tokio::test]
+async fn a_record_keyed_by_order_id_lands_where_a_java_producer_would_put_it() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    cluster.create_topic("orders", 6, 3).expect("topic");
+    let producer: FutureProducer = keel_core::kafka::producer_config(&cluster.bootstrap_servers())
+        .create()
+        .expect("producer");
+    for _ in 0..50 {
+        let key = uuid::Uuid::now_v7().to_string();
+        let delivery = producer
+            .send(
+                FutureRecord::to("orders").key(&key).payload("event"),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+        // The Java client's DefaultPartitioner (and Connect's, and ksqlDB's): positive murmur2
+        // of the key bytes, modulo the partition count.
+        let java = (murmur2(key.as_bytes()) & 0x7fff_ffff) % 6;
+        assert_eq!(delivery.partition, java, "key {key}");
+    }
+}
