@@ -36,12 +36,14 @@ pub mod transaction;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use keel_core::Settings;
 use keel_core::settings::ConsumerSettings;
 use keel_schemas::Decoder;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -150,7 +152,8 @@ impl<H: Handler> Consumer<H> {
         &self.subscription.group
     }
 
-    /// Consumes until `shutdown`, then commits what is done.
+    /// Consumes until `shutdown`, then commits what is done: take the records already fetched,
+    /// apply them (dedupe rows and effects in one transaction), store their offsets, repeat.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.group().to_owned();
         tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");
@@ -164,10 +167,6 @@ impl<H: Handler> Consumer<H> {
             self.subscription.topics.clone(),
             loop_ended.clone(),
         ));
-        let metrics = keel_core::metrics::metrics();
-        let group_labels = keel_core::metrics::GroupLabels {
-            group: group.clone(),
-        };
         // The next batch when it was taken while the last one was applied.
         let mut ready = None;
         loop {
@@ -196,40 +195,7 @@ impl<H: Handler> Consumer<H> {
                     let decoded = self.decode_batch(&next).await;
                     (next, decoded)
                 });
-            // Per record: a batch's time shared among its records.
-            let per_record = started.elapsed().as_secs_f64() / batch.len() as f64;
-            metrics
-                .consumer_batch
-                .get_or_create(&group_labels)
-                .observe(batch.len() as f64);
-            let processing = metrics.consumer_processing.get_or_create(&group_labels);
-            for (message, outcome) in batch.iter().zip(&outcomes) {
-                processing.observe(per_record);
-                tracing::debug!(
-                    group,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    outcome = outcome.name(),
-                    "Record done"
-                );
-                if let Err(e) = self.store(message) {
-                    tracing::info!(
-                        group, topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                        error = %e, "Cannot store the offset (partition revoked?); it will be redelivered as a duplicate"
-                    );
-                }
-            }
-            drop(processing);
-            for (outcome, n) in transaction::tally(&outcomes) {
-                metrics
-                    .consumer_records
-                    .get_or_create(&keel_core::metrics::OutcomeLabels {
-                        group: group.clone(),
-                        outcome: outcome.to_owned(),
-                    })
-                    .inc_by(n);
-            }
+            self.finish(&batch, &outcomes, started.elapsed());
             if outcomes.len() < batch.len() {
                 break; // shutdown while a record waited to be retried
             }
@@ -248,5 +214,49 @@ impl<H: Handler> Consumer<H> {
         beside.wait().await;
         tracing::info!(group, "Consumer stopped");
         Ok(())
+    }
+
+    /// The records of `batch` that are done (the first `outcomes.len()`, in order): their
+    /// offsets stored for the next commit, and counted. `took`: the batch's time.
+    fn finish(&self, batch: &[BorrowedMessage<'_>], outcomes: &[Outcome], took: Duration) {
+        let group = self.group();
+        let metrics = keel_core::metrics::metrics();
+        let labels = keel_core::metrics::GroupLabels {
+            group: group.to_owned(),
+        };
+        metrics
+            .consumer_batch
+            .get_or_create(&labels)
+            .observe(batch.len() as f64);
+        // Per record: a batch's time shared among its records.
+        let per_record = took.as_secs_f64() / batch.len() as f64;
+        let processing = metrics.consumer_processing.get_or_create(&labels);
+        for (message, outcome) in batch.iter().zip(outcomes) {
+            processing.observe(per_record);
+            tracing::debug!(
+                group,
+                topic = message.topic(),
+                partition = message.partition(),
+                offset = message.offset(),
+                outcome = outcome.name(),
+                "Record done"
+            );
+            if let Err(e) = self.store(message) {
+                tracing::info!(
+                    group, topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                    error = %e, "Cannot store the offset (partition revoked?); it will be redelivered as a duplicate"
+                );
+            }
+        }
+        drop(processing);
+        for (outcome, n) in transaction::tally(outcomes) {
+            metrics
+                .consumer_records
+                .get_or_create(&keel_core::metrics::OutcomeLabels {
+                    group: group.to_owned(),
+                    outcome: outcome.to_owned(),
+                })
+                .inc_by(n);
+        }
     }
 }
