@@ -201,7 +201,9 @@ impl Admin {
 
 pub fn print_settings() -> anyhow::Result<()> {
     for (key, default, doc) in keel_core::settings::KEYS {
-        let current = std::env::var(key).unwrap_or_else(|_| default.to_string());
+        let current = keel_core::settings::redact(
+            &std::env::var(key).unwrap_or_else(|_| default.to_string()),
+        );
         println!("{key}={current}\n    {doc} (default: {default:?})");
     }
     Ok(())

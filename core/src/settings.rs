@@ -14,7 +14,7 @@ use std::time::Duration;
 /// A setting that is present but unusable. The message always starts with the key's name.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("{key}: {message} (got {value:?})")]
+    #[error("{key}: {message} (got {:?})", redact(value))]
     Invalid {
         key: &'static str,
         value: String,
@@ -453,6 +453,19 @@ impl CacheSettings {
     }
 }
 
+/// `value` fit to print: a URL's password (`postgres://user:secret@host`, `redis://:secret@host`)
+/// becomes `***`. Everything keel prints of its settings goes through this.
+pub fn redact(value: &str) -> String {
+    match url::Url::parse(value) {
+        Ok(mut url) if url.password().is_some() => {
+            // Fails only for URLs that cannot have a password, which this one has.
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        _ => value.to_owned(),
+    }
+}
+
 struct Source(BTreeMap<String, String>);
 
 impl Source {
@@ -612,6 +625,26 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        assert_eq!(
+            redact("postgres://keel:s3cret@db:5432/keel"),
+            "postgres://keel:***@db:5432/keel"
+        );
+        assert_eq!(
+            redact("redis://:s3cret@cache:6379"),
+            "redis://:***@cache:6379"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("orders"), "orders");
+        let err = Settings::from_vars(vars(&[(
+            "KEEL_ORDER_SERVICE_ADDR",
+            "http://admin:s3cret@example",
+        )]))
+        .unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

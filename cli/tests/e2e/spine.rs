@@ -269,3 +269,40 @@ fn a_configuration_mistake_fails_at_start_up_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("KEEL_RELAY_BATCH_SIZE"), "{stderr}");
 }
+
+#[test]
+fn settings_print_every_key_and_no_password() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("settings")
+        .env(
+            "KEEL_DATABASE_URL",
+            "postgres://keel:s3cret-pw@db:5432/keel",
+        )
+        .env("KEEL_REDIS_URL", "redis://:other-s3cret@cache:6379")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("KEEL_DATABASE_URL=postgres://keel:***@db:5432/keel"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KEEL_REDIS_URL=redis://:***@cache:6379"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    for (key, _, _) in keel_core::settings::KEYS {
+        assert!(stdout.contains(&format!("{key}=")), "{key} missing");
+    }
+    // A bad value is named with its key, its secret left out.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("relay")
+        .env("KEEL_ORDER_SERVICE_ADDR", "http://admin:s3cret-pw@example")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KEEL_ORDER_SERVICE_ADDR"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
