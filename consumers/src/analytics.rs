@@ -34,7 +34,7 @@ pub static GROUP: Group = Group {
         Box::pin(async move { crate::serve(&GROUP, Analytics::new(), &s, shutdown).await })
     },
 };
-/// The group and schema `keel analytics rebuild` fills before swapping it in (see [`rebuild`]).
+/// The group and schema `keel analytics rebuild` fills before swapping it in (see the module doc).
 pub const REBUILD_GROUP: &str = "analytics-rebuild";
 pub const REBUILD_SCHEMA: &str = "analytics_rebuild";
 

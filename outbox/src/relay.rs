@@ -177,7 +177,8 @@ async fn set_aside(
 /// A record handed to the producer: its delivery and, with tracing on, its span.
 type Sent = (rdkafka::producer::DeliveryFuture, Option<tracing::Span>);
 
-/// Waits until Kafka acknowledged every record of `rows` (sent in that order); counts them.
+/// Waits until Kafka acknowledged every record of `rows` (sent in that order), counting each
+/// in the relay's metrics; an error if any was not acknowledged.
 async fn settle(sent: Vec<Sent>, rows: &[Pending]) -> Result<(), RelayError> {
     let (deliveries, spans): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
     let total = deliveries.len();

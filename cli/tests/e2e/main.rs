@@ -13,4 +13,5 @@ mod groups;
 mod interop;
 mod ops;
 mod rebuild;
+mod shutdown;
 mod spine;

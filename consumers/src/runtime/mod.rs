@@ -10,7 +10,8 @@
 //! One room per concern; each file's own doc says what it owns and what it promises.
 //! - [`handler`]: the [`Handler`] trait a group implements, its batch hook, [`HandlerError`].
 //! - [`transaction`]: [`transact`], the dedupe rows and the effects in one transaction.
-//! - [`source`]: fetching, assignment and the positions each partition should deliver next.
+//! - [`source`]: fetching (the next record, the records already fetched) and storing offsets,
+//!   which librdkafka's auto-commit then commits (`keel_core::kafka::consumer_config`).
 //! - [`apply`]: a batch at once, else record by record with the retry classes.
 //! - [`dead_letter`]: the dead-letter writer and its headers.
 //! - [`membership`]: owned partitions and lag.
@@ -152,8 +153,10 @@ impl<H: Handler> Consumer<H> {
         &self.subscription.group
     }
 
-    /// Consumes until `shutdown`, then commits what is done: take the records already fetched,
-    /// apply them (dedupe rows and effects in one transaction), store their offsets, repeat.
+    /// Consumes until `shutdown`, then commits what is done: take the records already fetched
+    /// (`next_batch`, in `source.rs`), decode and apply them (dedupe rows and effects
+    /// in one transaction: `apply_decoded`, in `apply.rs`), store their offsets
+    /// (`finish`), repeat. librdkafka commits the stored offsets every second.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.group().to_owned();
         tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");

@@ -5,9 +5,6 @@
 //! - A second SIGTERM while a request holds the graceful shutdown up (it waits on a lock the test
 //!   holds): the process exits at once with `keel_core::shutdown::FORCED_EXIT`, with the request
 //!   still unanswered. Without the second-signal handling it would wait for the lock for ever.
-//!
-//! Self-contained (helpers of its own, no `common`), so that it can be folded into another test
-//! binary as a module.
 
 use std::net::SocketAddr;
 use std::time::Duration;
