@@ -74,11 +74,12 @@ pub(crate) async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyh
                 let handler = keel_consumers::analytics::Analytics::new();
                 apply_all(bench, &sql_group, &handler, &topic, events).await?
             }
-            _ => {
+            "cache-invalidation" => {
                 let handler =
                     keel_consumers::cache_invalidation::CacheInvalidation::new(&bench.keel)?;
                 apply_all(bench, &sql_group, &handler, &topic, events).await?
             }
+            other => anyhow::bail!("{other}: the bench has no SQL baseline for this group yet"),
         }
         let raw_sql = rate(n as f64, started.elapsed());
         reset_effects(&bench.pool).await?;

@@ -39,12 +39,16 @@ pub(crate) async fn relay_drain(bench: &Bench, report: &mut report::Report) -> a
     let started = Instant::now();
     loop {
         let mut tx = bench.pool.begin().await?;
-        sqlx::query(
+        let leader: bool = sqlx::query_scalar(
             "SELECT pg_try_advisory_xact_lock($1) FROM set_config('synchronous_commit', 'off', true)",
         )
         .bind(keel_outbox::relay::RELAY_LOCK)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        anyhow::ensure!(
+            leader,
+            "not the relay leader: is a relay running on the bench's database?"
+        );
         let ids: Vec<i64> = sqlx::query(keel_outbox::relay::CLAIM)
             .bind(batch_size)
             .fetch_all(&mut *tx)

@@ -568,7 +568,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         redis: var("CHAOS_REDIS")?,
         logs: logs.clone(),
         run: chrono::Utc::now().format("%Y%m%d%H%M%S").to_string(),
-        settings: keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?,
+        settings: {
+            let mut s = keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Every scenario runs on a tansu of its own, whose wrong answers keel works around.
+            s.broker_quirks = keel_core::settings::BrokerQuirks::Tansu;
+            s
+        },
     };
     let chosen: Vec<Scenario> = Scenario::value_variants()
         .iter()

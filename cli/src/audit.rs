@@ -156,6 +156,8 @@ async fn check_all(
     opening_stock: Option<i32>,
     output: Output,
 ) -> anyhow::Result<usize> {
+    // The cache check needs Redis: refuse before any other check runs.
+    s.cache.require_redis()?;
     keel_consumers::migrate_all(s)
         .await
         .context("KEEL_DATABASE_URL")?;

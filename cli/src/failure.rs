@@ -15,8 +15,8 @@ use keel_core::settings::SettingsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
-    /// A `KEEL_*` setting is unusable. Not `#[from]`: a setting found wanting while a command
-    /// runs (`require_redis`) fails that command, exit 1, as before.
+    /// A `KEEL_*` setting is unusable at start-up. Not `#[from]`: a setting found wanting while a
+    /// command runs (`require_redis`, when `KEEL_REDIS_URL` is empty) fails that command, exit 1.
     #[error("configuration error: {0}")]
     Config(SettingsError),
     /// The group has live members (`keel replay`), or another rebuild runs (`keel analytics

@@ -410,22 +410,20 @@ pub fn read_partition(
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
     let consumer = outsider(brokers, "keel-reader")?;
-    let end = match quirks {
+    let (start, end) = match quirks {
         BrokerQuirks::None => {
             let (low, high) = consumer.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)?;
-            if high <= from.unwrap_or(low).max(low) {
+            // Below the log's start (retention passed it): from the start.
+            let start = from.unwrap_or(low).max(low);
+            if high <= start {
                 return Ok(Vec::new());
             }
-            Some(high)
+            (Offset::Offset(start), Some(high))
         }
-        BrokerQuirks::Tansu => None,
+        BrokerQuirks::Tansu => (from.map_or(Offset::Beginning, Offset::Offset), None),
     };
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(
-        topic,
-        partition,
-        from.map_or(Offset::Beginning, Offset::Offset),
-    )?;
+    list.add_partition_offset(topic, partition, start)?;
     consumer.assign(&list)?;
     let mut read = Vec::new();
     while read.len() < limit {

@@ -22,10 +22,12 @@ pub fn brokers() -> String {
 /// (`tansu` for the broker it starts; unset, Apache Kafka's semantics, for one given in
 /// `TEST_KAFKA_BROKERS`).
 pub fn broker_quirks() -> crate::settings::BrokerQuirks {
-    std::env::var("KEEL_BROKER_QUIRKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_default()
+    match std::env::var("KEEL_BROKER_QUIRKS") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("KEEL_BROKER_QUIRKS={v:?}: {e}")),
+        Err(_) => Default::default(),
+    }
 }
 
 /// The Redis tests use (keys are per-order UUIDs, so tests never collide).

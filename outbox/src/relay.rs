@@ -535,8 +535,9 @@ async fn delete_expired(pool: &PgPool, retention: Duration) -> Result<u64, sqlx:
 pub mod testing {
     use super::Relay;
 
-    /// Every step of `relay` publishes its rows and waits for their acknowledgements, then fails
-    /// with [`super::RelayError::Crashed`] before marking them: the rows stay pending and are
+    /// Every step of `relay` hands all its rows to the producer and waits for the first slice's
+    /// acknowledgements (all of them, for a batch of up to 500 rows), then fails with
+    /// [`super::RelayError::Crashed`] before marking any: the rows stay pending and are
     /// published again, as after a crash between produce and mark.
     pub fn crash_before_mark(mut relay: Relay) -> Relay {
         relay.crash_before_mark = true;

@@ -1,5 +1,6 @@
-//! What a group implements: the [`Handler`] trait (its topics, its tables, its effect, and the
-//! batch hook), the [`Meta`] each record comes with, and [`HandlerError`], whose class decides
+//! What a group implements: the [`Handler`] trait (its effect, its batch size and the batch
+//! hook; its name, topics and tables are its [`crate::Group`] entry's), the [`Meta`] each
+//! record comes with, and [`HandlerError`], whose class decides
 //! what the runtime does with a failure (see [`super::apply`]).
 
 use std::future::Future;

@@ -77,11 +77,16 @@ pub(super) async fn measure_lag(
 ) {
     loop {
         let (b, g, t) = (brokers.clone(), group.clone(), topics.clone());
-        let states = tokio::task::spawn_blocking(move || {
+        let measuring = tokio::task::spawn_blocking(move || {
             let t: Vec<&str> = t.iter().map(String::as_str).collect();
             keel_core::kafka::group_offsets(&b, &g, &t)
-        })
-        .await;
+        });
+        // A measurement can take its admin timeout (10 s) while the broker is away: shutdown
+        // does not wait for it (the blocking call ends on its own, its answer unused).
+        let states = tokio::select! {
+            () = shutdown.cancelled() => return,
+            states = measuring => states,
+        };
         match states {
             Ok(Ok(states)) => {
                 for p in states {

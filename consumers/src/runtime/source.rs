@@ -1,5 +1,6 @@
-//! The source: records from Kafka, in offset order per partition, and the positions the runtime
-//! expects each partition to deliver next.
+//! The source: records from Kafka, in offset order per partition (with `KEEL_BROKER_QUIRKS=tansu`
+//! checked against the positions of [`super::quirks`]), and storing their offsets for
+//! librdkafka's auto-commit.
 
 use std::time::Duration;
 
