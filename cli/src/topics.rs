@@ -99,6 +99,9 @@ struct Comparison {
     topic: String,
     declared_partitions: i32,
     partitions: Option<i32>,
+    /// -1: the broker's default.
+    declared_replication: i32,
+    replication: Option<i32>,
     declared_config: std::collections::BTreeMap<String, String>,
     config: std::collections::BTreeMap<String, String>,
     /// What differs, in words; empty when the topic matches.
@@ -130,6 +133,13 @@ pub async fn describe(s: &Settings, output: Output) -> anyhow::Result<()> {
                         t.partitions, spec.partitions
                     ));
                 }
+                // -1: the broker's default, whatever it is.
+                if spec.replication >= 1 && t.replication != spec.replication {
+                    differences.push(format!(
+                        "{} replicas, {} declared",
+                        t.replication, spec.replication
+                    ));
+                }
                 for (key, value) in &spec.config {
                     match t.config.get(key) {
                         Some(v) if v == value => {}
@@ -145,6 +155,8 @@ pub async fn describe(s: &Settings, output: Output) -> anyhow::Result<()> {
             topic: spec.name.clone(),
             declared_partitions: spec.partitions,
             partitions: found.map(|t| t.partitions),
+            declared_replication: spec.replication,
+            replication: found.map(|t| t.replication),
             declared_config: spec.config.iter().cloned().collect(),
             config: found.map(|t| t.config.clone()).unwrap_or_default(),
             differences,

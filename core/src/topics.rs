@@ -2,10 +2,13 @@
 //! environment gets the same partitions, retention and clean-up policy.
 //!
 //! ```toml
-//! [orders]              # a role: its name comes from KEEL_TOPIC_ORDERS
+//! [orders]                # a role: its name comes from KEEL_TOPIC_ORDERS
 //! partitions = 6
-//! retention = "7d"      # 30s, 15m, 12h, 7d, or "forever"
-//! cleanup = "delete"    # delete or compact
+//! replication_factor = 3  # left out: the broker's default
+//! min_insync_replicas = 2 # left out: the broker's default
+//! retention = "7d"        # 30s, 15m, 12h, 7d, or "forever"
+//! cleanup = "delete"      # delete or compact
+//! config = { "compression.type" = "zstd" }  # any other topic configuration
 //! ```
 //!
 //! A table's name is a role (`orders`, `inventory`: the topic's name is that setting's value,
@@ -25,8 +28,15 @@ use crate::settings::Topics;
 #[serde(deny_unknown_fields)]
 struct Declared {
     partitions: i32,
-    #[serde(default = "one")]
-    replication_factor: i32,
+    /// Copies of each partition; absent: the broker's default (`default.replication.factor`).
+    #[serde(default)]
+    replication_factor: Option<i32>,
+    /// `min.insync.replicas`: with `acks=all`, how many copies a write needs.
+    #[serde(default)]
+    min_insync_replicas: Option<i32>,
+    /// Any other topic configuration, as Kafka names it (`segment.bytes = "104857600"`).
+    #[serde(default)]
+    config: BTreeMap<String, String>,
     #[serde(default)]
     retention: Option<String>,
     #[serde(default)]
@@ -34,10 +44,6 @@ struct Declared {
     /// Overrides the role's setting or the table's name.
     #[serde(default)]
     name: Option<String>,
-}
-
-fn one() -> i32 {
-    1
 }
 
 /// Reads the declared topics from `path`, naming roles with `topics`' settings. Every mistake
@@ -62,10 +68,10 @@ pub fn parse(text: &str, topics: &Topics) -> anyhow::Result<Vec<TopicSpec>> {
             "[{role}] partitions must be at least 1, not {}",
             d.partitions
         );
+        let replication = d.replication_factor.unwrap_or(-1);
         anyhow::ensure!(
-            d.replication_factor >= 1,
-            "[{role}] replication_factor must be at least 1, not {}",
-            d.replication_factor
+            replication >= 1 || replication == -1,
+            "[{role}] replication_factor must be at least 1 (or left out: the broker's default), not {replication}"
         );
         let name = d.name.clone().unwrap_or_else(|| match role.as_str() {
             "orders" => topics.orders.clone(),
@@ -73,7 +79,7 @@ pub fn parse(text: &str, topics: &Topics) -> anyhow::Result<Vec<TopicSpec>> {
             other => other.to_owned(),
         });
         let mut spec = TopicSpec::new(name, d.partitions);
-        spec.replication = d.replication_factor;
+        spec.replication = replication;
         if let Some(r) = &d.retention {
             let ms = retention_ms(r).map_err(|e| anyhow::anyhow!("[{role}] retention: {e}"))?;
             spec.config.push(("retention.ms".into(), ms.to_string()));
@@ -84,6 +90,21 @@ pub fn parse(text: &str, topics: &Topics) -> anyhow::Result<Vec<TopicSpec>> {
                 "[{role}] cleanup must be \"delete\" or \"compact\", not {c:?}"
             );
             spec.config.push(("cleanup.policy".into(), c.clone()));
+        }
+        if let Some(n) = d.min_insync_replicas {
+            anyhow::ensure!(
+                n >= 1 && (replication == -1 || n <= replication),
+                "[{role}] min_insync_replicas must be between 1 and replication_factor, not {n}"
+            );
+            spec.config
+                .push(("min.insync.replicas".into(), n.to_string()));
+        }
+        for (key, value) in d.config {
+            anyhow::ensure!(
+                !spec.config.iter().any(|(k, _)| *k == key),
+                "[{role}] config.{key:?} is set by a field of its own (retention, cleanup, min_insync_replicas)"
+            );
+            spec.config.push((key, value));
         }
         specs.push(spec);
     }
@@ -157,6 +178,30 @@ mod tests {
         assert_eq!(specs[1].name, "payments");
         assert_eq!(specs[1].replication, 3);
         assert_eq!(specs[1].config[0].1, "-1");
+        assert_eq!(specs[0].replication, -1, "left out: the broker's default");
+    }
+
+    #[test]
+    fn min_insync_replicas_and_any_topic_config_are_declared() {
+        let specs = parse(
+            r#"
+            [orders]
+            partitions = 6
+            replication_factor = 3
+            min_insync_replicas = 2
+            config = { "segment.bytes" = "104857600", "compression.type" = "zstd" }
+            "#,
+            &topics(),
+        )
+        .unwrap();
+        assert_eq!(
+            specs[0].config,
+            [
+                ("min.insync.replicas".to_owned(), "2".to_owned()),
+                ("compression.type".to_owned(), "zstd".to_owned()),
+                ("segment.bytes".to_owned(), "104857600".to_owned()),
+            ]
+        );
     }
 
     #[test]
@@ -183,6 +228,18 @@ mod tests {
                 "unknown field `partition`",
             ),
             ("[orders]\nretention = \"1d\"", "missing field `partitions`"),
+            (
+                "[orders]\npartitions = 1\nreplication_factor = 0",
+                "[orders] replication_factor must be at least 1",
+            ),
+            (
+                "[orders]\npartitions = 1\nreplication_factor = 3\nmin_insync_replicas = 4",
+                "[orders] min_insync_replicas must be between 1 and replication_factor",
+            ),
+            (
+                "[orders]\npartitions = 1\nretention = \"1d\"\nconfig = { \"retention.ms\" = \"5\" }",
+                "[orders] config.\"retention.ms\" is set by a field of its own",
+            ),
             ("", "declares no topics"),
         ];
         for (text, expected) in cases {

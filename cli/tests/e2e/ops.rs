@@ -578,6 +578,27 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
     assert_eq!(differences, json!(["2 partitions, 3 declared"]));
     assert!(String::from_utf8_lossy(&drift.stderr).contains("1 topic(s) differ"));
 
+    // Copies the cluster does not have (this broker has one) are reported too; a topic that
+    // leaves replication to the broker's default (orders, created above without one) is not.
+    std::fs::write(
+        &file,
+        format!("[orders]\npartitions = 4\nretention = \"7d\"\n\n[{audit}]\npartitions = 2\ncleanup = \"compact\"\nreplication_factor = 2\n"),
+    )
+    .unwrap();
+    let drift = run(&["topics", "describe", "--output", "json"]);
+    assert_eq!(drift.status.code(), Some(1));
+    let rows: Value = serde_json::from_slice(&drift.stdout).unwrap();
+    let differences_of = |topic: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["topic"] == topic)
+            .unwrap()["differences"]
+            .clone()
+    };
+    assert_eq!(differences_of(&audit), json!(["1 replicas, 2 declared"]));
+    assert_eq!(differences_of(&orders), json!([]));
+
     std::fs::write(&file, "[orders]\npartitions = 0\n").unwrap();
     let bad = run(&["topics", "create"]);
     assert_eq!(bad.status.code(), Some(1));
