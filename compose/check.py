@@ -85,6 +85,8 @@ def main() -> int:
             if len(parts) < 2:
                 problems.append(f"{name}: port {port!r} publishes a random host port; pin it")
                 continue
+            if len(parts) < 3 or parts[0] != "127.0.0.1":
+                problems.append(f"{name}: port {port!r} is published on every host interface; bind it to 127.0.0.1")
             host = parts[-2]
             if host in host_ports:
                 problems.append(f"{name}: host port {host} already used by {host_ports[host]}")
@@ -107,8 +109,13 @@ def main() -> int:
                 elif host_of(str(env[key])) != target:
                     problems.append(f"{name}: {key}={env[key]} does not point at service {target}")
         for key, value in env.items():
-            if "${" in str(value) and ":-" not in str(value):
-                problems.append(f"{name}: {key} interpolates a variable without a default")
+            if "${" in str(value) and ":-" not in str(value) and ":?" not in str(value):
+                problems.append(f"{name}: {key} interpolates a variable without a default or a message")
+        if env.get("POSTGRES_HOST_AUTH_METHOD") == "trust":
+            problems.append(f"{name}: PostgreSQL trusts every connection; set POSTGRES_PASSWORD")
+        for key in ("KEEL_DATABASE_URL", "KEEL_REDIS_URL"):
+            if key in env and "${" not in str(env[key]):
+                problems.append(f"{name}: {key} carries no password from compose/.env")
 
     prometheus = yaml.safe_load(PROMETHEUS.read_text())
     for job in prometheus["scrape_configs"]:

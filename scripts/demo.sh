@@ -2,8 +2,13 @@
 # make demo: places orders through the HTTP API of a running stack and shows what the consumer
 # groups did: inventory's reservations, the mails sent, the analytics figures.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 API=${API:-http://127.0.0.1:8080}
 DB=${KEEL_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/keel}
+# The compose stack's PostgreSQL takes the password make up-kafka wrote to compose/.env.
+if [[ -z "${KEEL_DATABASE_URL:-}" && "$(cat "${KEEL_RUN_DIR:-.run}/stack" 2>/dev/null)" == compose && -f compose/.env ]]; then
+  DB="postgres://postgres:$(sed -n 's/^KEEL_POSTGRES_PASSWORD=//p' compose/.env)@127.0.0.1:5432/keel"
+fi
 curl -fsS "$API/ready" >/dev/null || { echo "keel: the order service is not up at $API; run make up-kafka" >&2; exit 1; }
 
 order() {

@@ -8,6 +8,13 @@ source scripts/lib.sh
 command -v docker >/dev/null || die "docker is not installed; run KEEL_STACK=local make up-kafka"
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (docker info failed); run KEEL_STACK=local make up-kafka"
 docker compose version >/dev/null 2>&1 || die "the docker compose plugin is missing (Compose v2 is required)"
+# PostgreSQL's and Redis's passwords: random, once, in compose/.env (never committed), which
+# docker compose reads for the file beside it.
+if [[ ! -f compose/.env ]]; then
+  secret() { od -An -tx1 -N16 /dev/urandom | tr -d ' \n'; }
+  (umask 077 && printf 'KEEL_POSTGRES_PASSWORD=%s\nKEEL_REDIS_PASSWORD=%s\n' "$(secret)" "$(secret)" >compose/.env)
+  say "Wrote compose/.env with random PostgreSQL and Redis passwords"
+fi
 say "Building keel's image and starting the compose stack (first build: several minutes)"
 docker compose -f compose/docker-compose.yml up --build --detach --wait
 
@@ -17,8 +24,9 @@ keel is up (compose stack: Apache Kafka, Confluent Schema Registry):
   order API        http://localhost:8080   (POST /orders, GET /orders/{id}, /health, /ready, /metrics)
   Kafka broker     localhost:9092          (apache/kafka, KRaft; kafka:19092 inside the network)
   schema registry  http://localhost:8081   (Confluent)
-  PostgreSQL       postgres://postgres@localhost:5432/keel
-  Redis            redis://localhost:6379
+  PostgreSQL       postgres://postgres:<KEEL_POSTGRES_PASSWORD>@localhost:5432/keel  (compose/.env)
+  Redis            redis://:<KEEL_REDIS_PASSWORD>@localhost:6379                     (compose/.env)
+  every port is bound to 127.0.0.1
   traces (Jaeger)  http://localhost:16686
   metrics          http://localhost:9090   (Prometheus; keel admin ports 9101-9105)
   mail (Mailpit)   http://localhost:8025
