@@ -155,18 +155,19 @@ async fn health_fails_while_a_loop_is_stuck_and_recovers_when_it_moves() {
     let consuming = tokio::spawn(consumer.run(stop.clone()));
 
     // Idle is not stuck: the loop beats while it waits for records.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some((200, body)) = get(&stack.http, &health).await
-                && body.contains(&format!("consumer:{group}"))
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the idle consumer is live");
+    eventually(
+        "the idle consumer to be live",
+        Duration::from_secs(10),
+        || async {
+            get(&stack.http, &health)
+                .await
+                .filter(|(status, body)| {
+                    *status == 200 && body.contains(&format!("consumer:{group}"))
+                })
+                .map(|_| ())
+        },
+    )
+    .await;
 
     stack
         .post(
