@@ -55,7 +55,7 @@ impl Bench {
 
     pub(crate) async fn topic(&self, name: &str) -> anyhow::Result<String> {
         let topic = format!("bench-{}-{name}", self.run);
-        kafka::create_topics(&self.brokers, &[TopicSpec::new(&topic, 6)]).await?;
+        kafka::create_topics(&self.keel.kafka, &[TopicSpec::new(&topic, 6)]).await?;
         Ok(topic)
     }
 
@@ -176,7 +176,7 @@ pub(crate) async fn produce_all(
     topic: &str,
     records: &[(String, Vec<u8>)],
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = kafka::producer_config(brokers).create()?;
+    let producer: FutureProducer = kafka::producer_config(&kafka::Kafka::new(brokers)).create()?;
     let mut pending = Vec::with_capacity(records.len());
     for (key, value) in records {
         let mut record = FutureRecord::to(topic)

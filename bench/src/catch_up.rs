@@ -135,7 +135,7 @@ pub(crate) async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyh
 fn raw_read(brokers: &str, topic: &str, n: usize, fetch_wait: Duration) -> anyhow::Result<f64> {
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = kafka::client_config(brokers)
+    let consumer: BaseConsumer = kafka::client_config(&kafka::Kafka::new(brokers))
         .set("group.id", "bench-raw")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())

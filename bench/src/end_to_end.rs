@@ -25,11 +25,11 @@ const WARM_UP: Duration = Duration::from_secs(2);
 /// at random wait 1.5 waits on average (bench/README.md).
 async fn raw_round_trips(bench: &Bench, n: usize, per_s: f64) -> anyhow::Result<Vec<f64>> {
     let topic = bench.topic("ping").await?;
-    let producer: FutureProducer = kafka::producer_config(&bench.brokers).create()?;
+    let producer: FutureProducer = kafka::producer_config(&bench.keel.kafka).create()?;
     // The fetch wait keel's groups use, so that the baseline pays the same broker behaviour.
     let fetch_wait = bench.keel.consumer.fetch_wait;
     let consumer: StreamConsumer =
-        kafka::consumer_config(&bench.brokers, &format!("bench-ping-{}", bench.run))
+        kafka::consumer_config(&bench.keel.kafka, &format!("bench-ping-{}", bench.run))
             .set("enable.auto.offset.store", "true")
             .set("fetch.wait.max.ms", fetch_wait.as_millis().to_string())
             .create()?;

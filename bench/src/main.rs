@@ -92,7 +92,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let keel_bin = var("BENCH_KEEL_BIN", "target/release/keel");
     let mut keel = keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
     keel.database_url = db_url.clone();
-    keel.kafka_brokers = var("BENCH_KAFKA_BROKERS", "127.0.0.1:29092");
+    keel.kafka.brokers = var("BENCH_KAFKA_BROKERS", "127.0.0.1:29092");
     let migrate = Command::new(&keel_bin)
         .arg("migrate")
         .envs(keel.to_env())
@@ -106,7 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     keel.schema_registry_url = format!("http://{registry}");
     let bench = Bench {
         pool: keel_core::db::pool(&db_url, 20).await?,
-        brokers: keel.kafka_brokers.clone(),
+        brokers: keel.kafka.brokers.clone(),
         registry_url: keel.schema_registry_url.clone(),
         keel_bin,
         run: run.clone(),

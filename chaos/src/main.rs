@@ -178,7 +178,9 @@ fn poison() -> Vec<(&'static str, Option<Vec<u8>>)> {
 }
 
 async fn inject_poison(stack: &Stack, n: &mut usize) -> anyhow::Result<()> {
-    let producer: FutureProducer = keel_core::kafka::producer_config(&stack.brokers).create()?;
+    let producer: FutureProducer =
+        keel_core::kafka::producer_config(&keel_core::kafka::Kafka::new(&stack.brokers))
+            .create()?;
     for (i, (_, value)) in poison().into_iter().enumerate() {
         let key = format!("poison-{i}");
         let mut record = FutureRecord::<str, [u8]>::to(&stack.orders_topic).key(&key);

@@ -78,7 +78,7 @@ impl Stack {
         let orders_topic = format!("{prefix}-orders");
         let inventory_topic = format!("{prefix}-inventory");
         kafka::create_topics(
-            &brokers,
+            &kafka::Kafka::new(&brokers),
             &[
                 TopicSpec::new(&orders_topic, 6),
                 TopicSpec::new(&inventory_topic, 6),
@@ -159,7 +159,7 @@ impl Stack {
                 self.postgres.addr, self.db_name
             )
         };
-        s.kafka_brokers = self.brokers.clone();
+        s.kafka.brokers = self.brokers.clone();
         s.schema_registry_url = format!("http://127.0.0.1:{}", self.registry_port);
         s.registry_addr = local(self.registry_port);
         s.order_service_addr = local(self.api_port);
@@ -373,8 +373,10 @@ impl Stack {
                 group.to_owned(),
                 self.orders_topic.clone(),
             );
-            tokio::task::spawn_blocking(move || kafka::group_offsets(&brokers, &group, &[&topic]))
-                .await??
+            tokio::task::spawn_blocking(move || {
+                kafka::group_offsets(&kafka::Kafka::new(brokers), &group, &[&topic])
+            })
+            .await??
         };
         Ok(missing
             .into_iter()
@@ -440,8 +442,11 @@ impl Stack {
         ))
         .execute(&admin)
         .await?;
-        let _ =
-            kafka::delete_topics(&self.brokers, &[&self.orders_topic, &self.inventory_topic]).await;
+        let _ = kafka::delete_topics(
+            &kafka::Kafka::new(&self.brokers),
+            &[&self.orders_topic, &self.inventory_topic],
+        )
+        .await;
         let _ = std::fs::remove_dir_all(&self.mail_dir);
         anyhow::ensure!(
             failures.is_empty(),

@@ -178,7 +178,7 @@ impl Admin {
         if let Some(addr) = s.admin_addr {
             let checks = keel_core::health::Checks::new(shutdown.clone(), s.liveness_timeout)
                 .database(pool)
-                .broker(&s.kafka_brokers)
+                .broker(&s.kafka)
                 .registry(&s.schema_registry_url);
             let (_, task) = keel_core::health::serve(addr, checks, stop.clone()).await?;
             server = Some(task);
@@ -205,6 +205,27 @@ pub fn print_settings() -> anyhow::Result<()> {
             &std::env::var(key).unwrap_or_else(|_| default.to_string()),
         );
         println!("{key}={current}\n    {doc} (default: {default:?})");
+    }
+    // The librdkafka properties passed through (KEEL_KAFKA_<PROPERTY>), secrets masked.
+    let mut passthrough: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            k.starts_with("KEEL_KAFKA_")
+                && !keel_core::settings::KEYS
+                    .iter()
+                    .any(|(known, _, _)| known == k)
+        })
+        .collect();
+    passthrough.sort();
+    for (key, value) in passthrough {
+        let property = key["KEEL_KAFKA_".len()..]
+            .to_ascii_lowercase()
+            .replace('_', ".");
+        let shown = if keel_core::kafka::is_secret(&property) {
+            "***".to_owned()
+        } else {
+            keel_core::settings::redact(&value)
+        };
+        println!("{key}={shown}\n    librdkafka {property}, set on every Kafka client");
     }
     Ok(())
 }

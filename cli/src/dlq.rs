@@ -119,7 +119,7 @@ pub(crate) async fn read(
 ) -> anyhow::Result<Vec<Letter>> {
     let mut letters = Vec::new();
     for (original, dlq) in dlq_topics(s, group, topic)? {
-        if !kafka::topic_exists(&s.kafka_brokers, &dlq)? {
+        if !kafka::topic_exists(&s.kafka, &dlq)? {
             continue; // nothing was ever dead-lettered here
         }
         let redriven: HashMap<i64, String> = sqlx::query_as::<_, (i64, String)>(
@@ -131,16 +131,8 @@ pub(crate) async fn read(
         .await?
         .into_iter()
         .collect();
-        let messages = kafka::read_partition(
-            &s.kafka_brokers,
-            s.broker_quirks,
-            &dlq,
-            0,
-            None,
-            LIMIT,
-            IDLE,
-        )
-        .with_context(|| format!("reading {dlq}"))?;
+        let messages = kafka::read_partition(&s.kafka, s.broker_quirks, &dlq, 0, None, LIMIT, IDLE)
+            .with_context(|| format!("reading {dlq}"))?;
         for message in messages {
             let headers = message
                 .headers()
@@ -329,7 +321,7 @@ pub async fn redrive(
             report.push(json!({"id": l.id, "to": l.original_topic()?, "redriven": false}));
         }
     } else {
-        let producer: FutureProducer = kafka::producer_config(&s.kafka_brokers)
+        let producer: FutureProducer = kafka::producer_config(&s.kafka)
             .create()
             .context("KEEL_KAFKA_BROKERS: cannot create producer")?;
         // Enqueue every copy, then await the acknowledgements: one round trip, not one per record.

@@ -49,7 +49,7 @@ pub fn topics_of(s: &Settings, group: &str) -> anyhow::Result<Vec<String>> {
 
 fn offsets(s: &Settings, group: &str, topics: &[String]) -> anyhow::Result<Vec<PartitionState>> {
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-    kafka::group_offsets(&s.kafka_brokers, group, &topics)
+    kafka::group_offsets(&s.kafka, group, &topics)
         .with_context(|| format!("KEEL_KAFKA_BROKERS: cannot read the offsets of {group}"))
 }
 
@@ -67,7 +67,7 @@ pub fn lag(s: &Settings, group: Option<&str>, output: Output) -> anyhow::Result<
             // The age of the next record the group will read, when there is one to read.
             let age = if p.lag() > 0 {
                 kafka::record_timestamp(
-                    &s.kafka_brokers,
+                    &s.kafka,
                     s.broker_quirks,
                     &p.topic,
                     p.partition,
@@ -202,7 +202,7 @@ pub async fn replay(
     let by_time = match from {
         From::Time(ms) => {
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            kafka::offsets_for_time(&s.kafka_brokers, &names, *ms)?
+            kafka::offsets_for_time(&s.kafka, &names, *ms)?
         }
         _ => Vec::new(),
     };
@@ -277,7 +277,7 @@ pub async fn replay(
     }
     let deadline = wait.map(|w| Instant::now() + w);
     loop {
-        let members = kafka::group_members(&s.kafka_brokers, group)?;
+        let members = kafka::group_members(&s.kafka, group)?;
         if members == 0 {
             break;
         }
@@ -295,7 +295,7 @@ pub async fn replay(
         .iter()
         .map(|m| (m.topic.clone(), m.partition, m.target))
         .collect();
-    kafka::commit_offsets(&s.kafka_brokers, group, &targets)
+    kafka::commit_offsets(&s.kafka, group, &targets)
         .with_context(|| format!("committing {group}'s new offsets"))?;
     Ok(print(&moves, true)?)
 }

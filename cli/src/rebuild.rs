@@ -93,7 +93,7 @@ pub async fn rebuild(
     let group = analytics::REBUILD_GROUP;
     let subscription = Analytics::rebuild_subscription(&s.topics);
     let names: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
-    let members = kafka::group_members(&s.kafka_brokers, group)?;
+    let members = kafka::group_members(&s.kafka, group)?;
     if members > 0 {
         return Err(Failure::Busy {
             group: group.to_owned(),
@@ -109,11 +109,11 @@ pub async fn rebuild(
     analytics::prepare_rebuild(&s.database_url)
         .await
         .context("preparing the rebuild schema")?;
-    let states = kafka::group_offsets(&s.kafka_brokers, group, &names)
+    let states = kafka::group_offsets(&s.kafka, group, &names)
         .context("KEEL_KAFKA_BROKERS: reading the topics' offsets")?;
     let by_time = match from {
         From::Earliest => Vec::new(),
-        From::Time(ms) => kafka::offsets_for_time(&s.kafka_brokers, &names, *ms)?,
+        From::Time(ms) => kafka::offsets_for_time(&s.kafka, &names, *ms)?,
         From::Latest | From::Offset(_) => unreachable!("refused above"),
     };
     let starts: Vec<(String, i32, i64)> = states
@@ -136,7 +136,7 @@ pub async fn rebuild(
         .zip(&ends)
         .map(|(s, e)| (e.2 - s.2).max(0))
         .sum();
-    kafka::commit_offsets(&s.kafka_brokers, group, &starts)
+    kafka::commit_offsets(&s.kafka, group, &starts)
         .context("setting the rebuild group's starting offsets")?;
 
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
@@ -152,7 +152,7 @@ pub async fn rebuild(
         // 2. The history that existed at the start.
         let mut progress = Progress::new();
         loop {
-            let now = kafka::group_offsets(&s.kafka_brokers, group, &names)?;
+            let now = kafka::group_offsets(&s.kafka, group, &names)?;
             let done: i64 = now
                 .iter()
                 .zip(&starts)

@@ -23,12 +23,12 @@ fn config_text(config: &[(String, String)]) -> String {
 /// `keel topics create`: creates the declared topics that are missing; leaves the others alone.
 pub async fn create(s: &Settings, output: Output) -> anyhow::Result<()> {
     let specs = declared(s)?;
-    let created = kafka::create_topics(&s.kafka_brokers, &specs)
+    let created = kafka::create_topics(&s.kafka, &specs)
         .await
         .with_context(|| {
             format!(
                 "KEEL_KAFKA_BROKERS: cannot create topics on {}",
-                s.kafka_brokers
+                s.kafka.brokers
             )
         })?;
     match output {
@@ -73,7 +73,7 @@ pub async fn create(s: &Settings, output: Output) -> anyhow::Result<()> {
 
 /// `keel topics list`: every topic of the cluster.
 pub fn list(s: &Settings, output: Output) -> anyhow::Result<()> {
-    let topics = kafka::list_topics(&s.kafka_brokers, None).context("KEEL_KAFKA_BROKERS")?;
+    let topics = kafka::list_topics(&s.kafka, None).context("KEEL_KAFKA_BROKERS")?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&topics)?),
         Output::Table => {
@@ -112,12 +112,12 @@ struct Comparison {
 /// Fails (exit 1) if one is missing or differs, so a script can check an environment.
 pub async fn describe(s: &Settings, output: Output) -> anyhow::Result<()> {
     let specs = declared(s)?;
-    let mut present: Vec<TopicInfo> = kafka::list_topics(&s.kafka_brokers, None)
+    let mut present: Vec<TopicInfo> = kafka::list_topics(&s.kafka, None)
         .context("KEEL_KAFKA_BROKERS")?
         .into_iter()
         .filter(|t| specs.iter().any(|s| s.name == t.name))
         .collect();
-    let configs_known = kafka::describe_configs(&s.kafka_brokers, &mut present)
+    let configs_known = kafka::describe_configs(&s.kafka, &mut present)
         .await
         .is_ok();
     let mut comparisons = Vec::new();

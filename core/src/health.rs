@@ -51,7 +51,7 @@ pub fn done(name: &str) {
 #[derive(Clone)]
 pub struct Checks {
     database: Option<sqlx::PgPool>,
-    brokers: Option<String>,
+    kafka: Option<crate::kafka::Kafka>,
     registry: Option<String>,
     stuck_after: Duration,
     shutdown: CancellationToken,
@@ -63,7 +63,7 @@ impl Checks {
     pub fn new(shutdown: CancellationToken, stuck_after: Duration) -> Self {
         Self {
             database: None,
-            brokers: None,
+            kafka: None,
             registry: None,
             stuck_after,
             shutdown,
@@ -76,8 +76,8 @@ impl Checks {
         self
     }
 
-    pub fn broker(mut self, brokers: &str) -> Self {
-        self.brokers = Some(brokers.to_owned());
+    pub fn broker(mut self, kafka: &crate::kafka::Kafka) -> Self {
+        self.kafka = Some(kafka.clone());
         self
     }
 
@@ -121,9 +121,9 @@ impl Checks {
             )
         };
         let broker = async {
-            let brokers = self.brokers.clone()?;
+            let kafka = self.kafka.clone()?;
             let probe =
-                tokio::task::spawn_blocking(move || crate::kafka::probe(&brokers, CHECK_TIMEOUT));
+                tokio::task::spawn_blocking(move || crate::kafka::probe(&kafka, CHECK_TIMEOUT));
             Some(match probe.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),

@@ -15,20 +15,77 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::settings::BrokerQuirks;
 
-/// Settings every client shares.
-pub fn client_config(brokers: &str) -> ClientConfig {
+/// How to reach the cluster: its bootstrap servers and the operator's librdkafka properties
+/// (`KEEL_KAFKA_<PROPERTY>`: TLS, SASL, tuning), applied to every client after keel's own, so
+/// that what the cluster needs wins.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Kafka {
+    pub brokers: String,
+    /// librdkafka property → value (`security.protocol` → `SASL_SSL`).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Kafka {
+    /// The cluster at `brokers`, with no properties of the operator's.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            properties: Default::default(),
+        }
+    }
+
+    /// `config` with the operator's properties set, last.
+    fn finish(&self, mut config: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// Whether librdkafka takes `property = value` (a name it knows, a value it accepts): checked
+/// at start-up, so that a mistake names its key instead of failing the first client.
+pub fn check_property(property: &str, value: &str) -> Result<(), String> {
+    let mut config = ClientConfig::new();
+    config.set(property, value);
+    config
+        .create_native_config()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `property` holds a secret (a password, a key, a token): never printed.
+pub fn is_secret(property: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "token",
+        ".key.pem",
+        "sasl.oauthbearer.config",
+        "ssl_key",
+    ]
+    .iter()
+    .any(|s| property.contains(s))
+}
+
+fn base(kafka: &Kafka) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
-        .set("bootstrap.servers", brokers)
+        .set("bootstrap.servers", &kafka.brokers)
         // Surface an unreachable broker within seconds instead of minutes.
         .set("socket.connection.setup.timeout.ms", "10000");
     config
 }
 
+/// Settings every client shares, and the operator's properties.
+pub fn client_config(kafka: &Kafka) -> ClientConfig {
+    kafka.finish(base(kafka))
+}
+
 /// An idempotent producer: `acks=all`, at most 5 requests in flight (the idempotence limit), so
 /// per-partition order survives retries.
-pub fn producer_config(brokers: &str) -> ClientConfig {
-    let mut config = client_config(brokers);
+pub fn producer_config(kafka: &Kafka) -> ClientConfig {
+    let mut config = base(kafka);
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -46,13 +103,13 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
         .set("queue.buffering.max.messages", "200000")
         // A delivery that has not succeeded by then is reported as failed; the caller retries.
         .set("message.timeout.ms", "30000");
-    config
+    kafka.finish(config)
 }
 
 /// An at-least-once consumer in `group`: offsets are stored explicitly after the effect commits,
 /// and auto-commit only commits stored offsets.
-pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
-    let mut config = client_config(brokers);
+pub fn consumer_config(kafka: &Kafka, group: &str) -> ClientConfig {
+    let mut config = base(kafka);
     config
         .set("group.id", group)
         .set("enable.auto.commit", "true")
@@ -72,7 +129,7 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("queued.max.messages.kbytes", "16384")
         .set("queued.min.messages", "10000")
         .set("fetch.queue.backoff.ms", "20");
-    config
+    kafka.finish(config)
 }
 
 /// A topic as keel declares it.
@@ -96,8 +153,8 @@ impl TopicSpec {
     }
 }
 
-fn admin(brokers: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-    Ok(client_config(brokers).create()?)
+fn admin(kafka: &Kafka) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+    Ok(client_config(kafka).create()?)
 }
 
 fn admin_options() -> AdminOptions {
@@ -106,8 +163,8 @@ fn admin_options() -> AdminOptions {
 
 /// Creates the topics that do not exist yet; an existing topic is left as it is. Returns the
 /// names of those it created.
-pub async fn create_topics(brokers: &str, specs: &[TopicSpec]) -> anyhow::Result<Vec<String>> {
-    let admin = admin(brokers)?;
+pub async fn create_topics(kafka: &Kafka, specs: &[TopicSpec]) -> anyhow::Result<Vec<String>> {
+    let admin = admin(kafka)?;
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {
@@ -145,9 +202,9 @@ pub struct TopicInfo {
 }
 
 /// Every topic of the cluster (but its internal ones), or just `only`; without configuration.
-pub fn list_topics(brokers: &str, only: Option<&str>) -> anyhow::Result<Vec<TopicInfo>> {
+pub fn list_topics(kafka: &Kafka, only: Option<&str>) -> anyhow::Result<Vec<TopicInfo>> {
     use rdkafka::consumer::Consumer;
-    let consumer = outsider(brokers, "keel-admin")?;
+    let consumer = outsider(kafka, "keel-admin")?;
     let metadata = consumer.fetch_metadata(only, ADMIN_TIMEOUT)?;
     let mut topics: Vec<TopicInfo> = metadata
         .topics()
@@ -170,9 +227,9 @@ pub fn list_topics(brokers: &str, only: Option<&str>) -> anyhow::Result<Vec<Topi
 }
 
 /// Fills in each topic's configuration, as far as the broker answers.
-pub async fn describe_configs(brokers: &str, topics: &mut [TopicInfo]) -> anyhow::Result<()> {
+pub async fn describe_configs(kafka: &Kafka, topics: &mut [TopicInfo]) -> anyhow::Result<()> {
     use rdkafka::admin::{ConfigSource, ResourceSpecifier};
-    let admin = admin(brokers)?;
+    let admin = admin(kafka)?;
     let resources: Vec<ResourceSpecifier<'_>> = topics
         .iter()
         .map(|t| ResourceSpecifier::Topic(&t.name))
@@ -202,8 +259,8 @@ pub async fn describe_configs(brokers: &str, topics: &mut [TopicInfo]) -> anyhow
 }
 
 /// Deletes topics; a topic that does not exist is not an error.
-pub async fn delete_topics(brokers: &str, names: &[&str]) -> anyhow::Result<()> {
-    let admin = admin(brokers)?;
+pub async fn delete_topics(kafka: &Kafka, names: &[&str]) -> anyhow::Result<()> {
+    let admin = admin(kafka)?;
     for result in admin.delete_topics(names, &admin_options()).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
@@ -234,9 +291,13 @@ impl PartitionState {
 }
 
 /// A consumer in `group` that never joins it: for reading and committing offsets from outside.
-fn outsider(brokers: &str, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
-    Ok(client_config(brokers)
-        .set("group.id", group)
+fn outsider(kafka: &Kafka, group: &str) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    Ok(kafka
+        .finish({
+            let mut config = base(kafka);
+            config.set("group.id", group);
+            config
+        })
         .set("enable.auto.commit", "false")
         .create()?)
 }
@@ -258,13 +319,13 @@ fn partitions(consumer: &rdkafka::consumer::BaseConsumer, topic: &str) -> anyhow
 
 /// `group`'s committed offsets and each partition's watermarks, for every partition of `topics`.
 pub fn group_offsets(
-    brokers: &str,
+    kafka: &Kafka,
     group: &str,
     topics: &[&str],
 ) -> anyhow::Result<Vec<PartitionState>> {
     use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer = outsider(brokers, group)?;
+    let consumer = outsider(kafka, group)?;
     let mut list = TopicPartitionList::new();
     for topic in topics {
         for p in 0..partitions(&consumer, topic)? {
@@ -293,13 +354,13 @@ pub fn group_offsets(
 /// Commits `offsets` (`topic, partition, offset`) for `group` from outside it. The group must
 /// have no running members: Kafka refuses commits from outside an active generation.
 pub fn commit_offsets(
-    brokers: &str,
+    kafka: &Kafka,
     group: &str,
     offsets: &[(String, i32, i64)],
 ) -> anyhow::Result<()> {
     use rdkafka::consumer::{CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer = outsider(brokers, group)?;
+    let consumer = outsider(kafka, group)?;
     let mut list = TopicPartitionList::new();
     for (topic, partition, offset) in offsets {
         list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
@@ -311,13 +372,13 @@ pub fn commit_offsets(
 /// The first offset at or after `timestamp_ms` on each partition of `topics` (the end offset
 /// where no record is that recent), as the broker answers ListOffsets by time.
 pub fn offsets_for_time(
-    brokers: &str,
+    kafka: &Kafka,
     topics: &[&str],
     timestamp_ms: i64,
 ) -> anyhow::Result<Vec<(String, i32, i64)>> {
     use rdkafka::consumer::Consumer;
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer = outsider(brokers, "keel-admin")?;
+    let consumer = outsider(kafka, "keel-admin")?;
     let mut list = TopicPartitionList::new();
     for topic in topics {
         for p in 0..partitions(&consumer, topic)? {
@@ -342,9 +403,9 @@ pub fn offsets_for_time(
 }
 
 /// The members `group` has now (0 when nobody runs it).
-pub fn group_members(brokers: &str, group: &str) -> anyhow::Result<usize> {
+pub fn group_members(kafka: &Kafka, group: &str) -> anyhow::Result<usize> {
     use rdkafka::consumer::Consumer;
-    let consumer = outsider(brokers, "keel-admin")?;
+    let consumer = outsider(kafka, "keel-admin")?;
     let groups = consumer.fetch_group_list(Some(group), ADMIN_TIMEOUT)?;
     Ok(groups
         .groups()
@@ -358,30 +419,30 @@ pub fn group_members(brokers: &str, group: &str) -> anyhow::Result<usize> {
 /// earliest offset still retained), so the group's next run reads them again. The group must
 /// have no running members.
 pub fn reset_offsets_to_beginning(
-    brokers: &str,
+    kafka: &Kafka,
     group: &str,
     topics: &[&str],
 ) -> anyhow::Result<usize> {
-    let targets: Vec<(String, i32, i64)> = group_offsets(brokers, group, topics)?
+    let targets: Vec<(String, i32, i64)> = group_offsets(kafka, group, topics)?
         .into_iter()
         .map(|p| (p.topic, p.partition, p.low))
         .collect();
-    commit_offsets(brokers, group, &targets)?;
+    commit_offsets(kafka, group, &targets)?;
     Ok(targets.len())
 }
 
 /// Records `group` has not yet committed past on `topics`, summed over partitions.
-pub fn lag(brokers: &str, group: &str, topics: &[&str]) -> anyhow::Result<i64> {
-    Ok(group_offsets(brokers, group, topics)?
+pub fn lag(kafka: &Kafka, group: &str, topics: &[&str]) -> anyhow::Result<i64> {
+    Ok(group_offsets(kafka, group, topics)?
         .iter()
         .map(PartitionState::lag)
         .sum())
 }
 
 /// Whether `topic` exists.
-pub fn topic_exists(brokers: &str, topic: &str) -> anyhow::Result<bool> {
+pub fn topic_exists(kafka: &Kafka, topic: &str) -> anyhow::Result<bool> {
     use rdkafka::consumer::Consumer;
-    let consumer = outsider(brokers, "keel-admin")?;
+    let consumer = outsider(kafka, "keel-admin")?;
     let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
     Ok(metadata
         .topics()
@@ -398,7 +459,7 @@ pub fn topic_exists(brokers: &str, topic: &str) -> anyhow::Result<bool> {
 /// under-reports end offsets when the last batch holds several records, and a reader that
 /// stopped there would miss them.
 pub fn read_partition(
-    brokers: &str,
+    kafka: &Kafka,
     quirks: BrokerQuirks,
     topic: &str,
     partition: i32,
@@ -409,7 +470,7 @@ pub fn read_partition(
     use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer = outsider(brokers, "keel-reader")?;
+    let consumer = outsider(kafka, "keel-reader")?;
     let (start, end) = match quirks {
         BrokerQuirks::None => {
             let (low, high) = consumer.fetch_watermarks(topic, partition, ADMIN_TIMEOUT)?;
@@ -446,7 +507,7 @@ pub fn read_partition(
 /// The timestamp (milliseconds since the epoch) of the record at `offset` of `topic`/`partition`,
 /// if it is there to read within `wait`.
 pub fn record_timestamp(
-    brokers: &str,
+    kafka: &Kafka,
     quirks: BrokerQuirks,
     topic: &str,
     partition: i32,
@@ -454,7 +515,7 @@ pub fn record_timestamp(
     wait: Duration,
 ) -> anyhow::Result<Option<i64>> {
     use rdkafka::message::Message;
-    let read = read_partition(brokers, quirks, topic, partition, Some(offset), 1, wait)?;
+    let read = read_partition(kafka, quirks, topic, partition, Some(offset), 1, wait)?;
     Ok(read
         .first()
         .filter(|m| m.offset() == offset)
@@ -462,11 +523,11 @@ pub fn record_timestamp(
 }
 
 /// Whether a broker answers a metadata request within `timeout`.
-pub fn probe(brokers: &str, timeout: Duration) -> anyhow::Result<()> {
+pub fn probe(kafka: &Kafka, timeout: Duration) -> anyhow::Result<()> {
     use rdkafka::consumer::Consumer;
-    let consumer = outsider(brokers, "keel-admin")?;
+    let consumer = outsider(kafka, "keel-admin")?;
     consumer
         .fetch_metadata(None, timeout)
-        .map_err(|e| anyhow::anyhow!("{brokers}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", kafka.brokers))?;
     Ok(())
 }

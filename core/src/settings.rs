@@ -20,8 +20,16 @@ pub enum SettingsError {
         value: String,
         message: String,
     },
-    #[error("{key}: unknown setting; known settings are: {known}")]
+    #[error(
+        "{key}: unknown setting; known settings are: {known}, and KEEL_KAFKA_<PROPERTY> for any librdkafka property"
+    )]
     Unknown { key: String, known: String },
+    #[error("{key}: librdkafka does not take {property} ({message})")]
+    Kafka {
+        key: String,
+        property: String,
+        message: String,
+    },
 }
 
 /// Every key keel reads, with its default and what it means. `keel settings` prints this table.
@@ -34,7 +42,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_KAFKA_BROKERS",
         "127.0.0.1:9092",
-        "Kafka bootstrap servers, comma separated",
+        "Kafka bootstrap servers, comma separated. Any librdkafka property is set with KEEL_KAFKA_<PROPERTY> (upper case, dots as underscores: KEEL_KAFKA_SECURITY_PROTOCOL=SASL_SSL, KEEL_KAFKA_SASL_MECHANISM=SCRAM-SHA-512, KEEL_KAFKA_SASL_USERNAME, KEEL_KAFKA_SASL_PASSWORD, KEEL_KAFKA_SSL_CA_LOCATION), applied to every client after keel's own",
     ),
     (
         "KEEL_KAFKA_DEBUG",
@@ -209,7 +217,8 @@ impl FromStr for BrokerQuirks {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub database_url: String,
-    pub kafka_brokers: String,
+    /// The cluster: `KEEL_KAFKA_BROKERS` and the `KEEL_KAFKA_<PROPERTY>` passthrough.
+    pub kafka: crate::kafka::Kafka,
     /// The broker's known wrong answers keel works around; none by default.
     pub broker_quirks: BrokerQuirks,
     /// librdkafka `debug` contexts for consumers; `None`: none.
@@ -291,9 +300,29 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with("KEEL_"))
             .collect();
+        let known = |k: &str| KEYS.iter().any(|(known, _, _)| *known == k);
+        let mut kafka_properties = BTreeMap::new();
+        for (key, value) in &vars {
+            let Some(name) = key.strip_prefix("KEEL_KAFKA_").filter(|_| !known(key)) else {
+                continue;
+            };
+            let property = name.to_ascii_lowercase().replace('_', ".");
+            crate::kafka::check_property(&property, value).map_err(|message| {
+                SettingsError::Kafka {
+                    key: key.clone(),
+                    property: property.clone(),
+                    message: if crate::kafka::is_secret(&property) {
+                        "its value is not shown".to_owned()
+                    } else {
+                        message
+                    },
+                }
+            })?;
+            kafka_properties.insert(property, value.clone());
+        }
         if let Some(key) = vars
             .keys()
-            .find(|k| !KEYS.iter().any(|(known, _, _)| known == k))
+            .find(|k| !known(k) && !k.starts_with("KEEL_KAFKA_"))
         {
             return Err(SettingsError::Unknown {
                 key: key.clone(),
@@ -329,7 +358,10 @@ impl Settings {
         let session_timeout = Duration::from_millis(session_timeout);
         Ok(Settings {
             database_url: source.parse("KEEL_DATABASE_URL")?,
-            kafka_brokers: source.parse("KEEL_KAFKA_BROKERS")?,
+            kafka: crate::kafka::Kafka {
+                brokers: source.parse("KEEL_KAFKA_BROKERS")?,
+                properties: kafka_properties,
+            },
             broker_quirks: source
                 .raw("KEEL_BROKER_QUIRKS")
                 .parse()
@@ -381,13 +413,13 @@ impl Settings {
     /// these settings gets in its environment (tests, chaos and the bench start `keel` this way).
     /// `Settings::from_vars(s.to_env())` is `s` again. Secrets travel as they are: never print
     /// this.
-    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+    pub fn to_env(&self) -> Vec<(String, String)> {
         let ms = |d: Duration| d.as_millis().to_string();
         let secs = |d: Duration| d.as_secs().to_string();
         let or_empty = |v: &Option<String>| v.clone().unwrap_or_default();
-        vec![
+        let mut env: Vec<(&'static str, String)> = vec![
             ("KEEL_DATABASE_URL", self.database_url.clone()),
-            ("KEEL_KAFKA_BROKERS", self.kafka_brokers.clone()),
+            ("KEEL_KAFKA_BROKERS", self.kafka.brokers.clone()),
             ("KEEL_BROKER_QUIRKS", self.broker_quirks.as_str().to_owned()),
             ("KEEL_KAFKA_DEBUG", or_empty(&self.kafka_debug)),
             ("KEEL_SCHEMA_REGISTRY_URL", self.schema_registry_url.clone()),
@@ -436,7 +468,13 @@ impl Settings {
             ("KEEL_SMTP_URL", or_empty(&self.mail.smtp_url)),
             ("KEEL_MAIL_DIR", self.mail.dir.display().to_string()),
             ("KEEL_MAIL_FROM", self.mail.from.clone()),
-        ]
+        ];
+        let mut env: Vec<(String, String)> =
+            env.drain(..).map(|(k, v)| (k.to_owned(), v)).collect();
+        for (property, value) in &self.kafka.properties {
+            env.push((kafka_key(property), value.clone()));
+        }
+        env
     }
 }
 
@@ -451,6 +489,14 @@ impl CacheSettings {
                 message: "must be set: this needs the order cache's Redis".to_owned(),
             })
     }
+}
+
+/// The `KEEL_KAFKA_<PROPERTY>` variable that sets librdkafka `property`.
+pub fn kafka_key(property: &str) -> String {
+    format!(
+        "KEEL_KAFKA_{}",
+        property.replace('.', "_").to_ascii_uppercase()
+    )
 }
 
 /// `value` fit to print: a URL's password (`postgres://user:secret@host`, `redis://:secret@host`)
@@ -540,6 +586,12 @@ mod tests {
         s.database_url = "postgres://u@db:5432/other".into();
         s.kafka_debug = Some("cgrp,fetch".into());
         s.broker_quirks = BrokerQuirks::Tansu;
+        s.kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        s.kafka
+            .properties
+            .insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());
         s.admin_addr = Some("127.0.0.1:9101".parse().unwrap());
         s.relay.batch_size = 50;
         s.relay.poll_interval = Duration::from_millis(200);
@@ -566,7 +618,7 @@ mod tests {
         // own keys aside).
         for (key, _, doc) in KEYS {
             assert!(
-                doc.contains("(scripts only)") || env.iter().any(|(k, _)| k == key),
+                doc.contains("(scripts only)") || env.iter().any(|(k, _)| k.as_str() == *key),
                 "{key} is not written by to_env"
             );
         }
@@ -582,7 +634,8 @@ mod tests {
     #[test]
     fn defaults_describe_the_local_stack() {
         let s = Settings::local();
-        assert_eq!(s.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(s.kafka.brokers, "127.0.0.1:9092");
+        assert!(s.kafka.properties.is_empty());
         assert_eq!(s.order_service_addr.port(), 8080);
         assert_eq!(s.registry_addr.port(), 8081);
         assert_eq!(s.topics.orders, "orders");
@@ -628,6 +681,35 @@ mod tests {
     }
 
     #[test]
+    fn any_librdkafka_property_passes_through_and_a_mistake_names_its_key() {
+        let s = Settings::from_vars(vars(&[
+            ("KEEL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KEEL_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KEEL_KAFKA_SASL_USERNAME", "keel"),
+            ("KEEL_KAFKA_SASL_PASSWORD", "s3cret"),
+            ("KEEL_KAFKA_BROKERS", "b-1.example:9096"),
+        ]))
+        .unwrap();
+        assert_eq!(s.kafka.brokers, "b-1.example:9096");
+        assert_eq!(s.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(s.kafka.properties["sasl.password"], "s3cret");
+        assert_eq!(kafka_key("sasl.password"), "KEEL_KAFKA_SASL_PASSWORD");
+        let err = Settings::from_vars(vars(&[("KEEL_KAFKA_SECURITY_PROTOCL", "SSL")])).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "KEEL_KAFKA_SECURITY_PROTOCL: librdkafka does not take security.protocl"
+            ),
+            "{err}"
+        );
+        let err =
+            Settings::from_vars(vars(&[("KEEL_KAFKA_SASL_PASSWORD_X", "s3cret")])).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        // Not a librdkafka property either: still a typo of keel's own keys.
+        let err = Settings::from_vars(vars(&[("KEEL_KAFKA_BROKER", "x:1")])).unwrap_err();
+        assert!(err.to_string().starts_with("KEEL_KAFKA_BROKER:"), "{err}");
+    }
+
+    #[test]
     fn passwords_never_print() {
         assert_eq!(
             redact("postgres://keel:s3cret@db:5432/keel"),
@@ -658,10 +740,10 @@ mod tests {
 
     #[test]
     fn an_unknown_keel_variable_is_a_typo_and_fails() {
-        let err = Settings::from_vars(vars(&[("KEEL_KAFKA_BROKER", "x:1")])).unwrap_err();
+        let err = Settings::from_vars(vars(&[("KEEL_TOPIC_ORDER", "x")])).unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("KEEL_KAFKA_BROKER: unknown setting"),
+                .starts_with("KEEL_TOPIC_ORDER: unknown setting"),
             "{err}"
         );
     }

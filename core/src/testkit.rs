@@ -18,6 +18,11 @@ pub fn brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
+/// [`brokers`], as keel's Kafka functions take it.
+pub fn kafka() -> kafka::Kafka {
+    kafka::Kafka::new(brokers())
+}
+
 /// The quirks of the broker tests run against: `KEEL_BROKER_QUIRKS` as `make test` sets it
 /// (`tansu` for the broker it starts; unset, Apache Kafka's semantics, for one given in
 /// `TEST_KAFKA_BROKERS`).
@@ -147,7 +152,7 @@ impl TestTopic {
 
     pub async fn new(prefix: &str, partitions: i32) -> Self {
         let name = unique(prefix);
-        kafka::create_topics(&brokers(), &[TopicSpec::new(&name, partitions)])
+        kafka::create_topics(&kafka(), &[TopicSpec::new(&name, partitions)])
             .await
             .unwrap_or_else(|e| panic!("create topic {name} on {} ({e}); is the broker running? `make test` starts one", brokers()));
         Self { name }
@@ -157,7 +162,7 @@ impl TestTopic {
 impl Drop for TestTopic {
     fn drop(&mut self) {
         let name = self.name.clone();
-        block_on_thread(async move { kafka::delete_topics(&brokers(), &[&name]).await });
+        block_on_thread(async move { kafka::delete_topics(&kafka(), &[&name]).await });
     }
 }
 
@@ -240,7 +245,7 @@ pub async fn read_topic(
     until: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool,
 ) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    let consumer: StreamConsumer = kafka::consumer_config(&brokers(), &unique("reader"))
+    let consumer: StreamConsumer = kafka::consumer_config(&kafka(), &unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");

@@ -33,7 +33,7 @@ fn read_partition_stops_at_the_end_offset_without_waiting_for_silence() {
     std::thread::spawn(move || {
         let read = |start| {
             read_partition(
-                &from,
+                &keel_core::kafka::Kafka::new(from.clone()),
                 BrokerQuirks::None,
                 "t",
                 0,
@@ -106,9 +106,11 @@ async fn a_record_keyed_by_order_id_lands_where_a_java_producer_would_put_it() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let cluster = MockCluster::new(3).expect("mock cluster");
     cluster.create_topic("orders", 6, 3).expect("topic");
-    let producer: FutureProducer = keel_core::kafka::producer_config(&cluster.bootstrap_servers())
-        .create()
-        .expect("producer");
+    let producer: FutureProducer = keel_core::kafka::producer_config(
+        &keel_core::kafka::Kafka::new(cluster.bootstrap_servers()),
+    )
+    .create()
+    .expect("producer");
     for _ in 0..50 {
         let key = uuid::Uuid::now_v7().to_string();
         let delivery = producer
@@ -123,5 +125,66 @@ async fn a_record_keyed_by_order_id_lands_where_a_java_producer_would_put_it() {
         // of the key bytes, modulo the partition count.
         let java = (murmur2(key.as_bytes()) & 0x7fff_ffff) % 6;
         assert_eq!(delivery.partition, java, "key {key}");
+    }
+}
+
+#[test]
+fn the_operators_properties_reach_every_client_last() {
+    let mut kafka = keel_core::kafka::Kafka::new("b-1.example:9096");
+    for (k, v) in [
+        ("security.protocol", "SASL_SSL"),
+        ("sasl.mechanism", "SCRAM-SHA-512"),
+        ("sasl.username", "keel"),
+        ("sasl.password", "s3cret"),
+        ("linger.ms", "5"),
+    ] {
+        kafka.properties.insert(k.into(), v.into());
+    }
+    let producer = keel_core::kafka::producer_config(&kafka);
+    let consumer = keel_core::kafka::consumer_config(&kafka, "g");
+    let admin = keel_core::kafka::client_config(&kafka);
+    for config in [&producer, &consumer, &admin] {
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("bootstrap.servers"), Some("b-1.example:9096"));
+    }
+    // Applied after keel's own: the operator's value wins.
+    assert_eq!(producer.get("linger.ms"), Some("5"));
+    assert_eq!(producer.get("enable.idempotence"), Some("true"));
+    assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+}
+
+#[test]
+fn tls_and_every_sasl_mechanism_are_built_in() {
+    use rdkafka::producer::BaseProducer;
+    for (protocol, mechanism) in [
+        ("SSL", None),
+        ("SASL_SSL", Some("PLAIN")),
+        ("SASL_SSL", Some("SCRAM-SHA-256")),
+        ("SASL_SSL", Some("SCRAM-SHA-512")),
+        ("SASL_SSL", Some("OAUTHBEARER")),
+    ] {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("security.protocol", protocol);
+        if let Some(m) = mechanism {
+            config.set("sasl.mechanism", m);
+            if m != "OAUTHBEARER" {
+                config
+                    .set("sasl.username", "keel")
+                    .set("sasl.password", "pw");
+            } else {
+                config.set("sasl.oauthbearer.config", "principal=keel");
+                config.set("enable.sasl.oauthbearer.unsecure.jwt", "true");
+            }
+        }
+        // librdkafka refuses at creation what it was built without (no TLS: "ssl" unsupported).
+        let created: Result<BaseProducer, _> = config.create();
+        assert!(
+            created.is_ok(),
+            "{protocol} {mechanism:?}: {:?}",
+            created.err()
+        );
     }
 }

@@ -242,7 +242,7 @@ pub struct Relay {
 impl Relay {
     /// A relay publishing from `pool` with `s`'s broker, registry and relay settings.
     pub fn new(pool: PgPool, s: &Settings) -> anyhow::Result<Self> {
-        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka_brokers)
+        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka)
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let encoder = Encoder::new(&s.schema_registry_url)?;

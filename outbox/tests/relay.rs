@@ -47,7 +47,7 @@ impl Harness {
 
     fn relay(&self, batch_size: usize) -> Relay {
         let mut s = keel_core::Settings::local();
-        s.kafka_brokers = keel_core::testkit::brokers();
+        s.kafka.brokers = keel_core::testkit::brokers();
         s.schema_registry_url = self.registry_url.clone();
         s.relay.batch_size = batch_size;
         s.relay.poll_interval = Duration::from_millis(200);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use apache_avro::Schema;
 use apache_avro::types::Value;
-use keel_core::testkit::{TestDb, TestTopic, brokers, unique};
+use keel_core::testkit::{TestDb, TestTopic, unique};
 use keel_schemas::history::Repository;
 use keel_schemas::{Decoder, Encoder, Event};
 use rdkafka::Message;
@@ -80,9 +80,10 @@ async fn read_as_v1(decoder: &AvroDecoder, bytes: &[u8]) -> OrderCreatedV1 {
 }
 
 async fn consume_two(topic: &str) -> Vec<Vec<u8>> {
-    let consumer: StreamConsumer = keel_core::kafka::consumer_config(&brokers(), &unique("reader"))
-        .create()
-        .unwrap();
+    let consumer: StreamConsumer =
+        keel_core::kafka::consumer_config(&keel_core::testkit::kafka(), &unique("reader"))
+            .create()
+            .unwrap();
     consumer.subscribe(&[topic]).unwrap();
     let mut values = Vec::new();
     while values.len() < 2 {
@@ -160,7 +161,7 @@ async fn readers_of_v1_and_v2_read_records_of_both_versions_from_one_topic_at_on
         .await
         .unwrap();
     assert_ne!(v1_bytes[1..5], v2_bytes[1..5], "two schema ids");
-    let producer: FutureProducer = keel_core::kafka::producer_config(&brokers())
+    let producer: FutureProducer = keel_core::kafka::producer_config(&keel_core::testkit::kafka())
         .create()
         .unwrap();
     for (key, value) in [(old_order, &v1_bytes), (new_order, &v2_bytes)] {

@@ -150,10 +150,9 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
     );
 
     // A poison record is accounted for as an undecodable dead letter of every group reading it.
-    let producer: FutureProducer =
-        keel_core::kafka::producer_config(&keel_core::testkit::brokers())
-            .create()
-            .unwrap();
+    let producer: FutureProducer = keel_core::kafka::producer_config(&keel_core::testkit::kafka())
+        .create()
+        .unwrap();
     producer
         .send(
             FutureRecord::<str, [u8]>::to(&stack.orders.name)

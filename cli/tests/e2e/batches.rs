@@ -185,10 +185,9 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
     let group = unique("batch");
     let dlq = TestTopic::adopt(dlq_topic(&stack.orders.name, &group));
     // The poison first, so that it is fetched with the events behind it.
-    let producer: FutureProducer =
-        keel_core::kafka::producer_config(&keel_core::testkit::brokers())
-            .create()
-            .unwrap();
+    let producer: FutureProducer = keel_core::kafka::producer_config(&keel_core::testkit::kafka())
+        .create()
+        .unwrap();
     producer
         .send(
             FutureRecord::to(&stack.orders.name)
@@ -275,11 +274,10 @@ async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
     let stack = Stack::start().await;
     log_table(&stack).await;
     let encoder = keel_schemas::Encoder::new(&stack.registry_url).unwrap();
-    let producer: FutureProducer =
-        keel_core::kafka::producer_config(&keel_core::testkit::brokers())
-            .set("linger.ms", "200")
-            .create()
-            .unwrap();
+    let producer: FutureProducer = keel_core::kafka::producer_config(&keel_core::testkit::kafka())
+        .set("linger.ms", "200")
+        .create()
+        .unwrap();
     let events: Vec<Event> = (0..10).map(event).collect();
     let mut deliveries = Vec::new();
     for e in &events {
@@ -314,7 +312,7 @@ async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
     let group = unique("batch");
     let resume_at = offsets[4];
     keel_core::kafka::commit_offsets(
-        &keel_core::testkit::brokers(),
+        &keel_core::testkit::kafka(),
         &group,
         &[(stack.orders.name.clone(), 0, resume_at)],
     )

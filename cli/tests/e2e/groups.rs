@@ -10,7 +10,7 @@ use keel_consumers::inventory::{self, Inventory};
 use keel_consumers::notification::{self, Mailer, Notification, Transport};
 use keel_consumers::runtime::dlq_headers;
 use keel_consumers::{Handler, HandlerError, Meta, Subscription, dlq_topic};
-use keel_core::testkit::{Outage, TestTopic, brokers, eventually, read_topic, unique};
+use keel_core::testkit::{Outage, TestTopic, eventually, read_topic, unique};
 use keel_schemas::Event;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -328,7 +328,7 @@ async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_t
         subscriptions
             .iter()
             .map(|(group, topics)| {
-                keel_core::kafka::group_offsets(&brokers(), group, topics)
+                keel_core::kafka::group_offsets(&keel_core::testkit::kafka(), group, topics)
                     .map(|ps| {
                         ps.into_iter()
                             .map(|p| p.committed.unwrap_or(p.low))
@@ -340,7 +340,8 @@ async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_t
     };
     let read_everything = committed();
     for (group, topics) in &subscriptions {
-        keel_core::kafka::reset_offsets_to_beginning(&brokers(), group, topics).unwrap();
+        keel_core::kafka::reset_offsets_to_beginning(&keel_core::testkit::kafka(), group, topics)
+            .unwrap();
     }
     assert!(
         committed().iter().flatten().all(|c| *c == 0),
@@ -364,7 +365,7 @@ async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_t
 
 /// A producer for records the relay would never write.
 fn raw_producer() -> FutureProducer {
-    keel_core::kafka::producer_config(&brokers())
+    keel_core::kafka::producer_config(&keel_core::testkit::kafka())
         .create()
         .unwrap()
 }

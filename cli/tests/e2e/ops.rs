@@ -53,7 +53,7 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
     }
     let topics = [stack.orders.name.as_str()];
     eventually("analytics to catch up", Duration::from_secs(90), || async {
-        (keel_core::kafka::lag(&brokers(), "analytics", &topics).ok()? == 0
+        (keel_core::kafka::lag(&keel_core::testkit::kafka(), "analytics", &topics).ok()? == 0
             && stack.processed("analytics").await == events)
             .then_some(())
     })
@@ -69,7 +69,7 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
             .all(|r| r["lag"] == 0 && r["group"] == "analytics")
     );
     let committed = |topics: [&str; 1]| -> Vec<i64> {
-        keel_core::kafka::group_offsets(&brokers(), "analytics", &topics)
+        keel_core::kafka::group_offsets(&keel_core::testkit::kafka(), "analytics", &topics)
             .unwrap()
             .into_iter()
             .map(|p| p.committed.unwrap_or(p.low))
@@ -151,7 +151,7 @@ async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_don
         assert_eq!(reread_from(&later), 0, "nothing is that recent");
     }
     assert_eq!(
-        keel_core::kafka::lag(&brokers(), "analytics", &topics).unwrap(),
+        keel_core::kafka::lag(&keel_core::testkit::kafka(), "analytics", &topics).unwrap(),
         0,
         "a dry run moves nothing"
     );
@@ -250,9 +250,12 @@ async fn dead_letter_a_fixable_order(stack: &Stack, dlq: &str) -> (String, Strin
         .await
         .unwrap();
     let value = encoder.encode(&stack.orders.name, &event).await.unwrap();
-    keel_core::kafka::create_topics(&brokers(), &[keel_core::kafka::TopicSpec::new(dlq, 1)])
-        .await
-        .unwrap();
+    keel_core::kafka::create_topics(
+        &keel_core::testkit::kafka(),
+        &[keel_core::kafka::TopicSpec::new(dlq, 1)],
+    )
+    .await
+    .unwrap();
     let mut headers = OwnedHeaders::new();
     for (key, value) in [
         (
@@ -294,7 +297,7 @@ async fn reserved(stack: &Stack) -> i64 {
 }
 
 fn producer() -> FutureProducer {
-    keel_core::kafka::producer_config(&brokers())
+    keel_core::kafka::producer_config(&keel_core::testkit::kafka())
         .create()
         .unwrap()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use keel_consumers::inventory::{self, Inventory};
 use keel_consumers::runtime::testing;
 use keel_consumers::{Consumer, Outcome};
-use keel_core::testkit::{brokers, eventually, read_topic, unique};
+use keel_core::testkit::{eventually, read_topic, unique};
 use keel_outbox::relay::Step;
 use rdkafka::Message;
 use rdkafka::message::Headers;
@@ -99,9 +99,10 @@ async fn the_running_services_reserve_and_release_and_skip_undecodable_records()
     let consumer = tokio::spawn(inventory(&stack, &group).await.run(stop.clone()));
 
     // A poison record among the events: logged, counted as skipped, and does not block.
-    let producer: rdkafka::producer::FutureProducer = keel_core::kafka::producer_config(&brokers())
-        .create()
-        .unwrap();
+    let producer: rdkafka::producer::FutureProducer =
+        keel_core::kafka::producer_config(&keel_core::testkit::kafka())
+            .create()
+            .unwrap();
     producer
         .send(
             rdkafka::producer::FutureRecord::to(&stack.orders.name)
@@ -279,6 +280,10 @@ fn settings_print_every_key_and_no_password() {
             "postgres://keel:s3cret-pw@db:5432/keel",
         )
         .env("KEEL_REDIS_URL", "redis://:other-s3cret@cache:6379")
+        .env("KEEL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+        .env("KEEL_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+        .env("KEEL_KAFKA_SASL_USERNAME", "keel")
+        .env("KEEL_KAFKA_SASL_PASSWORD", "kafka-s3cret")
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -292,6 +297,16 @@ fn settings_print_every_key_and_no_password() {
         "{stdout}"
     );
     assert!(!stdout.contains("s3cret"), "{stdout}");
+    // The cluster's own properties pass through, their secrets masked.
+    assert!(
+        stdout.contains("KEEL_KAFKA_SECURITY_PROTOCOL=SASL_SSL"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KEEL_KAFKA_SASL_MECHANISM=SCRAM-SHA-512"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("KEEL_KAFKA_SASL_PASSWORD=***"), "{stdout}");
     for (key, _, _) in keel_core::settings::KEYS {
         assert!(stdout.contains(&format!("{key}=")), "{key} missing");
     }

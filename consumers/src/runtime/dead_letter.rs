@@ -95,7 +95,7 @@ impl<H: Handler> Consumer<H> {
         if self.dlq_ready.lock().is_ok_and(|r| r.contains(topic)) {
             return Ok(());
         }
-        keel_core::kafka::create_topics(&self.brokers, &[TopicSpec::new(topic, 1)]).await?;
+        keel_core::kafka::create_topics(&self.kafka, &[TopicSpec::new(topic, 1)]).await?;
         if let Ok(mut ready) = self.dlq_ready.lock() {
             ready.insert(topic.to_owned());
         }

@@ -70,16 +70,16 @@ impl<H: Handler> Consumer<H> {
 /// Every ten seconds until `shutdown`: the group's lag per partition, from its committed offsets
 /// and the partitions' end offsets (as lag exporters measure it).
 pub(super) async fn measure_lag(
-    brokers: String,
+    kafka: keel_core::kafka::Kafka,
     group: String,
     topics: Vec<String>,
     shutdown: CancellationToken,
 ) {
     loop {
-        let (b, g, t) = (brokers.clone(), group.clone(), topics.clone());
+        let (k, g, t) = (kafka.clone(), group.clone(), topics.clone());
         let measuring = tokio::task::spawn_blocking(move || {
             let t: Vec<&str> = t.iter().map(String::as_str).collect();
-            keel_core::kafka::group_offsets(&b, &g, &t)
+            keel_core::kafka::group_offsets(&k, &g, &t)
         });
         // A measurement can take its admin timeout (10 s) while the broker is away: shutdown
         // does not wait for it (the blocking call ends on its own, its answer unused).

@@ -85,7 +85,7 @@ pub struct Consumer<H: Handler> {
     /// The runtime's settings (`KEEL_CONSUMER_*`).
     config: ConsumerSettings,
     /// Where dead-letter topics are created and lag is measured.
-    brokers: String,
+    kafka: keel_core::kafka::Kafka,
     /// Most records in one transaction: the setting's, else the handler's.
     batch_size: usize,
     /// Dead-letter topics known to exist.
@@ -105,7 +105,7 @@ impl<H: Handler> Consumer<H> {
     ) -> anyhow::Result<Self> {
         let config = &s.consumer;
         let group = subscription.group.as_str();
-        let mut client = keel_core::kafka::consumer_config(&s.kafka_brokers, group);
+        let mut client = keel_core::kafka::consumer_config(&s.kafka, group);
         client.set(
             "fetch.wait.max.ms",
             config.fetch_wait.as_millis().to_string(),
@@ -124,7 +124,7 @@ impl<H: Handler> Consumer<H> {
         let consumer: StreamConsumer<Positions> = client
             .create_with_context(Positions::default())
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
-        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka_brokers)
+        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka)
             .create()
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
@@ -138,7 +138,7 @@ impl<H: Handler> Consumer<H> {
             pool,
             consumer: Arc::new(consumer),
             broker_quirks: s.broker_quirks,
-            brokers: s.kafka_brokers.clone(),
+            kafka: s.kafka.clone(),
             producer,
             decoder,
             config: config.clone(),
@@ -165,7 +165,7 @@ impl<H: Handler> Consumer<H> {
         let beside = tokio_util::task::TaskTracker::new();
         let loop_ended = shutdown.child_token();
         beside.spawn(measure_lag(
-            self.brokers.clone(),
+            self.kafka.clone(),
             group.clone(),
             self.subscription.topics.clone(),
             loop_ended.clone(),

@@ -53,7 +53,7 @@ impl Stack {
         let mail_dir = std::env::temp_dir().join(unique("keel-mail"));
         let mut settings = Settings::local();
         settings.database_url = db.url.clone();
-        settings.kafka_brokers = brokers();
+        settings.kafka.brokers = brokers();
         settings.broker_quirks = keel_core::testkit::broker_quirks();
         settings.schema_registry_url = format!("http://{registry}");
         settings.topics.orders = orders.name.clone();
@@ -94,7 +94,7 @@ impl Stack {
     }
 
     /// `KEEL_*` variables for a child process, matching [`Stack::settings`].
-    pub fn env(&self) -> Vec<(&'static str, String)> {
+    pub fn env(&self) -> Vec<(String, String)> {
         self.settings.to_env()
     }
 
