@@ -11,8 +11,8 @@ COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
-# librdkafka is built from source by rdkafka-sys (bundled, static): it needs cmake-free make,
-# which the rust image has; nothing else to install.
+# librdkafka and OpenSSL are built from source by rdkafka-sys and openssl-src (bundled,
+# static): they need make and perl, which the rust image has; nothing else to install.
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json --package keel
 COPY . .
