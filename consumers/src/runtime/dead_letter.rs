@@ -95,10 +95,35 @@ impl<H: Handler> Consumer<H> {
         if self.dlq_ready.lock().is_ok_and(|r| r.contains(topic)) {
             return Ok(());
         }
-        keel_core::kafka::create_topics(&self.kafka, &[TopicSpec::new(topic, 1)]).await?;
+        keel_core::kafka::create_topics(&self.kafka, &[dlq_spec(topic)]).await?;
         if let Ok(mut ready) = self.dlq_ready.lock() {
             ready.insert(topic.to_owned());
         }
         Ok(())
+    }
+}
+
+/// How a dead-letter topic is created when it is missing: one partition (dead letters are
+/// read in order, by hand), the broker's default replication (as a cluster with
+/// `min.insync.replicas=2` needs: one copy would refuse every write) and kept forever (a dead
+/// letter waits for an operator; the broker's default retention would drop it in a week).
+fn dlq_spec(topic: &str) -> TopicSpec {
+    let mut spec = TopicSpec::new(topic, 1);
+    spec.replication = -1;
+    spec.config.push(("retention.ms".into(), "-1".into()));
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_topic_takes_the_brokers_replication_and_keeps_its_records() {
+        let spec = dlq_spec("orders.inventory.dlq");
+        assert_eq!(spec.name, "orders.inventory.dlq");
+        assert_eq!(spec.partitions, 1);
+        assert_eq!(spec.replication, -1, "not one copy on a replicated cluster");
+        assert_eq!(spec.config, [("retention.ms".to_owned(), "-1".to_owned())]);
     }
 }
