@@ -51,6 +51,16 @@ pub struct Position {
     pub back: i64,
 }
 
+impl Position {
+    /// Where a partition stands once the record at `offset` is delivered.
+    fn delivered(offset: i64) -> Self {
+        Position {
+            next: offset + 1,
+            back: 0,
+        }
+    }
+}
+
 /// What to do with a record, given its partition's [`Position`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -67,10 +77,7 @@ pub enum Verdict {
 
 /// The gap machine: the verdict on the record at `offset` and the partition's position after it.
 pub fn judge(position: Position, offset: i64) -> (Verdict, Position) {
-    let delivered = Position {
-        next: offset + 1,
-        back: 0,
-    };
+    let delivered = Position::delivered(offset);
     if offset < position.next && position.back > 0 {
         return (Verdict::Drop, position);
     }
@@ -187,14 +194,7 @@ impl<H: Handler> Consumer<H> {
             }
         };
         let Some(position) = position else {
-            positions.set(
-                topic,
-                partition,
-                Position {
-                    next: offset + 1,
-                    back: 0,
-                },
-            );
+            positions.set(topic, partition, Position::delivered(offset));
             return true;
         };
         let group = self.group();
@@ -250,14 +250,7 @@ impl<H: Handler> Consumer<H> {
                             missing_from = position.next, missing_to = offset - 1, error = %e,
                             "The fetch skipped records and the partition cannot be read again; going on without them"
                         );
-                        positions.set(
-                            topic,
-                            partition,
-                            Position {
-                                next: offset + 1,
-                                back: 0,
-                            },
-                        );
+                        positions.set(topic, partition, Position::delivered(offset));
                         true
                     }
                 }
