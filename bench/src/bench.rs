@@ -59,6 +59,20 @@ impl Bench {
         Ok(topic)
     }
 
+    /// The dead-letter topics of every group reading `topics`, as `keel topics create` makes
+    /// them (the runtime never does).
+    pub(crate) async fn dead_letters(
+        &self,
+        topics: &keel_core::settings::Topics,
+    ) -> anyhow::Result<()> {
+        let specs: Vec<TopicSpec> = keel_consumers::dead_letters(topics)
+            .iter()
+            .map(|d| keel_core::topics::plain_dead_letter(&d.name))
+            .collect();
+        kafka::create_topics(&self.keel.kafka, &specs).await?;
+        Ok(())
+    }
+
     pub(crate) async fn flag(&self, sql: &str) -> anyhow::Result<bool> {
         Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }

@@ -86,6 +86,7 @@ pub(crate) async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyh
         eprintln!("bench: {group}: raw SQL {raw_sql:.0}/s; running the group");
 
         // The group, as a process.
+        bench.dead_letters(&topics).await?;
         let service = bench.group(&format!("{group}-backlog"), group, |s| {
             s.topics = topics.clone()
         })?;

@@ -102,6 +102,12 @@ pub(crate) async fn end_to_end(
 ) -> anyhow::Result<()> {
     let orders = bench.topic("e2e-orders").await?;
     let inventory = bench.topic("e2e-inventory").await?;
+    bench
+        .dead_letters(&keel_core::settings::Topics {
+            orders: orders.clone(),
+            inventory: inventory.clone(),
+        })
+        .await?;
     let port = free_port()?;
     let configure = |s: &mut keel_core::Settings| {
         s.topics.orders = orders.clone();

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keel_core::kafka::{self, TopicSpec};
+use keel_core::kafka;
 use keel_core::testkit::{Outage, Process, free_port, metric_sum, wait_ready};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -77,15 +77,20 @@ impl Stack {
         let prefix = format!("chaos-{}-{name}", parts.run);
         let orders_topic = format!("{prefix}-orders");
         let inventory_topic = format!("{prefix}-inventory");
-        kafka::create_topics(
-            &kafka::Kafka::new(&brokers),
-            &[
-                TopicSpec::new(&orders_topic, 6),
-                TopicSpec::new(&inventory_topic, 6),
-            ],
-        )
-        .await
-        .context("creating the scenario's topics")?;
+        // As `keel topics create` makes them, dead-letter topics included: the runtime never
+        // creates one.
+        let topics = keel_core::settings::Topics {
+            orders: orders_topic.clone(),
+            inventory: inventory_topic.clone(),
+        };
+        let declared = keel_core::topics::load(
+            &parts.settings.topics_file,
+            &topics,
+            &keel_consumers::dead_letters(&topics),
+        )?;
+        kafka::create_topics(&kafka::Kafka::new(&brokers), &declared)
+            .await
+            .context("creating the scenario's topics")?;
         let mail_dir = parts.logs.join(format!("{prefix}-mail"));
         let api_port = free_port()?;
         let mut stack = Self {

@@ -127,7 +127,7 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
     .await?;
     let pool = keel_core::db::pool(&s.database_url, 4).await?;
     let token = shutdown::on_signal();
-    let admin = Admin::start(s, &token, pool.clone()).await?;
+    let admin = Admin::start(s, &token, pool.clone(), Vec::new()).await?;
     let result = async {
         let relay = keel_outbox::Relay::new(pool, s)?;
         relay
@@ -149,11 +149,14 @@ pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
     let pool = keel_core::db::pool(&s.database_url, 1)
         .await
         .context("KEEL_DATABASE_URL")?;
-    let admin = Admin::start(s, &token, pool).await?;
-    let result = match keel_consumers::group(group) {
-        Ok(group) => (group.run)(s.clone(), token).await,
-        Err(e) => Err(e),
-    };
+    let group = keel_consumers::group(group)?;
+    let dead_letters = group
+        .dead_letters(&s.topics)
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    let admin = Admin::start(s, &token, pool, dead_letters).await?;
+    let result = (group.run)(s.clone(), token).await;
     admin.stop().await;
     result
 }
@@ -167,11 +170,13 @@ struct Admin {
 }
 
 impl Admin {
-    /// Starts serving; ready until `shutdown`.
+    /// Starts serving; ready until `shutdown` while PostgreSQL, the broker, the registry and
+    /// the `topics` the service needs are there.
     async fn start(
         s: &Settings,
         shutdown: &tokio_util::sync::CancellationToken,
         pool: sqlx::PgPool,
+        topics: Vec<String>,
     ) -> anyhow::Result<Self> {
         let stop = tokio_util::sync::CancellationToken::new();
         let mut server = None;
@@ -179,6 +184,7 @@ impl Admin {
             let checks = keel_core::health::Checks::new(shutdown.clone(), s.liveness_timeout)
                 .database(pool)
                 .broker(&s.kafka)
+                .topics(topics)
                 .registry(&s.schema_registry_url);
             let (_, task) = keel_core::health::serve(addr, checks, stop.clone()).await?;
             server = Some(task);

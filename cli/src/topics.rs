@@ -8,8 +8,13 @@ use serde_json::json;
 
 use crate::ops::{Output, table};
 
+/// The declared topics, then every group's dead-letter topics.
 fn declared(s: &Settings) -> anyhow::Result<Vec<TopicSpec>> {
-    keel_core::topics::load(&s.topics_file, &s.topics)
+    keel_core::topics::load(
+        &s.topics_file,
+        &s.topics,
+        &keel_consumers::dead_letters(&s.topics),
+    )
 }
 
 fn config_text(config: &[(String, String)]) -> String {

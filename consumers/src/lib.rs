@@ -31,6 +31,7 @@ use std::pin::Pin;
 
 use keel_core::Settings;
 use keel_core::settings::Topics;
+use keel_core::topics::DeadLetter;
 use keel_schemas::events::Contract;
 use keel_schemas::{OrderCancelled, OrderCreated, OrderPaid};
 use tokio_util::sync::CancellationToken;
@@ -69,6 +70,21 @@ impl Group {
     pub fn subscription(&self, topics: &Topics) -> Subscription {
         Subscription::new(self.name, (self.topics)(topics))
     }
+
+    /// Its dead-letter topics, one per topic it reads.
+    pub fn dead_letters(&self, topics: &Topics) -> Vec<DeadLetter> {
+        self.subscription(topics).dead_letters()
+    }
+}
+
+/// Every group's dead-letter topics, and those of the analytics rebuild (which reads as a group
+/// of its own), as `keel topics create` declares them.
+pub fn dead_letters(topics: &Topics) -> Vec<DeadLetter> {
+    GROUPS
+        .iter()
+        .flat_map(|g| g.dead_letters(topics))
+        .chain(analytics::Analytics::rebuild_subscription(topics).dead_letters())
+        .collect()
 }
 
 /// The order service's events, which every group that follows orders applies.
@@ -163,6 +179,16 @@ mod tests {
                     g.name
                 );
                 assert!(!types.is_empty());
+            }
+        }
+        let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../topics.toml");
+        let declared = keel_core::topics::load(&repository, &topics, &dead_letters(&topics))
+            .expect("topics.toml declares what every group reads");
+        for g in GROUPS {
+            for topic in (g.topics)(&topics) {
+                let dlq = dlq_topic(&topic, g.name);
+                let spec = declared.iter().find(|s| s.name == dlq);
+                assert!(spec.is_some(), "{dlq} is not declared");
             }
         }
         assert!(

@@ -5,7 +5,8 @@
 //!   dependency is progress (the loops beat while they retry), so an outage does not get the
 //!   process restarted: restarting would not help.
 //! - **`/ready`** fails while a dependency it needs (PostgreSQL, the broker, the registry) cannot
-//!   be reached within two seconds, or while the process shuts down, and recovers by itself.
+//!   be reached within two seconds, while a topic it needs (a group's dead-letter topics) does
+//!   not exist, or while the process shuts down, and recovers by itself.
 //! - **`/metrics`**: [`crate::metrics::render`].
 
 use std::collections::BTreeMap;
@@ -52,6 +53,7 @@ pub fn done(name: &str) {
 pub struct Checks {
     database: Option<sqlx::PgPool>,
     kafka: Option<crate::kafka::Kafka>,
+    topics: Vec<String>,
     registry: Option<String>,
     stuck_after: Duration,
     shutdown: CancellationToken,
@@ -64,6 +66,7 @@ impl Checks {
         Self {
             database: None,
             kafka: None,
+            topics: Vec::new(),
             registry: None,
             stuck_after,
             shutdown,
@@ -78,6 +81,13 @@ impl Checks {
 
     pub fn broker(mut self, kafka: &crate::kafka::Kafka) -> Self {
         self.kafka = Some(kafka.clone());
+        self
+    }
+
+    /// Topics the broker must have (checked with it): not ready while one is missing, as
+    /// `keel topics create` makes them.
+    pub fn topics(mut self, names: Vec<String>) -> Self {
+        self.topics = names;
         self
     }
 
@@ -122,10 +132,16 @@ impl Checks {
         };
         let broker = async {
             let kafka = self.kafka.clone()?;
-            let probe =
-                tokio::task::spawn_blocking(move || crate::kafka::probe(&kafka, CHECK_TIMEOUT));
+            let required = self.topics.clone();
+            let probe = tokio::task::spawn_blocking(move || {
+                crate::kafka::probe(&kafka, CHECK_TIMEOUT, &required)
+            });
             Some(match probe.await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(missing)) if missing.is_empty() => Ok(()),
+                Ok(Ok(missing)) => Err(format!(
+                    "missing topic(s) {}: declared by topics.toml (KEEL_TOPICS_FILE); create them with `keel topics create`",
+                    missing.join(", ")
+                )),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(e.to_string()),
             })

@@ -441,13 +441,21 @@ pub fn lag(kafka: &Kafka, group: &str, topics: &[&str]) -> anyhow::Result<i64> {
 
 /// Whether `topic` exists.
 pub fn topic_exists(kafka: &Kafka, topic: &str) -> anyhow::Result<bool> {
+    Ok(topic_names(kafka)?.contains(topic))
+}
+
+/// The names of every topic of the cluster. Asks for all of them: a metadata request naming a
+/// missing topic would have a broker with `auto.create.topics.enable` create it.
+pub fn topic_names(kafka: &Kafka) -> anyhow::Result<std::collections::HashSet<String>> {
     use rdkafka::consumer::Consumer;
     let consumer = outsider(kafka, "keel-admin")?;
-    let metadata = consumer.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    let metadata = consumer.fetch_metadata(None, ADMIN_TIMEOUT)?;
     Ok(metadata
         .topics()
-        .first()
-        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name().to_owned())
+        .collect())
 }
 
 /// Reads partition `partition` of `topic` from `from` (or its beginning) without joining a group
@@ -522,12 +530,22 @@ pub fn record_timestamp(
         .and_then(|m| m.timestamp().to_millis()))
 }
 
-/// Whether a broker answers a metadata request within `timeout`.
-pub fn probe(kafka: &Kafka, timeout: Duration) -> anyhow::Result<()> {
+/// Whether a broker answers a metadata request within `timeout`; the topics of `required` it
+/// does not have, if it does.
+pub fn probe(kafka: &Kafka, timeout: Duration, required: &[String]) -> anyhow::Result<Vec<String>> {
     use rdkafka::consumer::Consumer;
     let consumer = outsider(kafka, "keel-admin")?;
-    consumer
+    let metadata = consumer
         .fetch_metadata(None, timeout)
         .map_err(|e| anyhow::anyhow!("{}: {e}", kafka.brokers))?;
-    Ok(())
+    Ok(required
+        .iter()
+        .filter(|name| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == name.as_str() && t.error().is_none())
+        })
+        .cloned()
+        .collect())
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -166,6 +166,17 @@ metrics! {
     consumer_lag: Family<PartitionLabels, Gauge> = Family::default(),
         name: "keel_consumer_lag_records",
         help: "Records between the group's committed offset and the partition's end";
+    /// `keel_consumer_dead_letter_waiting_records{group}`: records whose dead-letter write is not
+    /// acknowledged yet. Each holds its partition: above zero for long means the dead-letter
+    /// topic cannot be written (missing, or too few in-sync replicas).
+    consumer_dead_letter_waiting: Family<GroupLabels, Gauge> = Family::default(),
+        name: "keel_consumer_dead_letter_waiting_records",
+        help: "Records waiting for their dead-letter write to be acknowledged (each holds its partition)";
+    /// `keel_consumer_dead_letter_write_seconds{group}`: from the decision to dead-letter a record
+    /// to the write's acknowledgement, retries included.
+    consumer_dead_letter_write: Histograms<GroupLabels> = Family::new_with_constructor(seconds),
+        name: "keel_consumer_dead_letter_write", unit: Seconds,
+        help: "Time to write a record to its dead-letter topic, retries included";
 }
 
 /// This process's metrics.
@@ -275,6 +286,12 @@ mod tests {
                 partition: 0,
             })
             .set(7);
+        m.consumer_dead_letter_waiting
+            .get_or_create(&group())
+            .set(1);
+        m.consumer_dead_letter_write
+            .get_or_create(&group())
+            .observe(20.0);
 
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
@@ -446,6 +463,32 @@ keel_consumer_end_to_end_seconds_bucket{le="+Inf",group="inventory"} 1
 # HELP keel_consumer_lag_records Records between the group's committed offset and the partition's end.
 # TYPE keel_consumer_lag_records gauge
 keel_consumer_lag_records{group="inventory",topic="orders",partition="0"} 7
+# HELP keel_consumer_dead_letter_waiting_records Records waiting for their dead-letter write to be acknowledged (each holds its partition).
+# TYPE keel_consumer_dead_letter_waiting_records gauge
+keel_consumer_dead_letter_waiting_records{group="inventory"} 1
+# HELP keel_consumer_dead_letter_write_seconds Time to write a record to its dead-letter topic, retries included.
+# TYPE keel_consumer_dead_letter_write_seconds histogram
+# UNIT keel_consumer_dead_letter_write_seconds seconds
+keel_consumer_dead_letter_write_seconds_sum{group="inventory"} 20.0
+keel_consumer_dead_letter_write_seconds_count{group="inventory"} 1
+keel_consumer_dead_letter_write_seconds_bucket{le="0.001",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.002",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.004",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.008",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.016",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.032",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.064",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.128",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.256",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="0.512",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="1.024",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="2.048",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="4.096",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="8.192",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="16.384",group="inventory"} 0
+keel_consumer_dead_letter_write_seconds_bucket{le="32.768",group="inventory"} 1
+keel_consumer_dead_letter_write_seconds_bucket{le="65.536",group="inventory"} 1
+keel_consumer_dead_letter_write_seconds_bucket{le="+Inf",group="inventory"} 1
 # EOF
 "#;
 }

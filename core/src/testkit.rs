@@ -151,8 +151,14 @@ impl TestTopic {
     }
 
     pub async fn new(prefix: &str, partitions: i32) -> Self {
-        let name = unique(prefix);
-        kafka::create_topics(&kafka(), &[TopicSpec::new(&name, partitions)])
+        Self::declare(TopicSpec::new(unique(prefix), partitions)).await
+    }
+
+    /// Creates `spec` as `keel topics create` would (a topic of a given name: a dead-letter
+    /// topic), if it does not exist yet.
+    pub async fn declare(spec: TopicSpec) -> Self {
+        let name = spec.name.clone();
+        kafka::create_topics(&kafka(), &[spec])
             .await
             .unwrap_or_else(|e| panic!("create topic {name} on {} ({e}); is the broker running? `make test` starts one", brokers()));
         Self { name }

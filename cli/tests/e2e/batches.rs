@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use keel_consumers::{Handler, HandlerError, Meta, Outcome, Subscription, dlq_topic, transact};
-use keel_core::testkit::{TestTopic, eventually, read_topic, unique};
+use keel_core::testkit::{eventually, read_topic, unique};
 use keel_schemas::Event;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgConnection;
@@ -183,7 +183,7 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
     let stack = Stack::start().await;
     log_table(&stack).await;
     let group = unique("batch");
-    let dlq = TestTopic::adopt(dlq_topic(&stack.orders.name, &group));
+    let dlq = dlq_topic(&stack.orders.name, &group);
     // The poison first, so that it is fetched with the events behind it.
     let producer: FutureProducer = keel_core::kafka::producer_config(&keel_core::testkit::kafka())
         .create()
@@ -241,7 +241,7 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
         || async { (stack.processed(&group).await == total as i64).then_some(()) },
     )
     .await;
-    let dead = read_topic(&dlq.name, Duration::from_secs(60), |m| !m.is_empty()).await;
+    let dead = read_topic(&dlq, Duration::from_secs(60), |m| !m.is_empty()).await;
     assert_eq!(dead.len(), 1, "the poison, alone");
 
     let mut applied = logged(&stack).await;

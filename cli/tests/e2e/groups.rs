@@ -10,7 +10,7 @@ use keel_consumers::inventory::{self, Inventory};
 use keel_consumers::notification::{self, Mailer, Notification, Transport};
 use keel_consumers::runtime::dlq_headers;
 use keel_consumers::{Handler, HandlerError, Meta, Subscription, dlq_topic};
-use keel_core::testkit::{Outage, TestTopic, eventually, read_topic, unique};
+use keel_core::testkit::{Outage, eventually, read_topic, unique};
 use keel_schemas::Event;
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -374,7 +374,7 @@ fn raw_producer() -> FutureProducer {
 async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the_rest_flows() {
     let stack = Stack::start().await;
     let group = unique("inventory");
-    let dlq = TestTopic::adopt(dlq_topic(&stack.orders.name, &group));
+    let dlq = dlq_topic(&stack.orders.name, &group);
     let producer = raw_producer();
     let random: Vec<u8> = (0..64u8)
         .map(|i| i.wrapping_mul(37).wrapping_add(11))
@@ -426,7 +426,7 @@ async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the
             .unwrap();
     assert_eq!(reservation, "reserved");
 
-    let dead = read_topic(&dlq.name, Duration::from_secs(60), |m| m.len() >= 2).await;
+    let dead = read_topic(&dlq, Duration::from_secs(60), |m| m.len() >= 2).await;
     assert_eq!(dead.len(), 2);
     for m in &dead {
         let header = |k: &str| {

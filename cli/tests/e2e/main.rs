@@ -9,6 +9,7 @@ mod common;
 
 mod audit;
 mod batches;
+mod cluster;
 mod groups;
 mod interop;
 mod ops;

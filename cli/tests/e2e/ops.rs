@@ -250,12 +250,6 @@ async fn dead_letter_a_fixable_order(stack: &Stack, dlq: &str) -> (String, Strin
         .await
         .unwrap();
     let value = encoder.encode(&stack.orders.name, &event).await.unwrap();
-    keel_core::kafka::create_topics(
-        &keel_core::testkit::kafka(),
-        &[keel_core::kafka::TopicSpec::new(dlq, 1)],
-    )
-    .await
-    .unwrap();
     let mut headers = OwnedHeaders::new();
     for (key, value) in [
         (
@@ -307,7 +301,6 @@ fn producer() -> FutureProducer {
 async fn dead_letters_are_listed_shown_decoded_and_redriven_once_each() {
     let stack = Stack::start().await;
     let dlq = keel_consumers::dlq_topic(&stack.orders.name, "inventory");
-    let _dlq = keel_core::testkit::TestTopic::adopt(dlq.clone());
     let (order_id, event_id) = dead_letter_a_fixable_order(&stack, &dlq).await;
     let poison: Vec<u8> = (0..32u8)
         .map(|i| i.wrapping_mul(53).wrapping_add(7))
@@ -490,11 +483,23 @@ async fn dead_letters_are_listed_shown_decoded_and_redriven_once_each() {
 #[tokio::test]
 async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
     let orders = keel_core::testkit::unique("orders");
+    let inventory = keel_core::testkit::unique("inventory");
     let audit = keel_core::testkit::unique("audit");
-    let _cleanup = [
-        keel_core::testkit::TestTopic::adopt(orders.clone()),
-        keel_core::testkit::TestTopic::adopt(audit.clone()),
-    ];
+    let names = keel_core::settings::Topics {
+        orders: orders.clone(),
+        inventory: inventory.clone(),
+    };
+    // Every group's dead-letter topic of each topic it reads, declared by the template.
+    let dead_letters: Vec<String> = keel_consumers::dead_letters(&names)
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert!(dead_letters.contains(&format!("{orders}.inventory.dlq")));
+    let _cleanup: Vec<_> = [orders.clone(), inventory.clone(), audit.clone()]
+        .into_iter()
+        .chain(dead_letters.iter().cloned())
+        .map(keel_core::testkit::TestTopic::adopt)
+        .collect();
     let dir = std::env::temp_dir().join(keel_core::testkit::unique("keel-topics"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("topics.toml");
@@ -502,7 +507,7 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
         std::fs::write(
             &file,
             format!(
-                "[orders]\npartitions = 4\nretention = \"7d\"\n\n[{audit}]\npartitions = {audit_partitions}\ncleanup = \"compact\"\n"
+                "[dead_letters]\nconfig = {{ \"max.message.bytes\" = \"2097152\" }}\n\n[orders]\npartitions = 4\nretention = \"7d\"\n\n[inventory]\npartitions = 2\n\n[{audit}]\npartitions = {audit_partitions}\ncleanup = \"compact\"\n"
             ),
         )
         .unwrap();
@@ -512,28 +517,44 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
             .args(args)
             .env("KEEL_KAFKA_BROKERS", brokers())
             .env("KEEL_TOPIC_ORDERS", &orders)
+            .env("KEEL_TOPIC_INVENTORY", &inventory)
             .env("KEEL_TOPICS_FILE", &file)
             .output()
             .unwrap()
     };
     declare(2);
     let created = json_of(&run(&["topics", "create", "--output", "json"]));
-    let states: Vec<(&str, bool)> = created
+    let mut states: Vec<(String, bool)> = created
         .as_array()
         .unwrap()
         .iter()
         .map(|t| {
             (
-                t["topic"].as_str().unwrap(),
+                t["topic"].as_str().unwrap().to_owned(),
                 t["created"].as_bool().unwrap(),
             )
         })
         .collect();
-    let mut expected = vec![(audit.as_str(), true), (orders.as_str(), true)];
+    let mut expected: Vec<(String, bool)> = [&audit, &inventory, &orders]
+        .into_iter()
+        .chain(&dead_letters)
+        .map(|t| (t.clone(), true))
+        .collect();
     expected.sort();
-    let mut states_sorted = states.clone();
-    states_sorted.sort();
-    assert_eq!(states_sorted, expected);
+    states.sort();
+    assert_eq!(states, expected);
+    let dlq = created
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["topic"] == format!("{orders}.inventory.dlq").as_str())
+        .unwrap();
+    assert_eq!(dlq["partitions"], 1);
+    assert_eq!(
+        dlq["config"],
+        json!({"retention.ms": "-1", "cleanup.policy": "delete", "max.message.bytes": "2097152"}),
+        "kept forever, whatever its source's retention: {dlq}"
+    );
     let again = json_of(&run(&["topics", "create", "--output", "json"]));
     assert!(
         again
@@ -555,6 +576,9 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
     };
     assert_eq!(partitions(&orders), Some(4));
     assert_eq!(partitions(&audit), Some(2));
+    for dlq in &dead_letters {
+        assert_eq!(partitions(dlq), Some(1), "{dlq}");
+    }
 
     let described = run(&["topics", "describe", "--output", "json"]);
     let rows = json_of(&described);
@@ -565,6 +589,15 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
             .all(|r| r["differences"].as_array().unwrap().is_empty()),
         "{rows}"
     );
+    let described: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["topic"].as_str())
+        .collect();
+    for dlq in &dead_letters {
+        assert!(described.contains(&dlq.as_str()), "describe shows {dlq}");
+    }
 
     // The file now asks for more partitions than the cluster has: reported, exit 1, not changed.
     declare(3);
@@ -585,7 +618,7 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
     // leaves replication to the broker's default (orders, created above without one) is not.
     std::fs::write(
         &file,
-        format!("[orders]\npartitions = 4\nretention = \"7d\"\n\n[{audit}]\npartitions = 2\ncleanup = \"compact\"\nreplication_factor = 2\n"),
+        format!("[orders]\npartitions = 4\nretention = \"7d\"\n\n[inventory]\npartitions = 2\n\n[{audit}]\npartitions = 2\ncleanup = \"compact\"\nreplication_factor = 2\n"),
     )
     .unwrap();
     let drift = run(&["topics", "describe", "--output", "json"]);

@@ -131,18 +131,12 @@ impl<H: Handler> Consumer<H> {
                     reason: error.to_string(),
                 };
                 // The dead-letter write is retried like any unavailable dependency: the record
-                // is never dropped.
-                while let Err(e) = self.dead_letter(message, &error, attempts).await {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        group = self.group(), topic = %meta.topic, partition = meta.partition,
-                        offset = meta.offset, error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "Cannot write to the dead-letter topic; retrying"
-                    );
-                    tokio::select! {
-                        () = shutdown.cancelled() => return None,
-                        () = tokio::time::sleep(delay) => {}
-                    }
+                // is never dropped, and its partition waits.
+                if !self
+                    .dead_letter_until_written(message, meta, &error, attempts, shutdown)
+                    .await
+                {
+                    return None;
                 }
                 span.record("keel.outcome", "dead_lettered");
                 return Some(outcome);

@@ -1,17 +1,25 @@
 //! The dead-letter writer: a record that can never be applied goes to `<topic>.<group>.dlq`
 //! with its key, value and headers plus `keel-dlq-*` headers saying where it came from and why.
 //! What it promises: the write is acknowledged before the record's offset may be stored, so a
-//! poison record is never dropped silently.
+//! poison record is never dropped silently; until it is, the record's partition waits (retried
+//! with backoff, `keel_consumer_dead_letter_waiting_records` above zero, the loop still alive).
+//!
+//! Dead-letter topics are declared in `topics.toml` and made by `keel topics create`, never
+//! here: a topic auto-created at run time would get the broker's defaults (one copy, a week's
+//! retention) or, with auto-creation off, not exist at all. A missing one is reported at
+//! start-up and by `/ready`, and a record bound for it waits until it is created.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use keel_core::kafka::TopicSpec;
+use keel_core::backoff::Backoff;
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
+use tokio_util::sync::CancellationToken;
+
 use super::Consumer;
-use super::handler::{Handler, HandlerError};
+use super::handler::{Handler, HandlerError, Meta};
 
 /// The dead-letter topic of `topic` for `group`.
 pub fn dlq_topic(topic: &str, group: &str) -> String {
@@ -30,9 +38,85 @@ pub mod dlq_headers {
     pub const ATTEMPTS: &str = "keel-dlq-attempts";
 }
 
+/// Counts a record waiting for its dead-letter write while it lives.
+struct Waiting(keel_core::metrics::Gauge);
+
+impl Waiting {
+    fn new(group: &str) -> Self {
+        let gauge = keel_core::metrics::metrics()
+            .consumer_dead_letter_waiting
+            .get_or_create(&keel_core::metrics::GroupLabels {
+                group: group.to_owned(),
+            })
+            .clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl<H: Handler> Consumer<H> {
+    /// Writes `message` to its dead-letter topic, retrying until the write is acknowledged.
+    /// `false` if `shutdown` came first: the record is not done.
+    pub(super) async fn dead_letter_until_written(
+        &self,
+        message: &BorrowedMessage<'_>,
+        meta: &Meta,
+        error: &HandlerError,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let began = Instant::now();
+        let waiting = Waiting::new(self.group());
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
+        loop {
+            let written = tokio::select! {
+                () = shutdown.cancelled() => return false,
+                written = self.alive_while(self.dead_letter(message, error, attempts)) => written,
+            };
+            let Err(e) = written else { break };
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                group = self.group(), topic = %meta.topic, partition = meta.partition,
+                offset = meta.offset, error = %e, retry_in_ms = delay.as_millis() as u64,
+                "Cannot write to the dead-letter topic; the partition waits"
+            );
+            keel_core::health::beat(&self.health_loop);
+            tokio::select! {
+                () = shutdown.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        drop(waiting);
+        keel_core::metrics::metrics()
+            .consumer_dead_letter_write
+            .get_or_create(&keel_core::metrics::GroupLabels {
+                group: self.group().to_owned(),
+            })
+            .observe(began.elapsed().as_secs_f64());
+        true
+    }
+
+    /// Awaits `work`, beating for liveness meanwhile: a write the broker holds (librdkafka
+    /// retries NOT_ENOUGH_REPLICAS itself, up to `message.timeout.ms`) is waiting, not stuck.
+    async fn alive_while<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = beat.tick() => keel_core::health::beat(&self.health_loop),
+            }
+        }
+    }
+
     /// Writes `message` to its dead-letter topic and waits for the acknowledgement.
-    pub(super) async fn dead_letter(
+    async fn dead_letter(
         &self,
         message: &BorrowedMessage<'_>,
         error: &HandlerError,
@@ -40,7 +124,7 @@ impl<H: Handler> Consumer<H> {
     ) -> anyhow::Result<()> {
         let group = self.group();
         let topic = dlq_topic(message.topic(), group);
-        self.ensure_dlq(&topic).await?;
+        self.dlq_exists(&topic).await?;
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for h in original.iter() {
@@ -91,39 +175,33 @@ impl<H: Handler> Consumer<H> {
         Ok(())
     }
 
-    async fn ensure_dlq(&self, topic: &str) -> anyhow::Result<()> {
+    /// Whether `topic` exists, asked of the cluster until it does. Never creates it.
+    async fn dlq_exists(&self, topic: &str) -> anyhow::Result<()> {
         if self.dlq_ready.lock().is_ok_and(|r| r.contains(topic)) {
             return Ok(());
         }
-        keel_core::kafka::create_topics(&self.kafka, &[dlq_spec(topic)]).await?;
-        if let Ok(mut ready) = self.dlq_ready.lock() {
-            ready.insert(topic.to_owned());
-        }
+        let missing = self.missing_dlqs(&[topic.to_owned()]).await?;
+        anyhow::ensure!(missing.is_empty(), "{}", missing_dlq(topic));
         Ok(())
     }
-}
 
-/// How a dead-letter topic is created when it is missing: one partition (dead letters are
-/// read in order, by hand), the broker's default replication (as a cluster with
-/// `min.insync.replicas=2` needs: one copy would refuse every write) and kept forever (a dead
-/// letter waits for an operator; the broker's default retention would drop it in a week).
-fn dlq_spec(topic: &str) -> TopicSpec {
-    let mut spec = TopicSpec::new(topic, 1);
-    spec.replication = -1;
-    spec.config.push(("retention.ms".into(), "-1".into()));
-    spec
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dead_letter_topic_takes_the_brokers_replication_and_keeps_its_records() {
-        let spec = dlq_spec("orders.inventory.dlq");
-        assert_eq!(spec.name, "orders.inventory.dlq");
-        assert_eq!(spec.partitions, 1);
-        assert_eq!(spec.replication, -1, "not one copy on a replicated cluster");
-        assert_eq!(spec.config, [("retention.ms".to_owned(), "-1".to_owned())]);
+    /// Which of `topics` the cluster does not have; remembers those it has.
+    pub(super) async fn missing_dlqs(&self, topics: &[String]) -> anyhow::Result<Vec<String>> {
+        let kafka = self.kafka.clone();
+        let names =
+            tokio::task::spawn_blocking(move || keel_core::kafka::topic_names(&kafka)).await??;
+        let (present, missing): (Vec<String>, Vec<String>) =
+            topics.iter().cloned().partition(|t| names.contains(t));
+        if let Ok(mut ready) = self.dlq_ready.lock() {
+            ready.extend(present);
+        }
+        Ok(missing)
     }
+}
+
+/// What a group says of a dead-letter topic that does not exist.
+pub fn missing_dlq(topic: &str) -> String {
+    format!(
+        "dead-letter topic {topic} does not exist: it is declared by topics.toml (KEEL_TOPICS_FILE); create it with `keel topics create`"
+    )
 }

@@ -71,6 +71,17 @@ impl Subscription {
             topics,
         }
     }
+
+    /// Its dead-letter topics, one per topic it reads ([`dlq_topic`]).
+    pub fn dead_letters(&self) -> Vec<keel_core::topics::DeadLetter> {
+        self.topics
+            .iter()
+            .map(|t| keel_core::topics::DeadLetter {
+                name: dlq_topic(t, &self.group),
+                source: t.clone(),
+            })
+            .collect()
+    }
 }
 
 pub struct Consumer<H: Handler> {
@@ -148,6 +159,32 @@ impl<H: Handler> Consumer<H> {
         })
     }
 
+    /// Says at start-up which dead-letter topics are missing, rather than at the first poison
+    /// record (which would then wait for its topic; `/ready` names them too).
+    async fn report_missing_dlqs(&self) {
+        let names: Vec<String> = self
+            .subscription
+            .dead_letters()
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        match self.missing_dlqs(&names).await {
+            Ok(missing) => {
+                for topic in missing {
+                    tracing::error!(
+                        group = self.group(),
+                        dlq = topic,
+                        "{}",
+                        dead_letter::missing_dlq(&topic)
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(group = self.group(), error = %e, "Cannot list the dead-letter topics")
+            }
+        }
+    }
+
     /// The group id.
     fn group(&self) -> &str {
         &self.subscription.group
@@ -160,6 +197,7 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.group().to_owned();
         tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");
+        self.report_missing_dlqs().await;
         // The tasks beside the loop. They stop when the loop does (whatever ended it), and `run`
         // returns only once they have: nothing of the consumer outlives it.
         let beside = tokio_util::task::TaskTracker::new();

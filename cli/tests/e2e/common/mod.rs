@@ -23,6 +23,9 @@ pub struct Stack {
     pub api: String,
     pub orders: TestTopic,
     pub inventory: TestTopic,
+    /// The dead-letter topics of every group and of each [`Stack::consumer`]'s, as `keel topics
+    /// create` makes them: the runtime never creates one.
+    pub dead_letters: std::sync::Mutex<Vec<TestTopic>>,
     pub mail_dir: PathBuf,
     pub shutdown: CancellationToken,
     pub http: reqwest::Client,
@@ -37,7 +40,8 @@ impl Drop for Stack {
 
 impl Stack {
     /// Registry and order service (with its Redis cache) in-process, on a fresh database and
-    /// fresh 6-partition `orders` and `inventory` topics; every component migrated.
+    /// fresh 6-partition `orders` and `inventory` topics with every group's dead-letter topics;
+    /// every component migrated.
     pub async fn start() -> Self {
         let db = TestDb::new().await;
         let shutdown = CancellationToken::new();
@@ -74,7 +78,13 @@ impl Stack {
         tokio::spawn(app.run_until(shutdown.clone()));
         keel_consumers::migrate_all(&settings).await.unwrap();
         let pool = db.pool().await;
+        let mut dead_letters = Vec::new();
+        for d in keel_consumers::dead_letters(&settings.topics) {
+            dead_letters
+                .push(TestTopic::declare(keel_core::topics::plain_dead_letter(&d.name)).await);
+        }
         Self {
+            dead_letters: std::sync::Mutex::new(dead_letters),
             registry_url: settings.schema_registry_url.clone(),
             settings,
             db,
@@ -114,6 +124,10 @@ impl Stack {
         subscription: Subscription,
         handler: H,
     ) -> Consumer<H> {
+        for d in subscription.dead_letters() {
+            let topic = TestTopic::declare(keel_core::topics::plain_dead_letter(&d.name)).await;
+            self.dead_letters.lock().unwrap().push(topic);
+        }
         Consumer::new(subscription, handler, self.pool.clone(), &self.settings).unwrap()
     }
 

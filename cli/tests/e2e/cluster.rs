@@ -1,0 +1,96 @@
+//! `keel` against a replicated cluster: librdkafka's mock cluster (three brokers, three replicas
+//! per partition) made in this process and used by `keel` processes as their bootstrap servers,
+//! with no broker quirks. Its CreateTopics request times out, so topics are made with the mock
+//! cluster's own call, as `keel topics create` would have made them.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use keel_core::Settings;
+use keel_core::kafka::Kafka;
+use keel_core::settings::BrokerQuirks;
+use keel_core::testkit::{Process, TestDb, eventually, free_port};
+use rdkafka::mocking::MockCluster;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+async fn ready(http: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
+    let r = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.json().await.ok()?))
+}
+
+// Multi-threaded: the registry runs in this process and must answer while `keel` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_dead_letter_topic_is_missing_is_not_ready_and_names_it() {
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    for topic in ["orders", "inventory"] {
+        cluster.create_topic(topic, 6, 3).expect("topic");
+    }
+    let db = TestDb::new().await;
+    let stop = CancellationToken::new();
+    let (registry, _) =
+        keel_schemas::registry::spawn(&db.url, "127.0.0.1:0".parse().unwrap(), stop.clone())
+            .await
+            .unwrap();
+    let mut s = Settings::local();
+    s.kafka = Kafka::new(cluster.bootstrap_servers());
+    s.broker_quirks = BrokerQuirks::None;
+    s.database_url = db.url.clone();
+    s.schema_registry_url = format!("http://{registry}");
+    let admin = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(["consume", "analytics"])
+        .envs(s.to_env())
+        .env("KEEL_ADMIN_ADDR", &admin)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let group = Process::spawn("keel consume analytics", cmd).expect("keel starts");
+    let http = reqwest::Client::new();
+    let url = format!("http://{admin}/ready");
+
+    let (_, body) = eventually(
+        "/ready to answer 503 for the missing dead-letter topic",
+        Duration::from_secs(60),
+        || async {
+            ready(&http, &url)
+                .await
+                .filter(|(status, _)| *status == 503)
+        },
+    )
+    .await;
+    let said = body["broker"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("orders.analytics.dlq") && said.contains("keel topics create"),
+        "names the topic and the fix: {body}"
+    );
+    assert_eq!(body["database"], "ok", "{body}");
+    assert_eq!(body["registry"], "ok", "{body}");
+    assert!(
+        !group.exited(),
+        "the group keeps running, waiting for its topic"
+    );
+
+    cluster
+        .create_topic("orders.analytics.dlq", 1, 3)
+        .expect("dead-letter topic");
+    let (_, body) = eventually(
+        "/ready to recover once the topic exists",
+        Duration::from_secs(60),
+        || async {
+            ready(&http, &url)
+                .await
+                .filter(|(status, _)| *status == 200)
+        },
+    )
+    .await;
+    assert_eq!(body["broker"], "ok");
+    group.terminate().expect("SIGTERM: exits 0");
+    stop.cancel();
+}

@@ -1,0 +1,294 @@
+//! The consumer runtime's dead letters on a replicated cluster: librdkafka's mock cluster, three
+//! brokers with three replicas per partition, in this process (no broker quirks). What tansu
+//! cannot show: a dead-letter write the cluster refuses for want of in-sync replicas, and a
+//! cluster that does not have the dead-letter topic (and would create one with its defaults if
+//! a producer asked for it).
+
+use std::time::Duration;
+
+use keel_consumers::runtime::dlq_headers;
+use keel_consumers::{Consumer, Handler, HandlerError, Meta, Subscription, dlq_topic};
+use keel_core::Settings;
+use keel_core::kafka::{Kafka, read_partition};
+use keel_core::settings::BrokerQuirks;
+use keel_core::testkit::{TestDb, eventually, unique};
+use keel_schemas::Event;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+/// A group that applies whatever decodes; these tests send only records that do not.
+struct Accept;
+
+impl Handler for Accept {
+    async fn handle(
+        &self,
+        _tx: &mut PgConnection,
+        _event: &Event,
+        _meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// Three brokers; `topics` made with three replicas each, as `keel topics create` would.
+fn cluster(topics: &[&str]) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    for topic in topics {
+        cluster.create_topic(topic, 1, 3).expect("topic");
+    }
+    cluster
+}
+
+/// Writes records that can never be decoded (not the Confluent wire format) to `topic`.
+fn produce_poison(brokers: &str, topic: &str, keys: &[&str]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    for key in keys {
+        producer
+            .send(
+                BaseRecord::to(topic)
+                    .partition(0)
+                    .key(*key)
+                    .payload("not avro"),
+            )
+            .expect("enqueued");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flushed");
+}
+
+async fn settings(brokers: &str, db: &TestDb) -> Settings {
+    let mut s = Settings::local();
+    s.kafka = Kafka::new(brokers);
+    s.broker_quirks = BrokerQuirks::None;
+    s.database_url = db.url.clone();
+    s.consumer.max_retry_backoff = Duration::from_secs(1);
+    keel_consumers::migrate(&db.url, None)
+        .await
+        .expect("migrate");
+    s
+}
+
+async fn read(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
+    let (kafka, topic) = (Kafka::new(brokers), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        read_partition(
+            &kafka,
+            BrokerQuirks::None,
+            &topic,
+            0,
+            None,
+            100,
+            Duration::from_secs(5),
+        )
+        .unwrap_or_default()
+    })
+    .await
+    .expect("read")
+}
+
+/// The group's committed offset on `topic`/0 (-1: none).
+async fn committed(brokers: &str, group: &str, topic: &str) -> i64 {
+    let (kafka, group, topic) = (Kafka::new(brokers), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        keel_core::kafka::group_offsets(&kafka, &group, &[&topic])
+            .ok()
+            .and_then(|p| p.first().and_then(|p| p.committed))
+            .unwrap_or(-1)
+    })
+    .await
+    .expect("offsets")
+}
+
+fn waiting(group: &str) -> String {
+    format!("keel_consumer_dead_letter_waiting_records{{group=\"{group}\"}}")
+}
+
+/// The value of the sample `name` (with its labels) on this process's `/metrics`, if present.
+fn gauge(name: &str) -> Option<f64> {
+    keel_core::metrics::render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_for_want_of_replicas_holds_its_partition_until_the_cluster_heals() {
+    let group = unique("replicas");
+    let dlq = dlq_topic("orders", &group);
+    let cluster = cluster(&["orders", &dlq]);
+    let brokers = cluster.bootstrap_servers();
+    produce_poison(&brokers, "orders", &["first", "second"]);
+    // Every produce request from now on is answered as by a cluster with fewer in-sync replicas
+    // than min.insync.replicas: the dead-letter write cannot succeed, and must not be dropped.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 5_000],
+    );
+    let db = TestDb::new().await;
+    let s = settings(&brokers, &db).await;
+    let consumer = Consumer::new(
+        Subscription::new(&group, vec!["orders".into()]),
+        Accept,
+        db.pool().await,
+        &s,
+    )
+    .expect("consumer");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+
+    eventually(
+        "the wait to show in keel_consumer_dead_letter_waiting_records",
+        Duration::from_secs(30),
+        || async { (gauge(&waiting(&group)) == Some(1.0)).then_some(()) },
+    )
+    .await;
+    let outage = std::time::Instant::now();
+    // For 20 s the partition waits: nothing written, nothing skipped, no offset committed.
+    while outage.elapsed() < Duration::from_secs(20) {
+        assert!(
+            read(&brokers, &dlq).await.is_empty(),
+            "refused writes land nowhere"
+        );
+        assert!(
+            committed(&brokers, &group, "orders").await < 1,
+            "the poison's offset is not committed before its dead letter is written"
+        );
+        assert_eq!(gauge(&waiting(&group)), Some(1.0), "still waiting");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    let letters = eventually(
+        "both dead letters once the cluster heals",
+        Duration::from_secs(60),
+        || async {
+            let read = read(&brokers, &dlq).await;
+            (read.len() >= 2).then_some(read)
+        },
+    )
+    .await;
+    let keys: Vec<&[u8]> = letters.iter().filter_map(|m| m.key()).collect();
+    assert_eq!(
+        keys,
+        [b"first".as_slice(), b"second"],
+        "each once, in order"
+    );
+    let original_offsets: Vec<String> = letters
+        .iter()
+        .map(|m| {
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == dlq_headers::OFFSET))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(original_offsets, ["0", "1"]);
+    eventually(
+        "the partition to move on: both offsets committed",
+        Duration::from_secs(30),
+        || async { (committed(&brokers, &group, "orders").await == 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(gauge(&waiting(&group)), Some(0.0), "nothing waits any more");
+    let page = keel_core::metrics::render();
+    let took = keel_core::testkit::metric_sum(
+        &page,
+        "keel_consumer_dead_letter_write_seconds_sum",
+        &format!("group=\"{group}\""),
+    );
+    assert!(
+        took >= 20.0,
+        "the first write waited out the outage: {took} s\n{page}"
+    );
+
+    stop.cancel();
+    running
+        .await
+        .expect("joined")
+        .expect("the consumer stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_fails_readiness_and_is_never_created_at_run_time() {
+    let group = unique("absent");
+    let dlq = dlq_topic("orders", &group);
+    // The mock cluster creates a topic a producer asks for, as a broker with
+    // auto.create.topics.enable does: were the runtime to write blindly, the topic would appear
+    // with the broker's defaults.
+    let cluster = cluster(&["orders"]);
+    let brokers = cluster.bootstrap_servers();
+    let kafka = Kafka::new(&brokers);
+    let subscription = Subscription::new(&group, vec!["orders".into()]);
+    let names: Vec<String> = subscription
+        .dead_letters()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, std::slice::from_ref(&dlq));
+    let checks = keel_core::health::Checks::new(CancellationToken::new(), Duration::from_secs(30))
+        .broker(&kafka)
+        .topics(names);
+    let (ready, body) = checks.ready().await;
+    assert!(!ready, "{body}");
+    let said = body["broker"].as_str().unwrap_or_default();
+    assert!(
+        said.contains(&dlq) && said.contains("keel topics create"),
+        "readiness names the missing topic and the fix: {body}"
+    );
+
+    produce_poison(&brokers, "orders", &["poison"]);
+    let db = TestDb::new().await;
+    let s = settings(&brokers, &db).await;
+    let consumer = Consumer::new(subscription, Accept, db.pool().await, &s).expect("consumer");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+    eventually(
+        "the poison to wait for its dead-letter topic",
+        Duration::from_secs(30),
+        || async { (gauge(&waiting(&group)) == Some(1.0)).then_some(()) },
+    )
+    .await;
+    for _ in 0..5 {
+        let k = kafka.clone();
+        let exists = tokio::task::spawn_blocking({
+            let dlq = dlq.clone();
+            move || keel_core::kafka::topic_exists(&k, &dlq)
+        })
+        .await
+        .expect("joined")
+        .expect("metadata");
+        assert!(!exists, "the runtime does not create {dlq}");
+        assert!(committed(&brokers, &group, "orders").await < 1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // `keel topics create` (here, the mock cluster's own call: its CreateTopics request times
+    // out) makes it; the record lands and readiness recovers.
+    cluster.create_topic(&dlq, 1, 3).expect("dead-letter topic");
+    let letters = eventually(
+        "the dead letter once its topic exists",
+        Duration::from_secs(60),
+        || async {
+            let read = read(&brokers, &dlq).await;
+            (!read.is_empty()).then_some(read)
+        },
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].key(), Some(b"poison".as_slice()));
+    let (ready, body) = checks.ready().await;
+    assert!(ready, "{body}");
+
+    stop.cancel();
+    running
+        .await
+        .expect("joined")
+        .expect("the consumer stops cleanly");
+}
