@@ -1,6 +1,9 @@
 //! What integration tests share. Each test gets its own database and its own topics, so tests run
 //! in parallel and leave nothing behind; the real PostgreSQL and broker are found through
-//! `TEST_DATABASE_URL` and `TEST_KAFKA_BROKERS` (set by `make test`).
+//! `TEST_DATABASE_URL` and `TEST_KAFKA_BROKERS` (set by `make test`; `mock`: librdkafka's
+//! three-broker mock cluster, made in the test process, see [`cluster`]).
+
+pub mod cluster;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -15,6 +18,9 @@ pub fn server_url() -> String {
 
 /// The broker tests use. `make test` starts a dedicated one.
 pub fn brokers() -> String {
+    if cluster::enabled() {
+        return cluster::bootstrap_servers();
+    }
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
@@ -27,6 +33,9 @@ pub fn kafka() -> kafka::Kafka {
 /// (`tansu` for the broker it starts; unset, Apache Kafka's semantics, for one given in
 /// `TEST_KAFKA_BROKERS`).
 pub fn broker_quirks() -> crate::settings::BrokerQuirks {
+    if cluster::enabled() {
+        return crate::settings::BrokerQuirks::None;
+    }
     match std::env::var("KEEL_BROKER_QUIRKS") {
         Ok(v) => v
             .parse()
@@ -158,6 +167,11 @@ impl TestTopic {
     /// topic), if it does not exist yet.
     pub async fn declare(spec: TopicSpec) -> Self {
         let name = spec.name.clone();
+        if cluster::enabled() {
+            cluster::create_topic(&name, spec.partitions)
+                .unwrap_or_else(|e| panic!("create topic on the mock cluster: {e}"));
+            return Self { name };
+        }
         kafka::create_topics(&kafka(), &[spec])
             .await
             .unwrap_or_else(|e| panic!("create topic {name} on {} ({e}); is the broker running? `make test` starts one", brokers()));
@@ -167,6 +181,9 @@ impl TestTopic {
 
 impl Drop for TestTopic {
     fn drop(&mut self) {
+        if cluster::enabled() {
+            return; // the mock cluster ends with the test process
+        }
         let name = self.name.clone();
         block_on_thread(async move { kafka::delete_topics(&kafka(), &[&name]).await });
     }

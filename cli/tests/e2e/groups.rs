@@ -314,6 +314,11 @@ async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_t
 
     // Deliver everything again: stop, move every group back to the beginning, restart.
     stop_all(&stop, tasks).await;
+    if keel_core::testkit::cluster::cannot(
+        "offset commits from outside a group that has existed (Kafka takes them once it is empty)",
+    ) {
+        return;
+    }
     let orders = stack.orders.name.as_str();
     let inventory = stack.inventory.name.as_str();
     let subscriptions = [
@@ -339,10 +344,26 @@ async fn two_hundred_orders_reach_every_group_exactly_once_even_when_delivered_t
             .collect()
     };
     let read_everything = committed();
-    for (group, topics) in &subscriptions {
-        keel_core::kafka::reset_offsets_to_beginning(&keel_core::testkit::kafka(), group, topics)
-            .unwrap();
-    }
+    // A cluster takes a commit from outside a group only once the group is empty (Kafka answers
+    // UNKNOWN_MEMBER_ID while a stopped member's session lasts): retried until then.
+    eventually(
+        "every group reset to the beginning",
+        Duration::from_secs(60),
+        || async {
+            subscriptions
+                .iter()
+                .all(|(group, topics)| {
+                    keel_core::kafka::reset_offsets_to_beginning(
+                        &keel_core::testkit::kafka(),
+                        group,
+                        topics,
+                    )
+                    .is_ok()
+                })
+                .then_some(())
+        },
+    )
+    .await;
     assert!(
         committed().iter().flatten().all(|c| *c == 0),
         "every group was reset"

@@ -32,6 +32,11 @@ async fn analytics(stack: &Stack) -> Vec<(String, i64, i64, i64)> {
 
 #[tokio::test]
 async fn a_replay_is_refused_while_the_group_runs_and_changes_no_effect_when_done() {
+    if keel_core::testkit::cluster::cannot(
+        "ListGroups/DescribeGroups, which `keel replay` asks to see whether the group runs",
+    ) {
+        return;
+    }
     let stack = Stack::start().await;
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
@@ -482,6 +487,11 @@ async fn dead_letters_are_listed_shown_decoded_and_redriven_once_each() {
 
 #[tokio::test]
 async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
+    if keel_core::testkit::cluster::cannot(
+        "CreateTopics through the admin API (it times out), which `keel topics create` sends",
+    ) {
+        return;
+    }
     let orders = keel_core::testkit::unique("orders");
     let inventory = keel_core::testkit::unique("inventory");
     let audit = keel_core::testkit::unique("audit");

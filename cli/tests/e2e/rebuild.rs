@@ -89,6 +89,11 @@ async fn place(stack: &Stack, i: i64) -> i64 {
 // Multi-threaded: the registry runs in this process and must answer while `keel` runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_replaces_a_corrupted_warehouse_while_the_live_group_runs() {
+    if keel_core::testkit::cluster::cannot(
+        "ListGroups/DescribeGroups, which `keel analytics rebuild` asks to see that no rebuild runs",
+    ) {
+        return;
+    }
     let stack = Stack::start().await;
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
