@@ -65,8 +65,12 @@ pub struct OrderCache {
 impl OrderCache {
     /// `url` is checked here (a malformed `KEEL_REDIS_URL` fails start-up); nothing connects yet.
     pub fn new(url: &str, ttl: Duration) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| anyhow::anyhow!("KEEL_REDIS_URL: {e} (got {url:?})"))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            anyhow::anyhow!(
+                "KEEL_REDIS_URL: {e} (got {:?})",
+                crate::settings::redact(url)
+            )
+        })?;
         Ok(Self {
             client,
             connection: Mutex::new(None),

@@ -14,7 +14,7 @@ use std::time::Duration;
 /// A setting that is present but unusable. The message always starts with the key's name.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("{key}: {message} (got {:?})", redact(value))]
+    #[error("{key}: {message} (got {:?})", shown(key, value))]
     Invalid {
         key: &'static str,
         value: String,
@@ -37,7 +37,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/keel",
-        "PostgreSQL database holding orders, the outbox, the registry and consumer state",
+        "PostgreSQL database holding orders, the outbox, the registry and consumer state. TLS: ?sslmode=verify-full (or require, verify-ca) and &sslrootcert=/path/ca.pem; without sslrootcert the system's CAs and SSL_CERT_FILE are trusted",
     ),
     (
         "KEEL_KAFKA_BROKERS",
@@ -57,7 +57,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_SCHEMA_REGISTRY_URL",
         "http://127.0.0.1:8081",
-        "Confluent-compatible Schema Registry base URL",
+        "Confluent-compatible Schema Registry base URL, http:// or https://; https://key:secret@host sends key and secret as HTTP basic auth on every request (Confluent Cloud's API key, Karapace's user)",
     ),
     (
         "KEEL_TOPIC_ORDERS",
@@ -87,7 +87,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_REDIS_URL",
         "redis://127.0.0.1:6379",
-        "Redis holding the order service's read-through cache; empty: no cache (GET /orders/{id} reads PostgreSQL, and the cache-invalidation group and the audit refuse to start)",
+        "Redis holding the order service's read-through cache (rediss:// for TLS; a password as redis://:password@host); empty: no cache (GET /orders/{id} reads PostgreSQL, and the cache-invalidation group and the audit refuse to start)",
     ),
     (
         "KEEL_CACHE_TTL_SECS",
@@ -103,6 +103,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "KEEL_REGISTRY_ADDR",
         "127.0.0.1:8081",
         "Listen address of keel's own schema registry",
+    ),
+    (
+        "KEEL_REGISTRY_BASIC_AUTH",
+        "",
+        "user:password that keel's own schema registry requires as HTTP basic auth on every request but /health and /ready (answering 401 otherwise, as Confluent's does); clients then need https://user:password@host in KEEL_SCHEMA_REGISTRY_URL. Empty: no authentication",
     ),
     (
         "KEEL_RELAY_BATCH_SIZE",
@@ -152,7 +157,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_SMTP_URL",
         "",
-        "SMTP server for notifications, e.g. smtp://mail:25; empty writes .eml files to KEEL_MAIL_DIR",
+        "SMTP server for notifications: smtp://host[:port] plain (port 25), smtp://host[:port]?tls=required for STARTTLS (port 587), smtps://host[:port] for TLS from the first byte (port 465); user:password@ before the host logs in (AUTH), refused over plain smtp://. Empty writes .eml files to KEEL_MAIL_DIR",
     ),
     (
         "KEEL_MAIL_DIR",
@@ -223,6 +228,7 @@ pub struct Settings {
     pub broker_quirks: BrokerQuirks,
     /// librdkafka `debug` contexts for consumers; `None`: none.
     pub kafka_debug: Option<String>,
+    /// Base URL of the schema registry; userinfo (`https://key:secret@host`) is its basic auth.
     pub schema_registry_url: String,
     pub topics: Topics,
     /// The declared topic layout (see [`crate::topics`]).
@@ -232,10 +238,51 @@ pub struct Settings {
     pub liveness_timeout: Duration,
     pub order_service_addr: SocketAddr,
     pub registry_addr: SocketAddr,
+    /// What keel's own registry requires of every request (`KEEL_REGISTRY_BASIC_AUTH`); `None`:
+    /// nothing.
+    pub registry_auth: Option<BasicAuth>,
     pub relay: RelaySettings,
     pub consumer: ConsumerSettings,
     pub cache: CacheSettings,
     pub mail: MailSettings,
+}
+
+/// HTTP basic-auth credentials. `Debug` masks the password, so settings can be debug-printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+impl FromStr for BasicAuth {
+    type Err = String;
+
+    /// `user:password`: the user has no colon, the password may (as RFC 7617 allows).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => Ok(BasicAuth {
+                user: user.to_owned(),
+                password: password.to_owned(),
+            }),
+            _ => Err("must be user:password, both non-empty".to_owned()),
+        }
+    }
+}
+
+impl BasicAuth {
+    /// `user:password`, as the setting takes it.
+    pub fn to_setting(&self) -> String {
+        format!("{}:{}", self.user, self.password)
+    }
 }
 
 /// Topic names. Configurable so that tests (and tenants sharing a cluster) get their own.
@@ -367,10 +414,7 @@ impl Settings {
                 .parse()
                 .map_err(|e: String| source.invalid("KEEL_BROKER_QUIRKS", &e))?,
             kafka_debug: source.optional("KEEL_KAFKA_DEBUG"),
-            schema_registry_url: source
-                .parse::<String>("KEEL_SCHEMA_REGISTRY_URL")?
-                .trim_end_matches('/')
-                .to_owned(),
+            schema_registry_url: registry_url(&source)?,
             topics: Topics {
                 orders: source.parse("KEEL_TOPIC_ORDERS")?,
                 inventory: source.parse("KEEL_TOPIC_INVENTORY")?,
@@ -380,6 +424,7 @@ impl Settings {
             liveness_timeout: Duration::from_secs(source.parse("KEEL_LIVENESS_TIMEOUT_SECS")?),
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
+            registry_auth: source.parse_optional("KEEL_REGISTRY_BASIC_AUTH")?,
             relay: RelaySettings {
                 batch_size: relay_batch_size,
                 poll_interval: Duration::from_millis(source.parse("KEEL_RELAY_POLL_INTERVAL_MS")?),
@@ -438,6 +483,13 @@ impl Settings {
                 self.order_service_addr.to_string(),
             ),
             ("KEEL_REGISTRY_ADDR", self.registry_addr.to_string()),
+            (
+                "KEEL_REGISTRY_BASIC_AUTH",
+                self.registry_auth
+                    .as_ref()
+                    .map(BasicAuth::to_setting)
+                    .unwrap_or_default(),
+            ),
             ("KEEL_RELAY_BATCH_SIZE", self.relay.batch_size.to_string()),
             ("KEEL_RELAY_POLL_INTERVAL_MS", ms(self.relay.poll_interval)),
             ("KEEL_OUTBOX_RETENTION_SECS", secs(self.relay.retention)),
@@ -499,17 +551,70 @@ pub fn kafka_key(property: &str) -> String {
     )
 }
 
-/// `value` fit to print: a URL's password (`postgres://user:secret@host`, `redis://:secret@host`)
-/// becomes `***`. Everything keel prints of its settings goes through this.
+/// `value` fit to print: a URL's password (`postgres://user:secret@host`, `redis://:secret@host`,
+/// `smtps://user:secret@host`, `https://key:secret@registry`) and a password in its query
+/// (`?password=secret`, as PostgreSQL URLs take it) become `***`. Everything keel prints of its
+/// settings goes through this, or through [`shown`] where the key is known.
 pub fn redact(value: &str) -> String {
-    match url::Url::parse(value) {
-        Ok(mut url) if url.password().is_some() => {
-            // Fails only for URLs that cannot have a password, which this one has.
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        _ => value.to_owned(),
+    let Ok(mut url) = url::Url::parse(value) else {
+        return value.to_owned();
+    };
+    let secret_query = url
+        .query_pairs()
+        .any(|(k, _)| k.to_ascii_lowercase().contains("password"));
+    if url.password().is_none() && !secret_query {
+        return value.to_owned();
     }
+    if url.password().is_some() {
+        // Fails only for URLs that cannot have a password, which this one has.
+        let _ = url.set_password(Some("***"));
+    }
+    if secret_query {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.to_ascii_lowercase().contains("password") {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+/// The value of setting `key` fit to print: [`redact`], and a secret setting's password masked
+/// whatever its form (`KEEL_REGISTRY_BASIC_AUTH=user:***`).
+pub fn shown(key: &str, value: &str) -> String {
+    if SECRET_KEYS.contains(&key) {
+        return match value.split_once(':') {
+            Some((user, _)) => format!("{user}:***"),
+            None if value.is_empty() => String::new(),
+            None => "***".to_owned(),
+        };
+    }
+    redact(value)
+}
+
+/// Settings whose value is a secret in itself, not a URL with a password in it.
+pub const SECRET_KEYS: &[&str] = &["KEEL_REGISTRY_BASIC_AUTH"];
+
+/// `KEEL_SCHEMA_REGISTRY_URL`, checked: an http or https URL with a host; without a trailing
+/// slash.
+fn registry_url(source: &Source) -> Result<String, SettingsError> {
+    const KEY: &str = "KEEL_SCHEMA_REGISTRY_URL";
+    let value: String = source.parse(KEY)?;
+    let url = url::Url::parse(&value).map_err(|e| source.invalid(KEY, &e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(source.invalid(
+            KEY,
+            "must be http://host[:port] or https://[key:secret@]host[:port]",
+        ));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
 }
 
 struct Source(BTreeMap<String, String>);
@@ -727,6 +832,95 @@ mod tests {
         )]))
         .unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn every_connection_url_prints_without_its_password() {
+        for (url, shown) in [
+            (
+                "rediss://:s3cret@cache.example:6380",
+                "rediss://:***@cache.example:6380",
+            ),
+            (
+                "smtps://mailer:s3cret@smtp.example:465",
+                "smtps://mailer:***@smtp.example:465",
+            ),
+            (
+                "smtp://mailer:s3cret@smtp.example?tls=required",
+                "smtp://mailer:***@smtp.example?tls=required",
+            ),
+            (
+                "https://KEY123:s3cret@psrc-1.eu-west-1.aws.confluent.cloud",
+                "https://KEY123:***@psrc-1.eu-west-1.aws.confluent.cloud/",
+            ),
+            (
+                "postgres://keel@db/keel?sslmode=verify-full&password=s3cret",
+                "postgres://keel@db/keel?sslmode=verify-full&password=***",
+            ),
+        ] {
+            assert_eq!(redact(url), shown);
+        }
+        assert_eq!(shown("KEEL_REGISTRY_BASIC_AUTH", "keel:s3cret"), "keel:***");
+        assert_eq!(shown("KEEL_REGISTRY_BASIC_AUTH", "s3cret"), "***");
+        assert_eq!(shown("KEEL_REGISTRY_BASIC_AUTH", ""), "");
+        assert_eq!(
+            shown("KEEL_SCHEMA_REGISTRY_URL", "https://k:s3cret@r.example"),
+            "https://k:***@r.example/"
+        );
+        // Start-up errors show values through the same masks.
+        for (key, value) in [
+            ("KEEL_REGISTRY_BASIC_AUTH", "keel:"),
+            ("KEEL_REGISTRY_BASIC_AUTH", "s3cret"),
+            ("KEEL_SCHEMA_REGISTRY_URL", "ftp://k:s3cret@r.example"),
+            ("KEEL_CONSUMER_MAX_ATTEMPTS", "redis://:s3cret@x"),
+        ] {
+            let err = Settings::from_vars(vars(&[(key, value)])).unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with(&format!("{key}:")), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        // Debug of the settings (what a panic or a debug log would show) masks the registry's
+        // password too.
+        let s = Settings::from_vars(vars(&[("KEEL_REGISTRY_BASIC_AUTH", "keel:s3cret")])).unwrap();
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_registrys_basic_auth_is_user_colon_password() {
+        assert_eq!(Settings::local().registry_auth, None);
+        let s = Settings::from_vars(vars(&[("KEEL_REGISTRY_BASIC_AUTH", "keel:pa:ss")])).unwrap();
+        assert_eq!(
+            s.registry_auth,
+            Some(BasicAuth {
+                user: "keel".into(),
+                password: "pa:ss".into()
+            })
+        );
+        assert_eq!(Settings::from_vars(vars_of(&s)).unwrap(), s);
+        for bad in ["keel", ":secret", "keel:"] {
+            let err = Settings::from_vars(vars(&[("KEEL_REGISTRY_BASIC_AUTH", bad)])).unwrap_err();
+            assert!(
+                err.to_string().contains("must be user:password"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_registry_url_is_http_or_https() {
+        let s = Settings::from_vars(vars(&[(
+            "KEEL_SCHEMA_REGISTRY_URL",
+            "https://key:secret@registry.example/",
+        )]))
+        .unwrap();
+        assert_eq!(s.schema_registry_url, "https://key:secret@registry.example");
+        for bad in ["registry:8081", "ftp://registry", "not a url"] {
+            let err = Settings::from_vars(vars(&[("KEEL_SCHEMA_REGISTRY_URL", bad)])).unwrap_err();
+            assert!(
+                err.to_string().starts_with("KEEL_SCHEMA_REGISTRY_URL:"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
