@@ -219,28 +219,48 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// SMTP when `smtp_url` (`smtp://host[:port]`, plain, for a relay inside the network) is set,
-    /// otherwise files in `dir`.
+    /// SMTP when `smtp_url` (`KEEL_SMTP_URL`) is set, otherwise files in `dir`. The URL:
+    /// - `smtp://host[:port]`: plain (port 25), for a relay inside the network;
+    /// - `smtp://host[:port]?tls=required`: STARTTLS, and nothing is sent if the server does not
+    ///   offer it (port 587);
+    /// - `smtps://host[:port]`: TLS from the first byte (port 465).
+    ///
+    /// `user:password@` before the host logs in (AUTH) with them, percent-decoded; refused over
+    /// plain `smtp://`, where they would cross the network in clear. TLS trusts the system's CAs
+    /// and `SSL_CERT_FILE`, and checks the certificate names the host. No error shows the
+    /// password.
     pub fn from_settings(mail: &keel_core::settings::MailSettings) -> anyhow::Result<Self> {
         let Some(url) = &mail.smtp_url else {
             return Ok(Transport::Files(mail.dir.clone()));
         };
-        let rest = url.strip_prefix("smtp://").ok_or_else(|| {
-            anyhow::anyhow!("KEEL_SMTP_URL: expected smtp://host[:port] (got {url:?})")
-        })?;
-        let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|e| anyhow::anyhow!("KEEL_SMTP_URL: bad port {p:?}: {e}"))?,
-            ),
-            None => (rest.trim_end_matches('/'), 25),
+        let shown = keel_core::settings::redact(url);
+        const FORMS: &str = "expected smtp://host[:port], smtp://host[:port]?tls=required (STARTTLS) or smtps://host[:port], with user:password@ before the host to log in";
+        let parsed = url::Url::parse(url)
+            .map_err(|e| anyhow::anyhow!("KEEL_SMTP_URL: {e}; {FORMS} (got {shown:?})"))?;
+        let mut tls = None;
+        for (key, value) in parsed.query_pairs() {
+            match key.as_ref() {
+                "tls" if tls.is_none() => tls = Some(value.into_owned()),
+                _ => anyhow::bail!(
+                    "KEEL_SMTP_URL: unknown or repeated parameter {key:?}; {FORMS} (got {shown:?})"
+                ),
+            }
+        }
+        let encrypted = match (parsed.scheme(), tls.as_deref()) {
+            ("smtp", None) => false,
+            ("smtp", Some("required")) | ("smtps", None) => true,
+            _ => anyhow::bail!("KEEL_SMTP_URL: {FORMS} (got {shown:?})"),
         };
+        let credentials = !parsed.username().is_empty() || parsed.password().is_some();
+        if credentials && !encrypted {
+            anyhow::bail!(
+                "KEEL_SMTP_URL: credentials over plain smtp:// would cross the network in clear; use smtps:// or smtp://...?tls=required (got {shown:?})"
+            );
+        }
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map_err(|e| anyhow::anyhow!("KEEL_SMTP_URL: {e} (got {shown:?})"))?;
         Ok(Transport::Smtp(
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-                .port(port)
-                .timeout(Some(Duration::from_secs(10)))
-                .build(),
+            builder.timeout(Some(Duration::from_secs(10))).build(),
         ))
     }
 
