@@ -29,3 +29,19 @@ pub mod testkit;
 pub mod topics;
 
 pub use settings::Settings;
+
+/// `e` and every error under it, `: `-separated: what an HTTP or TLS client's top-level message
+/// leaves out ("error sending request" hides "certificate verify failed").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}

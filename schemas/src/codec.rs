@@ -35,7 +35,7 @@ impl EncodeError {
             record,
             topic: topic.to_owned(),
             message: describe(e),
-            transient: e.retriable,
+            transient: transient(e),
         }
     }
 }
@@ -53,18 +53,86 @@ pub enum DecodeError {
     Permanent(String),
 }
 
-fn settings(registry_url: &str) -> Result<SrSettings, SRCError> {
-    SrSettings::new_builder(registry_url.trim_end_matches('/').to_owned())
-        .no_proxy()
-        .set_timeout(Duration::from_secs(5))
-        .build()
+/// A registry URL split into what goes where: the base URL requests are made to, without
+/// userinfo, and the userinfo (`https://key:secret@host`) as HTTP basic-auth credentials, which
+/// is how Confluent Cloud (API key and secret) and Karapace take them.
+pub struct Endpoint {
+    /// `scheme://host[:port][/path]`, no userinfo, no trailing slash: safe to print.
+    pub base: String,
+    /// `(user, password)`, percent-decoded.
+    pub auth: Option<(String, String)>,
+}
+
+impl Endpoint {
+    /// Splits `registry_url` (`KEEL_SCHEMA_REGISTRY_URL`). The error never holds the password.
+    pub fn parse(registry_url: &str) -> anyhow::Result<Self> {
+        let mut url = url::Url::parse(registry_url.trim_end_matches('/')).map_err(|e| {
+            anyhow::anyhow!(
+                "KEEL_SCHEMA_REGISTRY_URL: {e} (got {:?})",
+                keel_core::settings::redact(registry_url)
+            )
+        })?;
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let auth = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => Some((decode(user), decode(password.unwrap_or_default()))),
+        };
+        // Both fail only for URLs that cannot have userinfo (no host), which Url::parse of an
+        // http(s) URL with userinfo is not.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Ok(Self {
+            base: url.as_str().trim_end_matches('/').to_owned(),
+            auth,
+        })
+    }
+}
+
+fn settings(registry_url: &str) -> anyhow::Result<SrSettings> {
+    let endpoint = Endpoint::parse(registry_url)?;
+    let mut builder = SrSettings::new_builder(endpoint.base.clone());
+    builder.no_proxy().set_timeout(Duration::from_secs(5));
+    if let Some((user, password)) = &endpoint.auth {
+        builder.set_basic_authorization(user, Some(password));
+    }
+    builder.build().map_err(|e| {
+        anyhow::anyhow!(
+            "KEEL_SCHEMA_REGISTRY_URL ({}): {}",
+            endpoint.base,
+            describe(&e)
+        )
+    })
 }
 
 fn describe(e: &SRCError) -> String {
-    match &e.cause {
+    let described = match &e.cause {
         Some(cause) => format!("{}: {cause}", e.error),
         None => e.error.clone(),
+    };
+    if refused_credentials(e) {
+        format!(
+            "{described} (the registry refused the credentials: check the key:secret in KEEL_SCHEMA_REGISTRY_URL)"
+        )
+    } else {
+        described
     }
+}
+
+/// 401 or 403: the registry wants other credentials. Not the record's fault, and it heals when
+/// the credentials are fixed, so it is retried (transient) rather than dead-lettered:
+/// schema_registry_converter calls every status but 502 and 503 permanent.
+fn refused_credentials(e: &SRCError) -> bool {
+    e.error.ends_with("status 401 Unauthorized") || e.error.ends_with("status 403 Forbidden")
+}
+
+/// Whether `e` is worth retrying: the registry unreachable or unavailable, or refusing the
+/// credentials.
+fn transient(e: &SRCError) -> bool {
+    e.retriable || refused_credentials(e)
 }
 
 /// Encodes events in the Confluent wire format, registering their schemas as needed.
@@ -74,9 +142,9 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// `registry_url` may carry basic-auth credentials as userinfo (see [`Endpoint`]).
     pub fn new(registry_url: &str) -> anyhow::Result<Self> {
-        let settings = settings(registry_url)
-            .map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
+        let settings = settings(registry_url)?;
         Ok(Self {
             inner: AvroEncoder::new(settings),
             strategies: RwLock::default(),
@@ -139,9 +207,9 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// `registry_url` may carry basic-auth credentials as userinfo (see [`Endpoint`]).
     pub fn new(registry_url: &str) -> anyhow::Result<Self> {
-        let settings = settings(registry_url)
-            .map_err(|e| anyhow::anyhow!("KEEL_SCHEMA_REGISTRY_URL: {}", describe(&e)))?;
+        let settings = settings(registry_url)?;
         Ok(Self {
             inner: AvroDecoder::new(settings),
         })
@@ -161,7 +229,7 @@ impl Decoder {
             )));
         }
         let decoded = self.inner.decode(Some(bytes)).await.map_err(|e| {
-            if e.retriable {
+            if transient(&e) {
                 // A failed fetch must not stay cached: the next attempt asks the registry again.
                 self.inner.remove_errors_from_cache();
                 DecodeError::Transient(describe(&e))

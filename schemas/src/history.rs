@@ -330,7 +330,10 @@ pub async fn register(
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
-    let base = registry_url.trim_end_matches('/');
+    // Credentials as basic auth on every request; the base URL printed in errors has none.
+    let endpoint = crate::codec::Endpoint::parse(registry_url)?;
+    let base = endpoint.base.as_str();
+    let auth = endpoint.auth.as_ref();
     let mut done = Vec::new();
     let prefix = format!("{namespace}.");
     for c in repo.contracts.iter().filter(|c| {
@@ -341,11 +344,20 @@ pub async fn register(
         let subject = crate::subject(topic, &c.name);
         let level = repo.levels.of(&c.name);
         let call = |request: reqwest::RequestBuilder, what: String| async move {
+            let request = match auth {
+                Some((user, password)) => request.basic_auth(user, Some(password)),
+                None => request,
+            };
             let response = request
                 .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("{what}: registry at {base} unreachable: {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{what}: registry at {base} unreachable: {}",
+                        keel_core::error_chain(&e)
+                    )
+                })?;
             let status = response.status();
             let body: serde_json::Value = response.json().await.unwrap_or_default();
             if !status.is_success() {

@@ -14,7 +14,7 @@ pub mod api;
 pub mod compat;
 pub mod store;
 
-pub use api::{router, serve};
+pub use api::{router, router_with_auth, serve, serve_with_auth};
 
 /// The registry's migrations, applied to PostgreSQL schema `registry`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -22,12 +22,26 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// The PostgreSQL schema the registry owns.
 pub const DB_SCHEMA: &str = "registry";
 
-/// Migrates `database_url`, binds `addr` (port 0 picks one) and serves until `shutdown`.
-/// Returns the bound address and the server task, which ends once the requests in progress at
-/// `shutdown` are answered: await it before exiting.
+/// Migrates `database_url`, binds `addr` (port 0 picks one) and serves until `shutdown`, open
+/// to every caller. Returns the bound address and the server task, which ends once the requests
+/// in progress at `shutdown` are answered: await it before exiting.
 pub async fn spawn(
     database_url: &str,
     addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    spawn_with_auth(database_url, addr, None, shutdown).await
+}
+
+/// [`spawn`], requiring `auth` (`KEEL_REGISTRY_BASIC_AUTH`) as HTTP basic auth when set (see
+/// [`api::router_with_auth`]).
+pub async fn spawn_with_auth(
+    database_url: &str,
+    addr: std::net::SocketAddr,
+    auth: Option<keel_core::settings::BasicAuth>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<(
     std::net::SocketAddr,
@@ -39,5 +53,8 @@ pub async fn spawn(
         .await
         .map_err(|e| anyhow::anyhow!("KEEL_REGISTRY_ADDR: cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    Ok((bound, tokio::spawn(serve(listener, pool, shutdown))))
+    Ok((
+        bound,
+        tokio::spawn(api::serve_with_auth(listener, pool, auth, shutdown)),
+    ))
 }

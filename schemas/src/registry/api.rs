@@ -14,6 +14,8 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use keel_core::settings::BasicAuth;
+
 use super::compat::Level;
 use super::store::{Store, VersionRef};
 
@@ -162,8 +164,78 @@ fn version_body(r: &super::store::Registered) -> Value {
     body
 }
 
-/// The API's routes over `pool` (which must hold the `registry` schema's migrations).
+/// The API's routes over `pool` (which must hold the `registry` schema's migrations), open to
+/// every caller.
 pub fn router(pool: PgPool) -> Router {
+    routes(pool)
+}
+
+/// [`router`], requiring `auth` (when set) as HTTP basic auth on every request but keel's own
+/// `/health` and `/ready` (probes carry no credentials, and they say nothing about schemas).
+/// Like Confluent's registry with `authentication.method=BASIC`, a request without the right
+/// credentials gets 401 `{"error_code":401,"message":"Unauthorized"}` and a `WWW-Authenticate`
+/// challenge; `/` is protected too.
+pub fn router_with_auth(pool: PgPool, auth: Option<BasicAuth>) -> Router {
+    let router = routes(pool);
+    match auth {
+        Some(auth) => router.layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(auth),
+            require_auth,
+        )),
+        None => router,
+    }
+}
+
+/// Paths that answer without credentials.
+const OPEN_PATHS: &[&str] = &["/health", "/ready"];
+
+async fn require_auth(
+    State(auth): State<std::sync::Arc<BasicAuth>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if OPEN_PATHS.contains(&request.uri().path()) || authorized(&auth, request.headers()) {
+        return next.run(request).await;
+    }
+    let mut response = respond(
+        StatusCode::UNAUTHORIZED,
+        json!({"error_code": 401, "message": "Unauthorized"}),
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"SchemaRegistry\""),
+    );
+    response
+}
+
+/// Whether the `Authorization` header carries exactly `auth`'s user and password.
+fn authorized(auth: &BasicAuth, headers: &axum::http::HeaderMap) -> bool {
+    use base64::Engine as _;
+    let Some(encoded) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Basic ")
+                .or_else(|| v.strip_prefix("basic "))
+        })
+    else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return false;
+    };
+    let expected = format!("{}:{}", auth.user, auth.password);
+    // Compared in full whatever the first difference, so the time taken says nothing about
+    // how much of a guess was right.
+    decoded.len() == expected.len()
+        && decoded
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn routes(pool: PgPool) -> Router {
     Router::new()
         .route("/", get(|| async { ok(json!({})) }))
         .route("/health", get(|| async { ok(json!({"status": "ok"})) }))
@@ -201,14 +273,28 @@ pub fn router(pool: PgPool) -> Router {
         .with_state(Store::new(pool))
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled.
+/// Serves the API on `listener` until `shutdown` is cancelled, open to every caller.
 pub async fn serve(
     listener: TcpListener,
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "Schema registry listening");
-    axum::serve(listener, router(pool))
+    serve_with_auth(listener, pool, None, shutdown).await
+}
+
+/// [`serve`], requiring `auth` when set (see [`router_with_auth`]).
+pub async fn serve_with_auth(
+    listener: TcpListener,
+    pool: PgPool,
+    auth: Option<BasicAuth>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        basic_auth = auth.is_some(),
+        "Schema registry listening"
+    );
+    axum::serve(listener, router_with_auth(pool, auth))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())
