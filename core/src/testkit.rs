@@ -448,3 +448,232 @@ mod tests {
         assert_eq!(metric_sum(page, "keel_missing_total", ""), 0.0);
     }
 }
+
+/// A certificate authority made for one test, and a server certificate it signed for
+/// `localhost` and `127.0.0.1`: what a TLS listener of the test presents, and the PEM file a
+/// client is told to trust (`SSL_CERT_FILE`, `sslrootcert`). Nothing on the machine trusts it
+/// otherwise, so a client that does not take the file refuses the listener. The file is
+/// removed when dropped.
+pub struct TestCa {
+    /// The CA's certificate, PEM.
+    pub ca_pem: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    identity: native_tls::Identity,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        Self::make().unwrap_or_else(|e| panic!("making a test certificate authority: {e}"))
+    }
+
+    fn make() -> anyhow::Result<Self> {
+        use openssl::asn1::Asn1Time;
+        use openssl::bn::{BigNum, MsbOption};
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::hash::MessageDigest;
+        use openssl::nid::Nid;
+        use openssl::pkey::{PKey, Private};
+        use openssl::x509::extension::{
+            AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage,
+            SubjectAlternativeName, SubjectKeyIdentifier,
+        };
+        use openssl::x509::{X509, X509NameBuilder};
+
+        let key = || -> anyhow::Result<PKey<Private>> {
+            let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+            Ok(PKey::from_ec_key(EcKey::generate(&group)?)?)
+        };
+        let name = |cn: &str| -> anyhow::Result<openssl::x509::X509Name> {
+            let mut name = X509NameBuilder::new()?;
+            name.append_entry_by_nid(Nid::COMMONNAME, cn)?;
+            Ok(name.build())
+        };
+        let serial = || -> anyhow::Result<openssl::asn1::Asn1Integer> {
+            let mut bn = BigNum::new()?;
+            bn.rand(63, MsbOption::MAYBE_ZERO, false)?;
+            Ok(bn.to_asn1_integer()?)
+        };
+
+        let (not_before, not_after) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(2)?);
+        let ca_key = key()?;
+        let mut ca = X509::builder()?;
+        ca.set_version(2)?;
+        let ca_serial = serial()?;
+        ca.set_serial_number(&ca_serial)?;
+        let ca_name = name(&unique("keel test CA"))?;
+        ca.set_subject_name(&ca_name)?;
+        ca.set_issuer_name(&ca_name)?;
+        ca.set_pubkey(&ca_key)?;
+        ca.set_not_before(&not_before)?;
+        ca.set_not_after(&not_after)?;
+        ca.append_extension(BasicConstraints::new().critical().ca().build()?)?;
+        ca.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()?,
+        )?;
+        let ski = SubjectKeyIdentifier::new().build(&ca.x509v3_context(None, None))?;
+        ca.append_extension(ski)?;
+        ca.sign(&ca_key, MessageDigest::sha256())?;
+        let ca = ca.build();
+
+        let server_key = key()?;
+        let mut server = X509::builder()?;
+        server.set_version(2)?;
+        let server_serial = serial()?;
+        server.set_serial_number(&server_serial)?;
+        let server_name = name("localhost")?;
+        server.set_subject_name(&server_name)?;
+        server.set_issuer_name(ca.subject_name())?;
+        server.set_pubkey(&server_key)?;
+        server.set_not_before(&not_before)?;
+        server.set_not_after(&not_after)?;
+        server.append_extension(BasicConstraints::new().build()?)?;
+        server.append_extension(
+            KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .key_agreement()
+                .build()?,
+        )?;
+        server.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
+        let san = SubjectAlternativeName::new()
+            .dns("localhost")
+            .ip("127.0.0.1")
+            .build(&server.x509v3_context(Some(&ca), None))?;
+        server.append_extension(san)?;
+        let aki = AuthorityKeyIdentifier::new()
+            .keyid(false)
+            .build(&server.x509v3_context(Some(&ca), None))?;
+        server.append_extension(aki)?;
+        server.sign(&ca_key, MessageDigest::sha256())?;
+        let server = server.build();
+
+        let dir = std::env::temp_dir().join(unique("keel-ca"));
+        std::fs::create_dir_all(&dir)?;
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, ca.to_pem()?)?;
+        let mut chain = server.to_pem()?;
+        chain.extend(ca.to_pem()?);
+        let identity =
+            native_tls::Identity::from_pkcs8(&chain, &server_key.private_key_to_pem_pkcs8()?)?;
+        Ok(Self {
+            ca_pem,
+            dir,
+            identity,
+        })
+    }
+
+    /// A TLS acceptor presenting the server certificate.
+    pub fn acceptor(&self) -> tokio_native_tls::TlsAcceptor {
+        let acceptor = native_tls::TlsAcceptor::new(self.identity.clone())
+            .unwrap_or_else(|e| panic!("TLS acceptor: {e}"));
+        tokio_native_tls::TlsAcceptor::from(acceptor)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a client says before its TLS handshake, which [`TlsProxy`] answers as the server would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preamble {
+    /// TLS from the first byte (rediss, https, smtps).
+    None,
+    /// PostgreSQL's SSLRequest (8 bytes: length 8, code 80877103), answered `S`.
+    Postgres,
+}
+
+/// A TLS-terminating proxy in front of a plain server: accepts TLS with a [`TestCa`]'s
+/// certificate on a local port and forwards the decrypted bytes to `target`. It counts the
+/// handshakes that completed and those that failed (a client that refused the certificate).
+/// Stopped, with every connection it holds, when dropped.
+pub struct TlsProxy {
+    pub addr: std::net::SocketAddr,
+    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsProxy {
+    pub async fn start(ca: &TestCa, target: &str, preamble: Preamble) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::{TcpListener, TcpStream};
+
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let acceptor = ca.acceptor();
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (done, bad) = (handshakes.clone(), failed.clone());
+        let target = target.to_owned();
+        let task = tokio::spawn(async move {
+            // Dropped with the accept loop when the proxy is: every connection ends with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (acceptor, target) = (acceptor.clone(), target.clone());
+                let (done, bad) = (done.clone(), bad.clone());
+                connections.spawn(async move {
+                    if preamble == Preamble::Postgres {
+                        let mut request = [0u8; 8];
+                        if inbound.read_exact(&mut request).await.is_err()
+                            || request != SSL_REQUEST
+                            || inbound.write_all(b"S").await.is_err()
+                        {
+                            bad.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                    let Ok(mut tls) = acceptor.accept(inbound).await else {
+                        bad.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    done.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut outbound).await;
+                });
+                // Reap finished connections so the set does not grow.
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Self {
+            addr,
+            handshakes,
+            failed,
+            task,
+        }
+    }
+
+    /// TLS handshakes that completed.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections that ended before a handshake completed: the client refused the certificate
+    /// (or did not ask for TLS).
+    pub fn failed_handshakes(&self) -> usize {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

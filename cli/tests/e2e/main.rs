@@ -16,3 +16,4 @@ mod ops;
 mod rebuild;
 mod shutdown;
 mod spine;
+mod tls;
