@@ -50,6 +50,34 @@ def host_of(value: str) -> str:
     return value.split("/", 1)[0].split(",", 1)[0].rsplit(":", 1)[0]
 
 
+def registry_auth_problems(svc: dict) -> list[str]:
+    """Confluent's registry must require basic auth: method, realm, roles, a JAAS file mounted
+    in whose realm is the one configured, and the password from compose/.env."""
+    env = svc.get("environment") or {}
+    problems = []
+    if env.get("SCHEMA_REGISTRY_AUTHENTICATION_METHOD") != "BASIC":
+        problems.append("the registry does not require basic auth (SCHEMA_REGISTRY_AUTHENTICATION_METHOD: BASIC)")
+    realm = env.get("SCHEMA_REGISTRY_AUTHENTICATION_REALM")
+    if not realm or not env.get("SCHEMA_REGISTRY_AUTHENTICATION_ROLES"):
+        problems.append("basic auth needs SCHEMA_REGISTRY_AUTHENTICATION_REALM and _ROLES")
+    opts = str(env.get("SCHEMA_REGISTRY_OPTS", ""))
+    jaas = re.search(r"-Djava\.security\.auth\.login\.config=(\S+)", opts)
+    mounts = {
+        m.split(":")[1]: COMPOSE.parent / m.split(":")[0]
+        for m in (svc.get("volumes") or [])
+        if isinstance(m, str) and m.startswith("./")
+    }
+    if not jaas or jaas.group(1) not in mounts:
+        problems.append("SCHEMA_REGISTRY_OPTS names no JAAS file mounted from compose/")
+    elif realm and not re.search(rf"^\s*{re.escape(realm)}\s*\{{", mounts[jaas.group(1)].read_text(), re.M):
+        problems.append(f"the JAAS file has no {realm} realm")
+    if "${KEEL_REGISTRY_PASSWORD" not in str(env.get("KEEL_REGISTRY_PASSWORD", "")):
+        problems.append("the registry's password does not come from compose/.env (KEEL_REGISTRY_PASSWORD)")
+    if "KEEL_REGISTRY_PASSWORD" not in " ".join(map(str, svc.get("command") or [])):
+        problems.append("the registry's password file is not written from KEEL_REGISTRY_PASSWORD")
+    return problems
+
+
 def main() -> int:
     problems: list[str] = []
     compose = yaml.safe_load(COMPOSE.read_text())
@@ -113,9 +141,15 @@ def main() -> int:
                 problems.append(f"{name}: {key} interpolates a variable without a default or a message")
         if env.get("POSTGRES_HOST_AUTH_METHOD") == "trust":
             problems.append(f"{name}: PostgreSQL trusts every connection; set POSTGRES_PASSWORD")
-        for key in ("KEEL_DATABASE_URL", "KEEL_REDIS_URL"):
+        for key in ("KEEL_DATABASE_URL", "KEEL_REDIS_URL", "KEEL_SCHEMA_REGISTRY_URL"):
             if key in env and "${" not in str(env[key]):
                 problems.append(f"{name}: {key} carries no password from compose/.env")
+        if image.startswith("keel:") and not re.match(
+            r"^https?://[^:/@]+:\$\{KEEL_REGISTRY_PASSWORD[^}]*\}@", str(env.get("KEEL_SCHEMA_REGISTRY_URL", ""))
+        ):
+            problems.append(f"{name}: KEEL_SCHEMA_REGISTRY_URL carries no user:${{KEEL_REGISTRY_PASSWORD}} from compose/.env")
+        if image.startswith("confluentinc/cp-schema-registry"):
+            problems.extend(f"{name}: {p}" for p in registry_auth_problems(svc))
 
     prometheus = yaml.safe_load(PROMETHEUS.read_text())
     for job in prometheus["scrape_configs"]:
