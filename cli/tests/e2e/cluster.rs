@@ -94,3 +94,79 @@ async fn a_group_whose_dead_letter_topic_is_missing_is_not_ready_and_names_it() 
     group.terminate().expect("SIGTERM: exits 0");
     stop.cancel();
 }
+
+/// `keel topics list` with `KEEL_KAFKA_*` properties for TLS, against `brokers`.
+fn topics_list(brokers: &str, properties: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.args(["topics", "list", "--output", "json"])
+        .env("KEEL_KAFKA_BROKERS", brokers)
+        .env("RUST_LOG", "warn");
+    for (k, v) in properties {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("keel runs")
+}
+
+// A TLS listener in front of a mock broker: what the bootstrap connection of a cluster with
+// `security.protocol=SSL` (MSK, Confluent Cloud, Aiven) asks of keel's client. The brokers the
+// metadata then names listen in plain, so this proves the handshake, the trust store and the
+// first requests over TLS, not a whole session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_reaches_a_tls_listener_it_is_told_to_trust_and_refuses_one_it_is_not() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("secured", 3, 1).expect("topic");
+    let ca = keel_core::testkit::TestCa::new();
+    let proxy = keel_core::testkit::TlsProxy::start(
+        &ca,
+        &cluster.bootstrap_servers(),
+        keel_core::testkit::Preamble::None,
+    )
+    .await;
+    let listener = format!("localhost:{}", proxy.addr.port());
+    let ca_file = ca.ca_pem.display().to_string();
+
+    let trusted = tokio::task::spawn_blocking({
+        let (listener, ca_file) = (listener.clone(), ca_file.clone());
+        move || {
+            topics_list(
+                &listener,
+                &[
+                    ("KEEL_KAFKA_SECURITY_PROTOCOL", "ssl"),
+                    ("KEEL_KAFKA_SSL_CA_LOCATION", &ca_file),
+                ],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&trusted.stdout).unwrap();
+    let secured = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "secured")
+        .unwrap_or_else(|| panic!("the topic, read over TLS: {listed}"));
+    assert_eq!(secured["partitions"], 3);
+    assert!(proxy.handshakes() >= 1, "the answer came over TLS");
+
+    // Not told to trust the test's CA: the system's roots do not know it, and keel says so.
+    let refused_before = proxy.failed_handshakes();
+    let untrusted = tokio::task::spawn_blocking({
+        let listener = listener.clone();
+        move || topics_list(&listener, &[("KEEL_KAFKA_SECURITY_PROTOCOL", "ssl")])
+    })
+    .await
+    .unwrap();
+    assert!(!untrusted.status.success());
+    let said = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(said.contains("KEEL_KAFKA_BROKERS"), "{said}");
+    assert!(
+        proxy.failed_handshakes() > refused_before,
+        "the client refused the certificate"
+    );
+}
