@@ -109,7 +109,13 @@ pub async fn registry(s: &Settings) -> anyhow::Result<()> {
         .await
         .context("KEEL_DATABASE_URL")?;
     let token = shutdown::on_signal();
-    let (_, task) = keel_schemas::registry::spawn(&s.database_url, s.registry_addr, token).await?;
+    let (_, task) = keel_schemas::registry::spawn_with_auth(
+        &s.database_url,
+        s.registry_addr,
+        s.registry_auth.clone(),
+        token,
+    )
+    .await?;
     task.await?
 }
 
@@ -207,7 +213,8 @@ impl Admin {
 
 pub fn print_settings() -> anyhow::Result<()> {
     for (key, default, doc) in keel_core::settings::KEYS {
-        let current = keel_core::settings::redact(
+        let current = keel_core::settings::shown(
+            key,
             &std::env::var(key).unwrap_or_else(|_| default.to_string()),
         );
         println!("{key}={current}\n    {doc} (default: {default:?})");

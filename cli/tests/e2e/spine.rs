@@ -284,6 +284,11 @@ fn settings_print_every_key_and_no_password() {
         .env("KEEL_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
         .env("KEEL_KAFKA_SASL_USERNAME", "keel")
         .env("KEEL_KAFKA_SASL_PASSWORD", "kafka-s3cret")
+        .env(
+            "KEEL_SCHEMA_REGISTRY_URL",
+            "https://key:registry-s3cret@registry.example:8443",
+        )
+        .env("KEEL_REGISTRY_BASIC_AUTH", "keel:own-registry-s3cret")
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -294,6 +299,14 @@ fn settings_print_every_key_and_no_password() {
     );
     assert!(
         stdout.contains("KEEL_REDIS_URL=redis://:***@cache:6379"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KEEL_SCHEMA_REGISTRY_URL=https://key:***@registry.example:8443"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KEEL_REGISTRY_BASIC_AUTH=keel:***"),
         "{stdout}"
     );
     assert!(!stdout.contains("s3cret"), "{stdout}");

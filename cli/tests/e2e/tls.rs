@@ -840,3 +840,50 @@ fn credentials_over_plain_smtp_are_refused_without_showing_them() {
         );
     }
 }
+
+/// `keel registry` with `KEEL_REGISTRY_BASIC_AUTH` asks every request for those credentials,
+/// as Confluent's registry behind basic auth does; its health stays open.
+#[tokio::test]
+async fn keel_registry_requires_the_credentials_it_is_given() {
+    let db = TestDb::new().await;
+    let port = free_port().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
+    cmd.arg("registry")
+        .env("KEEL_DATABASE_URL", &db.url)
+        .env("KEEL_REGISTRY_ADDR", format!("127.0.0.1:{port}"))
+        .env("KEEL_REGISTRY_BASIC_AUTH", "keel:registry-pw")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let registry = Process::spawn("keel registry", cmd).unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ready(
+        &http,
+        "keel registry",
+        &format!("{base}/health"),
+        WAIT,
+        || registry.exited(),
+    )
+    .await
+    .unwrap();
+    let anonymous = http.get(format!("{base}/subjects")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let body: Value = anonymous.json().await.unwrap();
+    assert_eq!(body["error_code"], 401, "{body}");
+    let wrong = http
+        .get(format!("{base}/subjects"))
+        .basic_auth("keel", Some("guess"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = http
+        .get(format!("{base}/subjects"))
+        .basic_auth("keel", Some("registry-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    registry.terminate().expect("SIGTERM: exits 0");
+}
