@@ -14,14 +14,33 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 /// A pool with bounded waits, so an unreachable database shows up as an error, not a hang.
 pub async fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options =
-        PgConnectOptions::from_str(url).map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?;
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("KEEL_DATABASE_URL: {e}"))?
+        .options(SESSION);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await?)
 }
+
+/// What every pooled session of keel's sets, so that one whose client stopped talking lets go of
+/// its locks in bounded time instead of the kernel's two hours:
+/// - `idle_in_transaction_session_timeout`: a transaction left idle for a minute is ended by the
+///   server, its locks released (the relay's leadership is a transaction's advisory lock; its
+///   longest legitimate wait inside one is a delivery, `message.timeout.ms` = 30 s). This covers
+///   a client that froze while its host still answers TCP (a paused VM, SIGSTOP).
+/// - `tcp_keepalives_*`: the server probes an idle connection after 10 s, every 5 s, 3 times, so
+///   it notices a client host that vanished from the network within about 25 s.
+///
+/// Connection poolers in transaction mode (PgBouncer) refuse start-up parameters unless told to
+/// ignore them (`ignore_startup_parameters`); set these on the role there instead.
+pub const SESSION: [(&str, &str); 4] = [
+    ("idle_in_transaction_session_timeout", "60s"),
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+];
 
 /// Creates the database named in `url` if it does not exist yet.
 pub async fn ensure_database(url: &str) -> anyhow::Result<()> {

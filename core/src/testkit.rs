@@ -297,6 +297,7 @@ pub async fn read_topic(
 pub struct Outage {
     pub addr: std::net::SocketAddr,
     down: tokio::sync::watch::Sender<bool>,
+    frozen: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -307,6 +308,7 @@ impl Outage {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (down, watch) = tokio::sync::watch::channel(false);
+        let (frozen, cold) = tokio::sync::watch::channel(false);
         let target = target.to_owned();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
@@ -315,22 +317,47 @@ impl Outage {
                 }
                 let target = target.clone();
                 let mut watch = watch.clone();
+                let mut cold = cold.clone();
                 tokio::spawn(async move {
+                    let frozen_already = *cold.borrow();
+                    if frozen_already {
+                        // Accepted and never answered, as by a host that froze.
+                        let _ = watch.wait_for(|down| *down).await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = watch.wait_for(|down| *down) => {}
+                    let froze = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        _ = watch.wait_for(|down| *down) => false,
+                        _ = cold.wait_for(|frozen| *frozen) => true,
+                    };
+                    if froze {
+                        // Both sockets stay open and silent: no FIN, no RST.
+                        let _ = watch.wait_for(|down| *down).await;
                     }
                 });
             }
         });
-        Self { addr, down, task }
+        Self {
+            addr,
+            down,
+            frozen,
+            task,
+        }
     }
 
     pub fn set_down(&self, down: bool) {
         let _ = self.down.send(down);
+    }
+
+    /// Freezes every connection, open and new: bytes stop flowing both ways and nothing is
+    /// closed, as when the host at the other end stops (a VM paused, a process stopped with
+    /// SIGSTOP) or the network drops packets without a reset. Lasts until [`Outage::set_down`]
+    /// or the drop.
+    pub fn freeze(&self) {
+        let _ = self.frozen.send(true);
     }
 }
 

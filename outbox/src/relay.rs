@@ -265,11 +265,16 @@ impl Relay {
     }
 
     /// A transaction holding the relay lock; `None` when another relay holds it. It commits
-    /// without waiting for its WAL to reach the disk (see "Marks" in the module's docs).
+    /// without waiting for its WAL to reach the disk (see "Marks" in the module's docs), and
+    /// none of its statements may run longer than 30 s (a claim or a mark takes milliseconds:
+    /// one that hangs holds every other relay back). A relay that stops talking mid-step loses
+    /// the lock to the server's `idle_in_transaction_session_timeout` ([`keel_core::db::SESSION`]).
     async fn begin_as_leader(&self) -> Result<Option<Transaction<'static, Postgres>>, RelayError> {
         let mut tx = self.pool.begin().await?;
         let leader: bool = sqlx::query_scalar(
-            "SELECT pg_try_advisory_xact_lock($1) FROM set_config('synchronous_commit', 'off', true)",
+            "SELECT pg_try_advisory_xact_lock($1)
+               FROM set_config('synchronous_commit', 'off', true) AS durability,
+                    set_config('statement_timeout', '30s', true) AS patience",
         )
         .bind(RELAY_LOCK)
         .fetch_one(&mut *tx)

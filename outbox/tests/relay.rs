@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use keel_core::telemetry::TraceHeaders;
-use keel_core::testkit::{TestDb, TestTopic, eventually, read_topic};
+use keel_core::testkit::{Outage, TestDb, TestTopic, eventually, read_topic};
 use keel_outbox::relay::{RelayError, Step};
 use keel_outbox::{Relay, enqueue, pending};
 use keel_schemas::events::{Customer, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
@@ -340,4 +340,75 @@ async fn published_rows_past_retention_are_deleted_beyond_one_statements_slice()
     assert_eq!(left, 5, "rows within the retention were deleted");
     shutdown.cancel();
     relay.await.unwrap().unwrap();
+}
+
+/// The relay lock's holders in this test's database (advisory locks are per database; other
+/// tests' relays hold theirs), as PostgreSQL sees them: backend pids.
+async fn lock_holders(pool: &PgPool) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_locks
+          WHERE locktype = 'advisory' AND granted
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(keel_outbox::relay::RELAY_LOCK)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+// A relay whose host freezes mid-step (its connections open and silent, no RST) holds the relay
+// lock in an open transaction. The server ends that transaction after
+// idle_in_transaction_session_timeout (60 s, docs/operations.md), and another relay publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_frozen_mid_step_lets_go_and_another_publishes_within_the_documented_time() {
+    let h = Harness::start().await;
+    let topic = TestTopic::new("orders", 6).await;
+    let expected = h.enqueue_orders(&topic.name, 5, &TraceHeaders::new()).await;
+
+    // Relay A reaches PostgreSQL and Kafka through forwarders the test freezes. Kafka is frozen
+    // from the start, so A's first step claims its batch and waits for deliveries, lock held.
+    let (base, _) = h.db.url.rsplit_once('/').unwrap();
+    let host = base.rsplit_once('@').map_or(base, |(_, h)| h);
+    let postgres = Outage::forward(host).await;
+    let kafka = Outage::forward(&keel_core::testkit::brokers()).await;
+    kafka.freeze();
+    let frozen_url = h.db.url.replacen(host, &postgres.addr.to_string(), 1);
+    let mut s = keel_core::Settings::local();
+    s.kafka.brokers = kafka.addr.to_string();
+    s.schema_registry_url = h.registry_url.clone();
+    s.relay.poll_interval = Duration::from_millis(200);
+    let pool = keel_core::db::pool(&frozen_url, 2).await.unwrap();
+    let stop = CancellationToken::new();
+    let a = tokio::spawn(Relay::new(pool, &s).unwrap().run(stop.clone()));
+    let holder = eventually(
+        "relay A to hold the lock",
+        Duration::from_secs(30),
+        || async { lock_holders(&h.pool).await.first().copied() },
+    )
+    .await;
+    postgres.freeze();
+
+    // The deadline is the documented 60 s, B's poll and slack; without the server's timeout the
+    // frozen transaction would hold the lock for good.
+    let b = tokio::spawn(h.relay(100).run(stop.clone()));
+    eventually(
+        "relay B to publish everything once A's session is ended",
+        Duration::from_secs(120),
+        || async { (pending(&h.pool).await.ok()? == 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        !lock_holders(&h.pool).await.contains(&holder),
+        "the frozen session's lock was released"
+    );
+    stop.cancel();
+    b.await.unwrap().unwrap();
+    a.abort(); // frozen for good: it never hears back
+
+    let messages = read_topic(&topic.name, Duration::from_secs(30), |m| {
+        distinct_ids(m) >= expected.len()
+    })
+    .await;
+    assert_delivered_in_order(&h.registry_url, &messages, &expected).await;
 }
