@@ -129,9 +129,27 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Tls(_)
+            // The wire said something PostgreSQL would not (a connection cut mid-handshake
+            // answers the TLS request with garbage): the connection is broken, not the record.
+            | sqlx::Error::Protocol(_)
     ) || e
         .as_database_error()
         .and_then(|d| d.code())
         // 57P01..03: admin shutdown, crash shutdown, cannot connect now; 08xxx: connection.
         .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_unavailable_and_a_bad_statement_is_not() {
+        // What a connection cut during the TLS request looks like (seen in `make chaos`).
+        let cut = sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+        assert!(is_unavailable(&cut));
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!is_unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+    }
 }
