@@ -292,3 +292,61 @@ async fn a_missing_dead_letter_topic_fails_readiness_and_is_never_created_at_run
         .expect("joined")
         .expect("the consumer stops cleanly");
 }
+
+fn commits(group: &str, result: &str) -> f64 {
+    keel_core::testkit::metric_sum(
+        &keel_core::metrics::render(),
+        "keel_consumer_commits_total",
+        &format!("group=\"{group}\",result=\"{result}\""),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_offset_commit_is_counted_and_logged_and_the_offsets_are_sent_again() {
+    let group = unique("commits");
+    let dlq = dlq_topic("orders", &group);
+    let cluster = cluster(&["orders", &dlq]);
+    let brokers = cluster.bootstrap_servers();
+    produce_poison(&brokers, "orders", &["one"]);
+    // The next commits are refused with an error librdkafka does not retry itself.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
+    );
+    let db = TestDb::new().await;
+    let s = settings(&brokers, &db).await;
+    let consumer = Consumer::new(
+        Subscription::new(&group, vec!["orders".into()]),
+        Accept,
+        db.pool().await,
+        &s,
+    )
+    .expect("consumer");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+
+    eventually(
+        "the refused commits to be counted",
+        Duration::from_secs(30),
+        || async { (commits(&group, "failed") >= 3.0).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the same offset to be committed once the cluster takes it",
+        Duration::from_secs(30),
+        || async { (committed(&brokers, &group, "orders").await == 1).then_some(()) },
+    )
+    .await;
+    assert!(commits(&group, "committed") >= 1.0);
+    assert_eq!(
+        read(&brokers, &dlq).await.len(),
+        1,
+        "the record was done once"
+    );
+
+    stop.cancel();
+    running
+        .await
+        .expect("joined")
+        .expect("the consumer stops cleanly");
+}

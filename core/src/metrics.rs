@@ -52,6 +52,13 @@ pub struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommitLabels {
+    pub group: String,
+    /// committed, failed.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub group: String,
     pub topic: String,
@@ -166,6 +173,10 @@ metrics! {
     consumer_lag: Family<PartitionLabels, Gauge> = Family::default(),
         name: "keel_consumer_lag_records",
         help: "Records between the group's committed offset and the partition's end";
+    /// `keel_consumer_commits_total{group, result}`: offset commits as the cluster answered them
+    /// (committed, failed); an idle interval with nothing to commit is not counted.
+    consumer_commits: Family<CommitLabels, Counter> = Family::default(),
+        name: "keel_consumer_commits", help: "Offset commits a group sent, by the cluster's answer";
     /// `keel_consumer_dead_letter_waiting_records{group}`: records whose dead-letter write is not
     /// acknowledged yet. Each holds its partition: above zero for long means the dead-letter
     /// topic cannot be written (missing, or too few in-sync replicas).
@@ -286,6 +297,12 @@ mod tests {
                 partition: 0,
             })
             .set(7);
+        m.consumer_commits
+            .get_or_create(&CommitLabels {
+                group: "inventory".into(),
+                result: "failed".into(),
+            })
+            .inc();
         m.consumer_dead_letter_waiting
             .get_or_create(&group())
             .set(1);
@@ -463,6 +480,9 @@ keel_consumer_end_to_end_seconds_bucket{le="+Inf",group="inventory"} 1
 # HELP keel_consumer_lag_records Records between the group's committed offset and the partition's end.
 # TYPE keel_consumer_lag_records gauge
 keel_consumer_lag_records{group="inventory",topic="orders",partition="0"} 7
+# HELP keel_consumer_commits Offset commits a group sent, by the cluster's answer.
+# TYPE keel_consumer_commits counter
+keel_consumer_commits_total{group="inventory",result="failed"} 1
 # HELP keel_consumer_dead_letter_waiting_records Records waiting for their dead-letter write to be acknowledged (each holds its partition).
 # TYPE keel_consumer_dead_letter_waiting_records gauge
 keel_consumer_dead_letter_waiting_records{group="inventory"} 1

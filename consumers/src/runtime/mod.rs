@@ -13,6 +13,7 @@
 //! - [`source`]: fetching (the next record, the records already fetched) and storing offsets,
 //!   which librdkafka's auto-commit then commits (`keel_core::kafka::consumer_config`).
 //! - [`apply`]: a batch at once, else record by record with the retry classes.
+//! - [`context`]: what librdkafka reports from its threads: rebalances, commit results.
 //! - [`dead_letter`]: the dead-letter writer and its headers.
 //! - [`membership`]: owned partitions and lag.
 //! - [`quirks`]: the local broker's wrong answers, worked around only with
@@ -25,6 +26,7 @@
 //! uncommitted), stored offsets are committed synchronously, and the loop returns.
 
 pub mod apply;
+pub mod context;
 pub mod dead_letter;
 pub mod handler;
 pub mod membership;
@@ -53,8 +55,8 @@ pub use dead_letter::{dlq_headers, dlq_topic};
 pub use handler::{DEFAULT_BATCH_SIZE, Handler, HandlerError, Meta};
 pub use transaction::{Outcome, transact};
 
+use context::Context;
 use membership::{MembershipWatch, measure_lag};
-use quirks::Positions;
 
 /// Which group a consumer is and what it reads: a [`crate::Group`]'s, or a test's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +90,7 @@ pub struct Consumer<H: Handler> {
     subscription: Subscription,
     handler: H,
     pool: PgPool,
-    consumer: Arc<StreamConsumer<Positions>>,
+    consumer: Arc<StreamConsumer<Context>>,
     /// The broker's wrong answers worked around ([`quirks`]); none against Apache Kafka.
     broker_quirks: keel_core::settings::BrokerQuirks,
     producer: FutureProducer,
@@ -132,8 +134,8 @@ impl<H: Handler> Consumer<H> {
             // Unique per group: one process may run several groups under one instance name.
             client.set("group.instance.id", format!("{group}-{id}"));
         }
-        let consumer: StreamConsumer<Positions> = client
-            .create_with_context(Positions::default())
+        let consumer: StreamConsumer<Context> = client
+            .create_with_context(Context::new(group))
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
         let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka)
             .create()

@@ -28,12 +28,13 @@ use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 
 use super::Consumer;
+use super::context::Context;
 use super::handler::Handler;
 
 /// How far back a consumer reads a partition again to recover records a fetch skipped.
 pub const MAX_GAP_REWIND: i64 = 1 << 16;
 
-/// The consumer's context: with the quirk on, the next offset each partition should deliver,
+/// With the quirk on, the next offset each partition should deliver,
 /// forgotten for the partitions of every rebalance (they resume from their committed offsets).
 /// Empty, and never consulted, without it.
 #[derive(Default)]
@@ -125,14 +126,9 @@ impl Positions {
     }
 }
 
-impl rdkafka::ClientContext for Positions {}
-
-impl rdkafka::consumer::ConsumerContext for Positions {
-    fn pre_rebalance(
-        &self,
-        _: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &rdkafka::consumer::Rebalance<'_>,
-    ) {
+impl Positions {
+    /// Forgets the partitions of `rebalance`: they resume from their committed offsets.
+    pub(super) fn forget(&self, rebalance: &rdkafka::consumer::Rebalance<'_>) {
         use rdkafka::consumer::Rebalance;
         let (Rebalance::Assign(list) | Rebalance::Revoke(list)) = rebalance else {
             return;
@@ -151,7 +147,7 @@ impl rdkafka::consumer::ConsumerContext for Positions {
 }
 
 /// The group's committed offset of a partition, if it has one (blocking).
-fn committed(consumer: &StreamConsumer<Positions>, topic: &str, partition: i32) -> Option<i64> {
+fn committed(consumer: &StreamConsumer<Context>, topic: &str, partition: i32) -> Option<i64> {
     let mut list = rdkafka::TopicPartitionList::new();
     list.add_partition(topic, partition);
     let committed = consumer
@@ -165,8 +161,8 @@ fn committed(consumer: &StreamConsumer<Positions>, topic: &str, partition: i32) 
 
 /// Runs blocking librdkafka call `f` on the blocking pool.
 async fn blocking<T: Send + 'static>(
-    consumer: &Arc<StreamConsumer<Positions>>,
-    f: impl FnOnce(&StreamConsumer<Positions>) -> T + Send + 'static,
+    consumer: &Arc<StreamConsumer<Context>>,
+    f: impl FnOnce(&StreamConsumer<Context>) -> T + Send + 'static,
 ) -> Option<T> {
     let consumer = Arc::clone(consumer);
     tokio::task::spawn_blocking(move || f(&consumer)).await.ok()
@@ -177,7 +173,7 @@ impl<H: Handler> Consumer<H> {
     /// records ([`judge`]; see "Gaps" above).
     pub(super) async fn admit_after_gaps(&self, m: &BorrowedMessage<'_>) -> bool {
         let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-        let positions = self.consumer.context();
+        let positions = &self.consumer.context().positions;
         let known = match positions.advance(topic, partition, offset) {
             Ok(()) => return true,
             Err(known) => known,
