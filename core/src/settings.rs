@@ -551,19 +551,41 @@ pub fn kafka_key(property: &str) -> String {
     )
 }
 
+/// Masks a URL's password as text, for one that does not parse as written (a secret with `/`,
+/// `#` or `?` not percent-encoded): everything between the user's `:` and the last `@`.
+fn redact_text(value: &str) -> String {
+    let Some(scheme_end) = value.find("://").map(|i| i + 3) else {
+        return value.to_owned();
+    };
+    let rest = &value[scheme_end..];
+    let Some(at) = rest.rfind('@') else {
+        return value.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &value[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => value.to_owned(),
+    }
+}
+
 /// `value` fit to print: a URL's password (`postgres://user:secret@host`, `redis://:secret@host`,
 /// `smtps://user:secret@host`, `https://key:secret@registry`) and a password in its query
 /// (`?password=secret`, as PostgreSQL URLs take it) become `***`. Everything keel prints of its
 /// settings goes through this, or through [`shown`] where the key is known.
 pub fn redact(value: &str) -> String {
     let Ok(mut url) = url::Url::parse(value) else {
-        return value.to_owned();
+        return redact_text(value);
     };
     let secret_query = url
         .query_pairs()
         .any(|(k, _)| k.to_ascii_lowercase().contains("password"));
     if url.password().is_none() && !secret_query {
-        return value.to_owned();
+        // A secret holding `/` that was not percent-encoded reads as a host and a path.
+        return redact_text(value);
     }
     if url.password().is_some() {
         // Fails only for URLs that cannot have a password, which this one has.
@@ -856,6 +878,19 @@ mod tests {
             (
                 "postgres://keel@db/keel?sslmode=verify-full&password=s3cret",
                 "postgres://keel@db/keel?sslmode=verify-full&password=***",
+            ),
+            // Secrets with `/` not percent-encoded: one does not parse, one reads as a port.
+            (
+                "https://KEY123:ab/cd@psrc-1.example",
+                "https://KEY123:***@psrc-1.example",
+            ),
+            (
+                "https://KEY123:12/x@psrc-1.example",
+                "https://KEY123:***@psrc-1.example",
+            ),
+            (
+                "redis://cache.example:6379/0",
+                "redis://cache.example:6379/0",
             ),
         ] {
             assert_eq!(redact(url), shown);
