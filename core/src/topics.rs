@@ -176,7 +176,14 @@ pub fn parse(
 
 /// A dead-letter topic from the template and the layout of the topic it holds the records of.
 fn dead_letter_spec(name: &str, template: &Template, source: &Layout) -> anyhow::Result<TopicSpec> {
-    let mut config = source.config.clone();
+    // What decides how long records stay is the dead letters' own: retention forever and no
+    // compaction unless the template says otherwise, whatever the source keeps.
+    let mut config: BTreeMap<String, String> = source
+        .config
+        .iter()
+        .filter(|(key, _)| !decides_what_stays(key))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     config.extend(template.config.clone());
     let layout = Layout {
         replication_factor: template.replication_factor.or(source.replication_factor),
@@ -196,6 +203,19 @@ fn dead_letter_spec(name: &str, template: &Template, source: &Layout) -> anyhow:
         template.partitions.unwrap_or(1),
         &layout,
     )
+}
+
+/// Topic configurations that decide which records a topic keeps and for how long: a dead-letter
+/// topic does not inherit them from its source.
+fn decides_what_stays(key: &str) -> bool {
+    key.starts_with("retention.")
+        || key.starts_with("local.retention.")
+        || key == "cleanup.policy"
+        || key == "delete.retention.ms"
+        || key.starts_with("min.compaction.")
+        || key.starts_with("max.compaction.")
+        || key == "min.cleanable.dirty.ratio"
+        || key == "segment.ms"
 }
 
 /// Dead-letter topic `name` as an empty template makes it of a source that declares nothing
@@ -475,6 +495,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(specs[1].replication, -1);
+    }
+
+    #[test]
+    fn a_dead_letter_topic_does_not_inherit_what_decides_how_long_records_stay() {
+        let text = r#"
+            [orders]
+            partitions = 6
+            config = { "cleanup.policy" = "compact,delete", "retention.bytes" = "1073741824", "min.compaction.lag.ms" = "60000", "compression.type" = "zstd" }
+            "#;
+        let specs = parse(
+            text,
+            &topics(),
+            &[dead_letter("orders-eu.inventory.dlq", "orders-eu")],
+        )
+        .unwrap();
+        assert_eq!(
+            specs[1].config,
+            [
+                ("retention.ms".to_owned(), "-1".to_owned()),
+                ("cleanup.policy".to_owned(), "delete".to_owned()),
+                ("compression.type".to_owned(), "zstd".to_owned()),
+            ]
+        );
     }
 
     #[test]
