@@ -89,6 +89,10 @@ pub fn producer_config(kafka: &Kafka) -> ClientConfig {
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // Topics are made by `keel topics create`, never by a write: librdkafka's producer
+        // default would have a broker with auto.create.topics.enable create a missing one with
+        // its defaults (one copy, a week's retention).
+        .set("allow.auto.create.topics", "false")
         .set("max.in.flight.requests.per.connection", "5")
         // The Java client's partitioner (murmur2 of the key; null keys at random), so that any
         // producer keyed by order id (Java, Connect, ksqlDB) puts an order's events where keel

@@ -188,3 +188,37 @@ fn tls_and_every_sasl_mechanism_are_built_in() {
         );
     }
 }
+
+#[test]
+fn a_write_to_a_missing_topic_fails_and_does_not_create_it() {
+    use rdkafka::producer::FutureProducer;
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    // The mock cluster creates a topic a producer asks for, as a broker with
+    // auto.create.topics.enable does.
+    let mut kafka = keel_core::kafka::Kafka::new(cluster.bootstrap_servers());
+    kafka
+        .properties
+        .insert("message.timeout.ms".into(), "5000".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let delivered = runtime.block_on(async {
+        let producer: FutureProducer = keel_core::kafka::producer_config(&kafka)
+            .create()
+            .expect("producer");
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::<str, str>::to("never-declared")
+                    .key("k")
+                    .payload("v"),
+                Duration::from_secs(0),
+            )
+            .await
+    });
+    assert!(delivered.is_err(), "nothing to write to: {delivered:?}");
+    assert!(
+        !keel_core::kafka::topic_exists(&kafka, "never-declared").expect("metadata"),
+        "keel's producer does not create topics"
+    );
+}
