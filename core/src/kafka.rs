@@ -46,6 +46,18 @@ impl Kafka {
 /// Whether librdkafka takes `property = value` (a name it knows, a value it accepts): checked
 /// at start-up, so that a mistake names its key instead of failing the first client.
 pub fn check_property(property: &str, value: &str) -> Result<(), String> {
+    if matches!(property, "message.timeout.ms" | "delivery.timeout.ms") {
+        // A relay step waits for its deliveries inside the transaction that holds the relay
+        // lock, which PostgreSQL ends after 60 s idle (crate::db::SESSION).
+        let ms: u64 = value
+            .parse()
+            .map_err(|_| format!("{value:?} is not a number of milliseconds"))?;
+        if ms == 0 || ms >= 55_000 {
+            return Err(format!(
+                "{ms} ms: a delivery must be decided within 55 s (0 = forever is not allowed either), before PostgreSQL ends the relay's transaction after 60 s idle"
+            ));
+        }
+    }
     let mut config = ClientConfig::new();
     config.set(property, value);
     config

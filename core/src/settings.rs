@@ -834,6 +834,18 @@ mod tests {
         // Not a librdkafka property either: still a typo of keel's own keys.
         let err = Settings::from_vars(vars(&[("KEEL_KAFKA_BROKER", "x:1")])).unwrap_err();
         assert!(err.to_string().starts_with("KEEL_KAFKA_BROKER:"), "{err}");
+        // A delivery timeout the relay's transaction would not survive (librdkafka's default of
+        // 300 s, which operators often restore) is refused at start-up.
+        let err =
+            Settings::from_vars(vars(&[("KEEL_KAFKA_MESSAGE_TIMEOUT_MS", "300000")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("KEEL_KAFKA_MESSAGE_TIMEOUT_MS:")
+                && err.to_string().contains("55 s"),
+            "{err}"
+        );
+        let s = Settings::from_vars(vars(&[("KEEL_KAFKA_MESSAGE_TIMEOUT_MS", "45000")])).unwrap();
+        assert_eq!(s.kafka.properties["message.timeout.ms"], "45000");
     }
 
     #[test]
