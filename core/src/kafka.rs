@@ -466,12 +466,17 @@ pub fn topic_names(kafka: &Kafka) -> anyhow::Result<std::collections::HashSet<St
     use rdkafka::consumer::Consumer;
     let consumer = outsider(kafka, "keel-admin")?;
     let metadata = consumer.fetch_metadata(None, ADMIN_TIMEOUT)?;
-    Ok(metadata
+    Ok(names(&metadata))
+}
+
+/// The topics a metadata answer says exist: without an error and with partitions.
+fn names(metadata: &rdkafka::metadata::Metadata) -> std::collections::HashSet<String> {
+    metadata
         .topics()
         .iter()
         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
         .map(|t| t.name().to_owned())
-        .collect())
+        .collect()
 }
 
 /// Reads partition `partition` of `topic` from `from` (or its beginning) without joining a group
@@ -554,14 +559,10 @@ pub fn probe(kafka: &Kafka, timeout: Duration, required: &[String]) -> anyhow::R
     let metadata = consumer
         .fetch_metadata(None, timeout)
         .map_err(|e| anyhow::anyhow!("{}: {e}", kafka.brokers))?;
+    let present = names(&metadata);
     Ok(required
         .iter()
-        .filter(|name| {
-            !metadata
-                .topics()
-                .iter()
-                .any(|t| t.name() == name.as_str() && t.error().is_none())
-        })
+        .filter(|name| !present.contains(name.as_str()))
         .cloned()
         .collect())
 }

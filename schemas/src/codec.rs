@@ -186,7 +186,7 @@ impl Encoder {
             self.inner
                 .get_schema_and_id(&subject, strategy)
                 .await
-                .map_err(|e| EncodeError::new(contract.name, topic, &e))?;
+                .map_err(|e| self.failed(contract.name, topic, &e))?;
         }
         Ok(())
     }
@@ -197,7 +197,17 @@ impl Encoder {
         self.inner
             .encode_struct(Payload(event), &strategy)
             .await
-            .map_err(|e| EncodeError::new(event.name(), topic, &e))
+            .map_err(|e| self.failed(event.name(), topic, &e))
+    }
+
+    /// The error of a registry call. The crate caches errors it deems final, a 401 among them;
+    /// one keel retries must not stay cached, or fixed credentials would never be tried.
+    fn failed(&self, record: &'static str, topic: &str, e: &SRCError) -> EncodeError {
+        let error = EncodeError::new(record, topic, e);
+        if error.transient {
+            self.inner.remove_errors_from_cache();
+        }
+        error
     }
 }
 
