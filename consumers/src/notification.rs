@@ -35,6 +35,9 @@ use sqlx::{PgConnection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// How long one delivery may take, inside the transaction that holds its row.
+const SEND_LIMIT: Duration = Duration::from_secs(30);
+
 use crate::runtime::{Handler, HandlerError, Meta};
 use crate::{Group, ORDER_EVENTS};
 use keel_schemas::InventoryRejected;
@@ -348,7 +351,18 @@ impl Mailer {
                 return Ok(Delivery::Refused(event_id));
             }
         };
-        match self.transport.send(event_id, &message).await {
+        // The row stays locked in this transaction while the server answers; PostgreSQL ends a
+        // transaction idle for 60 s (keel_core::db::SESSION), which would lose the delivery mark
+        // of a mail that went out. A send not answered in time is retried later (same Message-ID).
+        let sent =
+            match tokio::time::timeout(SEND_LIMIT, self.transport.send(event_id, &message)).await {
+                Ok(sent) => sent,
+                Err(_) => Err(anyhow::anyhow!(
+                    "the mail server did not answer within {} s",
+                    SEND_LIMIT.as_secs()
+                )),
+            };
+        match sent {
             Ok(()) => {
                 sqlx::query("UPDATE notification.messages SET delivered_at = now(), attempts = attempts + 1, last_error = NULL WHERE event_id = $1")
                     .bind(event_id)

@@ -212,3 +212,50 @@ fn a_malformed_smtp_url_names_its_key() {
     .unwrap();
     assert!(err.to_string().starts_with("KEEL_SMTP_URL:"), "{err}");
 }
+
+// A mail server that takes the connection and never answers: the send is given up after 30 s,
+// well before PostgreSQL would end the transaction that holds the row (60 s idle), and the
+// message is scheduled again with the reason.
+#[tokio::test]
+async fn a_mail_server_that_never_answers_is_given_up_in_time_and_retried_later() {
+    let (_db, pool) = database().await;
+    let id = message(&pool, Some("ada@example.com")).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket); // accepted, never answered
+        }
+    });
+    let mailer = Mailer::new(
+        pool.clone(),
+        Transport::from_settings(&keel_core::settings::MailSettings {
+            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+            dir: std::env::temp_dir(),
+            from: FROM.into(),
+        })
+        .unwrap(),
+        FROM,
+    )
+    .unwrap();
+    let step = tokio::time::timeout(Duration::from_secs(55), mailer.step())
+        .await
+        .expect("the step ends before PostgreSQL's 60 s idle limit");
+    assert_eq!(step.unwrap(), Delivery::Failed(id));
+    let (attempts, error): (i32, Option<String>) = sqlx::query_as(
+        "SELECT attempts, last_error FROM notification.messages WHERE event_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 1);
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("did not answer")),
+        "{error:?}"
+    );
+    held.abort();
+}
