@@ -219,7 +219,8 @@ impl FromStr for BrokerQuirks {
 }
 
 /// All of keel's settings. Tests build one with [`Settings::local`] and override fields.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `Debug` prints them as `keel settings` does, every secret masked.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Settings {
     pub database_url: String,
     /// The cluster: `KEEL_KAFKA_BROKERS` and the `KEEL_KAFKA_<PROPERTY>` passthrough.
@@ -245,6 +246,20 @@ pub struct Settings {
     pub consumer: ConsumerSettings,
     pub cache: CacheSettings,
     pub mail: MailSettings,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown_of = |key: &str, value: &str| match key.strip_prefix("KEEL_KAFKA_") {
+            Some(name) if crate::kafka::is_secret(&name.to_ascii_lowercase().replace('_', ".")) => {
+                "***".to_owned()
+            }
+            _ => shown(key, value),
+        };
+        f.debug_map()
+            .entries(self.to_env().iter().map(|(k, v)| (k, shown_of(k, v))))
+            .finish()
+    }
 }
 
 /// HTTP basic-auth credentials. `Debug` masks the password, so settings can be debug-printed.
@@ -928,8 +943,18 @@ mod tests {
         }
         // Debug of the settings (what a panic or a debug log would show) masks the registry's
         // password too.
-        let s = Settings::from_vars(vars(&[("KEEL_REGISTRY_BASIC_AUTH", "keel:s3cret")])).unwrap();
-        assert!(!format!("{s:?}").contains("s3cret"));
+        let s = Settings::from_vars(vars(&[
+            ("KEEL_REGISTRY_BASIC_AUTH", "keel:s3cret"),
+            ("KEEL_DATABASE_URL", "postgres://keel:s3cret@db/keel"),
+            ("KEEL_SCHEMA_REGISTRY_URL", "https://k:s3cret@r.example"),
+            ("KEEL_REDIS_URL", "rediss://:s3cret@cache:6380"),
+            ("KEEL_SMTP_URL", "smtps://mailer:s3cret@smtp.example"),
+            ("KEEL_KAFKA_SASL_PASSWORD", "s3cret"),
+        ]))
+        .unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("postgres://keel:***@db/keel"), "{debug}");
     }
 
     #[test]
