@@ -63,16 +63,42 @@ fn produce_poison(brokers: &str, topic: &str, keys: &[&str]) {
     producer.flush(Duration::from_secs(30)).expect("flushed");
 }
 
-async fn settings(brokers: &str, db: &TestDb) -> Settings {
-    let mut s = Settings::local();
-    s.kafka = Kafka::new(brokers);
-    s.broker_quirks = BrokerQuirks::None;
-    s.database_url = db.url.clone();
-    s.consumer.max_retry_backoff = Duration::from_secs(1);
-    keel_consumers::migrate(&db.url, None)
-        .await
-        .expect("migrate");
-    s
+/// A consumer of [`Accept`] in `subscription`'s group on the mock cluster at `brokers`, on a
+/// database of its own, running until [`Running::stop`].
+struct Running {
+    _db: TestDb,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(brokers: &str, subscription: Subscription) -> Self {
+        let db = TestDb::new().await;
+        let mut s = Settings::local();
+        s.kafka = Kafka::new(brokers);
+        s.broker_quirks = BrokerQuirks::None;
+        s.database_url = db.url.clone();
+        s.consumer.max_retry_backoff = Duration::from_secs(1);
+        keel_consumers::migrate(&db.url, None)
+            .await
+            .expect("migrate");
+        let consumer = Consumer::new(subscription, Accept, db.pool().await, &s).expect("consumer");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        Self {
+            _db: db,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("joined")
+            .expect("the consumer stops cleanly");
+    }
 }
 
 async fn read(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
@@ -130,17 +156,7 @@ async fn a_dead_letter_refused_for_want_of_replicas_holds_its_partition_until_th
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 5_000],
     );
-    let db = TestDb::new().await;
-    let s = settings(&brokers, &db).await;
-    let consumer = Consumer::new(
-        Subscription::new(&group, vec!["orders".into()]),
-        Accept,
-        db.pool().await,
-        &s,
-    )
-    .expect("consumer");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(consumer.run(stop.clone()));
+    let running = Running::start(&brokers, Subscription::new(&group, vec!["orders".into()])).await;
 
     eventually(
         "the wait to show in keel_consumer_dead_letter_waiting_records",
@@ -208,11 +224,7 @@ async fn a_dead_letter_refused_for_want_of_replicas_holds_its_partition_until_th
         "the first write waited out the outage: {took} s\n{page}"
     );
 
-    stop.cancel();
-    running
-        .await
-        .expect("joined")
-        .expect("the consumer stops cleanly");
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,11 +238,7 @@ async fn a_missing_dead_letter_topic_fails_readiness_and_is_never_created_at_run
     let brokers = cluster.bootstrap_servers();
     let kafka = Kafka::new(&brokers);
     let subscription = Subscription::new(&group, vec!["orders".into()]);
-    let names: Vec<String> = subscription
-        .dead_letters()
-        .into_iter()
-        .map(|d| d.name)
-        .collect();
+    let names = subscription.dead_letter_topics();
     assert_eq!(names, std::slice::from_ref(&dlq));
     let checks = keel_core::health::Checks::new(CancellationToken::new(), Duration::from_secs(30))
         .broker(&kafka)
@@ -244,11 +252,7 @@ async fn a_missing_dead_letter_topic_fails_readiness_and_is_never_created_at_run
     );
 
     produce_poison(&brokers, "orders", &["poison"]);
-    let db = TestDb::new().await;
-    let s = settings(&brokers, &db).await;
-    let consumer = Consumer::new(subscription, Accept, db.pool().await, &s).expect("consumer");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(consumer.run(stop.clone()));
+    let running = Running::start(&brokers, subscription).await;
     eventually(
         "the poison to wait for its dead-letter topic",
         Duration::from_secs(30),
@@ -286,11 +290,7 @@ async fn a_missing_dead_letter_topic_fails_readiness_and_is_never_created_at_run
     let (ready, body) = checks.ready().await;
     assert!(ready, "{body}");
 
-    stop.cancel();
-    running
-        .await
-        .expect("joined")
-        .expect("the consumer stops cleanly");
+    running.stop().await;
 }
 
 fn commits(group: &str, result: &str) -> f64 {
@@ -313,17 +313,7 @@ async fn a_refused_offset_commit_is_counted_and_logged_and_the_offsets_are_sent_
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
     );
-    let db = TestDb::new().await;
-    let s = settings(&brokers, &db).await;
-    let consumer = Consumer::new(
-        Subscription::new(&group, vec!["orders".into()]),
-        Accept,
-        db.pool().await,
-        &s,
-    )
-    .expect("consumer");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(consumer.run(stop.clone()));
+    let running = Running::start(&brokers, Subscription::new(&group, vec!["orders".into()])).await;
 
     eventually(
         "the refused commits to be counted",
@@ -344,9 +334,5 @@ async fn a_refused_offset_commit_is_counted_and_logged_and_the_offsets_are_sent_
         "the record was done once"
     );
 
-    stop.cancel();
-    running
-        .await
-        .expect("joined")
-        .expect("the consumer stops cleanly");
+    running.stop().await;
 }
