@@ -16,17 +16,7 @@ use tokio_util::sync::CancellationToken;
 #[path = "e2e/common/mod.rs"]
 mod common;
 
-use common::{Stack, keel, order};
-
-async fn get(http: &reqwest::Client, url: &str) -> Option<(u16, String)> {
-    let r = http
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    Some((r.status().as_u16(), r.text().await.ok()?))
-}
+use common::{Stack, fetch, keel, order};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_follows_the_database_and_metrics_count_the_relay() {
@@ -75,7 +65,7 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
         "the relay to count its publish",
         Duration::from_secs(60),
         || async {
-            get(&stack.http, &metrics)
+            fetch(&stack.http, &metrics)
                 .await
                 .filter(|(_, text)| text.contains(&published))
         },
@@ -86,14 +76,14 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
     let (_, body) = eventually(
         "/ready to fail without the database",
         Duration::from_secs(30),
-        || async { get(&stack.http, &ready).await.filter(|(s, _)| *s == 503) },
+        || async { fetch(&stack.http, &ready).await.filter(|(s, _)| *s == 503) },
     )
     .await;
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["status"], "unavailable");
     assert_ne!(body["database"], "ok", "{body}");
     assert_eq!(body["broker"], "ok");
-    let (status, _) = get(&stack.http, &format!("http://{admin}/health"))
+    let (status, _) = fetch(&stack.http, &format!("http://{admin}/health"))
         .await
         .unwrap();
     assert_eq!(status, 200, "waiting for the database is not being stuck");
@@ -102,7 +92,7 @@ async fn ready_follows_the_database_and_metrics_count_the_relay() {
     eventually(
         "/ready to recover by itself",
         Duration::from_secs(60),
-        || async { get(&stack.http, &ready).await.filter(|(s, _)| *s == 200) },
+        || async { fetch(&stack.http, &ready).await.filter(|(s, _)| *s == 200) },
     )
     .await;
     relay.terminate().expect("the relay exits 0 on SIGTERM");
@@ -159,7 +149,7 @@ async fn health_fails_while_a_loop_is_stuck_and_recovers_when_it_moves() {
         "the idle consumer to be live",
         Duration::from_secs(10),
         || async {
-            get(&stack.http, &health)
+            fetch(&stack.http, &health)
                 .await
                 .filter(|(status, body)| {
                     *status == 200 && body.contains(&format!("consumer:{group}"))
@@ -178,7 +168,7 @@ async fn health_fails_while_a_loop_is_stuck_and_recovers_when_it_moves() {
     let (_, body) = eventually(
         "/health to report the stuck loop",
         Duration::from_secs(60),
-        || async { get(&stack.http, &health).await.filter(|(s, _)| *s == 503) },
+        || async { fetch(&stack.http, &health).await.filter(|(s, _)| *s == 503) },
     )
     .await;
     let body: Value = serde_json::from_str(&body).unwrap();
@@ -186,16 +176,16 @@ async fn health_fails_while_a_loop_is_stuck_and_recovers_when_it_moves() {
 
     release.add_permits(1);
     eventually("/health to recover", Duration::from_secs(30), || async {
-        get(&stack.http, &health).await.filter(|(s, _)| *s == 200)
+        fetch(&stack.http, &health).await.filter(|(s, _)| *s == 200)
     })
     .await;
     assert_eq!(stack.processed(&group).await, 1);
 
     // Shutting down: /ready says so while the server still answers.
     let ready = format!("http://{addr}/ready");
-    assert_eq!(get(&stack.http, &ready).await.unwrap().0, 200);
+    assert_eq!(fetch(&stack.http, &ready).await.unwrap().0, 200);
     stop.cancel();
-    let (status, body) = get(&stack.http, &ready).await.unwrap();
+    let (status, body) = fetch(&stack.http, &ready).await.unwrap();
     assert_eq!(status, 503);
     assert!(body.contains(r#""shutting_down":true"#), "{body}");
     consuming.await.unwrap().unwrap();

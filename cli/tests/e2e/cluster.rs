@@ -14,15 +14,10 @@ use rdkafka::mocking::MockCluster;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+/// `/ready`'s status and JSON body.
 async fn ready(http: &reqwest::Client, url: &str) -> Option<(u16, Value)> {
-    let r = http
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    let status = r.status().as_u16();
-    Some((status, r.json().await.ok()?))
+    let (status, body) = crate::common::fetch(http, url).await?;
+    Some((status, serde_json::from_str(&body).ok()?))
 }
 
 // Multi-threaded: the registry runs in this process and must answer while `keel` runs.

@@ -194,6 +194,18 @@ pub fn keel_run(stack: &Stack, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `GET url` within 5 s: its status and body, or `None` if nothing answered (an admin endpoint
+/// of a process still starting).
+pub async fn fetch(http: &reqwest::Client, url: &str) -> Option<(u16, String)> {
+    let r = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    Some((r.status().as_u16(), r.text().await.ok()?))
+}
+
 /// Starts `keel <args>` against `stack`.
 pub fn keel(stack: &Stack, args: &[&str], extra_env: &[(&str, &str)]) -> Process {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel"));
