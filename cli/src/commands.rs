@@ -156,11 +156,7 @@ pub async fn consume(s: &Settings, group: &str) -> anyhow::Result<()> {
         .await
         .context("KEEL_DATABASE_URL")?;
     let group = keel_consumers::group(group)?;
-    let dead_letters = group
-        .dead_letters(&s.topics)
-        .into_iter()
-        .map(|d| d.name)
-        .collect();
+    let dead_letters = group.subscription(&s.topics).dead_letter_topics();
     let admin = Admin::start(s, &token, pool, dead_letters).await?;
     let result = (group.run)(s.clone(), token).await;
     admin.stop().await;

@@ -138,10 +138,7 @@ impl Checks {
             });
             Some(match probe.await {
                 Ok(Ok(missing)) if missing.is_empty() => Ok(()),
-                Ok(Ok(missing)) => Err(format!(
-                    "missing topic(s) {}: declared by topics.toml (KEEL_TOPICS_FILE); create them with `keel topics create`",
-                    missing.join(", ")
-                )),
+                Ok(Ok(missing)) => Err(crate::topics::missing(&missing)),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(e.to_string()),
             })

@@ -118,6 +118,14 @@ pub struct DeadLetter {
     pub source: String,
 }
 
+/// What keel says of declared topics the cluster does not have, wherever it finds them missing.
+pub fn missing(topics: &[String]) -> String {
+    format!(
+        "missing topic(s) {}: declared by topics.toml (KEEL_TOPICS_FILE); create them with `keel topics create`",
+        topics.join(", ")
+    )
+}
+
 /// Reads the declared topics from `path`, naming roles with `topics`' settings, followed by
 /// `dead_letters` made from the `[dead_letters]` template. Every mistake names the file and the
 /// entry.

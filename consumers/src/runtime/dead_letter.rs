@@ -181,7 +181,11 @@ impl<H: Handler> Consumer<H> {
             return Ok(());
         }
         let missing = self.missing_dlqs(&[topic.to_owned()]).await?;
-        anyhow::ensure!(missing.is_empty(), "{}", missing_dlq(topic));
+        anyhow::ensure!(
+            missing.is_empty(),
+            "{}",
+            keel_core::topics::missing(&missing)
+        );
         Ok(())
     }
 
@@ -197,11 +201,4 @@ impl<H: Handler> Consumer<H> {
         }
         Ok(missing)
     }
-}
-
-/// What a group says of a dead-letter topic that does not exist.
-pub fn missing_dlq(topic: &str) -> String {
-    format!(
-        "dead-letter topic {topic} does not exist: it is declared by topics.toml (KEEL_TOPICS_FILE); create it with `keel topics create`"
-    )
 }

@@ -84,6 +84,11 @@ impl Subscription {
             })
             .collect()
     }
+
+    /// The names of its [`Subscription::dead_letters`].
+    pub fn dead_letter_topics(&self) -> Vec<String> {
+        self.dead_letters().into_iter().map(|d| d.name).collect()
+    }
 }
 
 pub struct Consumer<H: Handler> {
@@ -164,23 +169,14 @@ impl<H: Handler> Consumer<H> {
     /// Says at start-up which dead-letter topics are missing, rather than at the first poison
     /// record (which would then wait for its topic; `/ready` names them too).
     async fn report_missing_dlqs(&self) {
-        let names: Vec<String> = self
-            .subscription
-            .dead_letters()
-            .into_iter()
-            .map(|d| d.name)
-            .collect();
+        let names = self.subscription.dead_letter_topics();
         match self.missing_dlqs(&names).await {
-            Ok(missing) => {
-                for topic in missing {
-                    tracing::error!(
-                        group = self.group(),
-                        dlq = topic,
-                        "{}",
-                        dead_letter::missing_dlq(&topic)
-                    );
-                }
-            }
+            Ok(missing) if missing.is_empty() => {}
+            Ok(missing) => tracing::error!(
+                group = self.group(),
+                "{}",
+                keel_core::topics::missing(&missing)
+            ),
             Err(e) => {
                 tracing::warn!(group = self.group(), error = %e, "Cannot list the dead-letter topics")
             }
