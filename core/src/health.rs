@@ -1,7 +1,8 @@
 //! Liveness, readiness and the admin listener every keel process can open.
 //!
 //! - **`/health`** (liveness) fails only when the process cannot make progress: a loop that
-//!   registered with [`beat`] has not beaten for longer than the stuck-after limit. Waiting for a
+//!   registered with [`beat`] has not beaten for longer than the stuck-after limit, or a Kafka
+//!   client failed fatally ([`crate::fatal`]; the process is then on its way out). Waiting for a
 //!   dependency is progress (the loops beat while they retry), so an outage does not get the
 //!   process restarted: restarting would not help.
 //! - **`/ready`** fails while a dependency it needs (PostgreSQL, the broker, the registry) cannot
@@ -57,6 +58,7 @@ pub struct Checks {
     registry: Option<String>,
     stuck_after: Duration,
     shutdown: CancellationToken,
+    fatal: crate::fatal::Fatal,
     http: reqwest::Client,
 }
 
@@ -70,8 +72,16 @@ impl Checks {
             registry: None,
             stuck_after,
             shutdown,
+            fatal: crate::fatal::Fatal::process(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Where fatal client errors are seen: the process's [`crate::fatal::Fatal`] unless a test
+    /// gives its own.
+    pub fn fatal(mut self, fatal: crate::fatal::Fatal) -> Self {
+        self.fatal = fatal;
+        self
     }
 
     pub fn database(mut self, pool: sqlx::PgPool) -> Self {
@@ -108,6 +118,12 @@ impl Checks {
                     stuck.push(name.clone());
                 }
             }
+        }
+        if let Some(reason) = self.fatal.reason() {
+            return (
+                false,
+                json!({"status": "fatal", "fatal": reason, "stuck": stuck, "seconds_since_beat": seen}),
+            );
         }
         let live = stuck.is_empty();
         (
@@ -253,4 +269,28 @@ pub async fn serve(
         Ok(())
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fatal_client_error_makes_the_process_not_live_and_names_it() {
+        let fatal = crate::fatal::Fatal::new();
+        let checks =
+            Checks::new(CancellationToken::new(), Duration::from_secs(30)).fatal(fatal.clone());
+        assert!(checks.live().0, "live before");
+        fatal.raise("consumer inventory", "Fatal consumer error: Broker: Static consumer fenced by other consumer with same group.instance.id");
+        let (live, body) = checks.live();
+        assert!(!live);
+        assert_eq!(body["status"], "fatal");
+        assert!(
+            body["fatal"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("fenced"),
+            "{body}"
+        );
+    }
 }

@@ -13,6 +13,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::fatal::Fatal;
 use crate::settings::BrokerQuirks;
 
 /// How to reach the cluster: its bootstrap servers and the operator's librdkafka properties
@@ -40,6 +41,60 @@ impl Kafka {
             config.set(key, value);
         }
         config
+    }
+}
+
+/// What a long-lived keel client (the relay's producer, a group's consumer and dead-letter
+/// producer) reports from librdkafka's threads: a fatal error is raised on its [`Fatal`] (see
+/// [`crate::fatal`]), any other error logged; librdkafka retries those itself.
+#[derive(Clone)]
+pub struct Reporter {
+    client: String,
+    fatal: Fatal,
+}
+
+impl Reporter {
+    /// For the client named `client` in logs and in the fatal error (`producer relay`).
+    pub fn new(client: impl Into<String>, fatal: Fatal) -> Self {
+        Self {
+            client: client.into(),
+            fatal,
+        }
+    }
+
+    /// Where this client's fatal error is raised.
+    pub fn fatal(&self) -> &Fatal {
+        &self.fatal
+    }
+
+    /// Reports librdkafka's global `error` and its `reason`. An error event carries the
+    /// underlying code of a fatal error (`FencedInstanceId`), not whether it is fatal: the
+    /// service loops ask with [`Reporter::check`].
+    pub fn report(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.fatal.raise(&self.client, reason);
+        } else {
+            tracing::warn!(client = %self.client, error = %error, reason, "Kafka client error");
+        }
+    }
+
+    /// Raises `client`'s fatal error, if librdkafka has one (a cheap read of the client's state:
+    /// the loops call it every round); whether it had.
+    pub fn check<C: rdkafka::ClientContext>(&self, client: &rdkafka::client::Client<C>) -> bool {
+        match client.fatal_error() {
+            Some((code, reason)) => {
+                self.fatal
+                    .raise(&self.client, &format!("{reason} ({code:?})"));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl rdkafka::ClientContext for Reporter {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.report(&error, reason);
     }
 }
 

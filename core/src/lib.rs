@@ -5,6 +5,7 @@
 //! - [`kafka`]: librdkafka client configuration (idempotent producer, at-least-once consumer) and
 //!   topic administration.
 //! - [`db`]: PostgreSQL pools, databases and per-schema migrations.
+//! - [`fatal`]: fatal Kafka client errors: `/health` red, a clean stop, a non-zero exit.
 //! - [`shutdown`]: the SIGTERM/Ctrl-C future every `main` hands to its service.
 //! - [`telemetry`]: tracing subscriber and W3C trace-context propagation.
 //! - `testkit` (feature `testkit`): what integration tests share.
@@ -18,6 +19,7 @@
 pub mod backoff;
 pub mod cache;
 pub mod db;
+pub mod fatal;
 pub mod health;
 pub mod kafka;
 pub mod metrics;

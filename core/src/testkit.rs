@@ -420,6 +420,11 @@ impl Process {
         Ok(())
     }
 
+    /// Waits until it exits by itself (poll [`Process::exited`] first: this blocks): how.
+    pub fn wait(mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     /// SIGKILL (no chance to clean up), then waits.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
