@@ -1,16 +1,42 @@
 //! The relay: publishes committed outbox rows to Kafka.
 //!
 //! One [`Relay::step`] is one transaction: take the relay lock, claim the oldest pending rows
-//! (`FOR UPDATE`), encode them (Confluent wire format), hand them all to the idempotent producer,
-//! await every acknowledgement, then mark them published and commit. If anything fails before the
-//! commit, the transaction rolls back and the rows are published again later.
+//! (`FOR UPDATE`), encode them (Confluent wire format), hand them to the idempotent producer,
+//! await the acknowledgements, mark the acknowledged rows published and commit. A row Kafka did
+//! not acknowledge stays pending and is published again later.
+//!
+//! # One row never blocks the rest
+//! Each failure is classified ([`refused_for_good`], [`EncodeError::transient`]):
+//! - **the row's own** (its topic does not exist, the relay may not write to it, it is larger
+//!   than the cluster takes, the registry refuses its schema, its payload does not parse): the
+//!   row is set aside with the reason (`failed_at`, `error`; `keel outbox status` lists it,
+//!   `keel_outbox_failed_rows` counts it) and the rest of the batch goes on, for every topic.
+//!   It holds back the later rows of its topic and key (its aggregate's later events) until an
+//!   operator fixes the cause and retries it (`keel outbox retry`) or discards it (`keel outbox
+//!   discard`);
+//! - **the cluster's or the client's** (a timeout, no leader, a fatal client error): the row
+//!   stays pending and the step reports the failure, so the loop retries with backoff.
+//!
+//! Either way the rows Kafka acknowledged are marked in the step's transaction, not published
+//! again.
+//!
+//! # Order
+//! An aggregate's rows share a topic and key, so a partition. Within a step, a row is handed to
+//! the producer only after every earlier row of its topic and key was acknowledged: the rows go
+//! in waves, the first row of each key in the first wave, the second in the next. If a row
+//! fails, the later rows of its key are not sent in that step. So an aggregate's events are
+//! first delivered in id order whatever fails: a message timeout while a partition has no leader
+//! (which librdkafka's `enable.gapless.guarantee` does not cover), or a write refused for good
+//! (which `enable.gapless.guarantee` would make fatal for the whole producer, stopping every
+//! topic). Most steps have one row per key and so one wave.
 //!
 //! # Several relays
 //! The lock is `pg_try_advisory_xact_lock`, held for the step's transaction. A relay that does not
 //! get it skips the step, so batches never overlap: the next batch is claimed only after the
 //! previous one is marked, and an aggregate's events leave in id order whichever relay sends them.
-//! A crashed relay's lock goes with its connection. Throughput is that of one relay, which the
-//! producer, not the claim, bounds; extra instances are for availability.
+//! A crashed relay's lock goes with its connection; a frozen one's with its session's timeouts
+//! ([`keel_core::db::SESSION`]). Throughput is that of one relay, which the producer, not the
+//! claim, bounds; extra instances are for availability.
 //!
 //! # Marks
 //! A step's transaction commits with `synchronous_commit = off` (for that transaction only):
@@ -24,13 +50,21 @@
 //! (about 6 ms on a slow disk), which every order committed during a step would otherwise wait
 //! for too. The orders and their outbox rows are written by the order service with durable
 //! commits, as before.
+//!
+//! # Fatal errors
+//! A fatal producer error ([`keel_core::fatal`]) ends [`Relay::run`] with that error after the
+//! step in progress marked what was acknowledged; the process exits and is restarted with a new
+//! producer.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::future::join_all;
 use futures::{FutureExt, TryStreamExt};
 use keel_core::Settings;
 use keel_core::backoff::Backoff;
+use keel_core::fatal::Fatal;
+use keel_core::kafka::Reporter;
 use keel_core::settings::RelaySettings;
 use keel_core::telemetry::TraceHeaders;
 use keel_schemas::{EncodeError, Encoder, Event};
@@ -52,10 +86,15 @@ pub enum RelayError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Encode(#[from] EncodeError),
-    #[error("{failed} of {total} records were not acknowledged by Kafka; first error: {first}")]
+    /// Some rows were not acknowledged for a reason that is not theirs (a timeout, no leader, a
+    /// fatal client); they stay pending. The `published` rows that were are marked.
+    #[error(
+        "{failed} of {total} records were not acknowledged by Kafka ({published} were, and are marked); first error: {first}"
+    )]
     Delivery {
         failed: usize,
         total: usize,
+        published: usize,
         first: String,
     },
     /// A step stopped by [`testing::crash_before_mark`], as a crash would stop it.
@@ -68,7 +107,7 @@ pub enum RelayError {
 pub enum Step {
     /// Another relay holds the lock.
     NotLeader,
-    /// Rows published and marked (0 when nothing was pending).
+    /// Rows published and marked (0 when nothing was pending). Rows set aside are not counted.
     Published(usize),
 }
 
@@ -80,6 +119,13 @@ struct Pending {
     headers: TraceHeaders,
     /// When the writer inserted the row (milliseconds since the epoch).
     created_ms: f64,
+}
+
+impl Pending {
+    /// The aggregate's stream this row belongs to: its events are first delivered in id order.
+    fn stream(&self) -> (String, String) {
+        (self.topic.clone(), self.key.clone())
+    }
 }
 
 /// The producer span of one row (OpenTelemetry messaging conventions), a child of the context
@@ -106,17 +152,22 @@ fn publish_span(row: &Pending, event_id: &str) -> tracing::Span {
     span
 }
 
-/// The oldest pending rows, locked for this transaction (`$1`: how many). With [`MARK`], the
-/// SQL of a step; `make bench` times the two alone as the relay's database baseline.
+/// The oldest pending rows, locked for this transaction (`$1`: how many), leaving out those held
+/// back by an earlier row of their topic and key that was set aside (and neither retried nor
+/// discarded). With [`MARK`], the SQL of a step; `make bench` times the two alone as the relay's
+/// database baseline.
 pub const CLAIM: &str =
-    "SELECT id, topic, message_key, payload::text AS payload, headers::text AS headers,
-        extract(epoch FROM created_at)::float8 * 1000 AS created_ms
-   FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL
-  ORDER BY id LIMIT $1 FOR UPDATE";
+    "SELECT e.id, e.topic, e.message_key, e.payload::text AS payload, e.headers::text AS headers,
+        extract(epoch FROM e.created_at)::float8 * 1000 AS created_ms
+   FROM outbox.events e
+  WHERE e.published_at IS NULL AND e.failed_at IS NULL
+    AND NOT EXISTS (SELECT 1 FROM outbox.events h
+                     WHERE h.failed_at IS NOT NULL AND h.discarded_at IS NULL
+                       AND h.topic = e.topic AND h.message_key = e.message_key AND h.id < e.id)
+  ORDER BY e.id LIMIT $1 FOR UPDATE OF e";
 
-/// A claimed row, or its id and why it can never be published.
-fn parse(row: &sqlx::postgres::PgRow) -> Result<Pending, (i64, String)> {
-    let id: i64 = row.get("id");
+/// A claimed row, or why it can never be published.
+fn parse(row: &sqlx::postgres::PgRow) -> Result<Pending, String> {
     let payload: String = row.get("payload");
     let headers: String = row.get("headers");
     let (event, headers) = serde_json::from_str::<Event>(&payload)
@@ -125,10 +176,9 @@ fn parse(row: &sqlx::postgres::PgRow) -> Result<Pending, (i64, String)> {
             serde_json::from_str::<TraceHeaders>(&headers)
                 .map(|h| (event, h))
                 .map_err(|e| format!("headers are not a string map: {e}"))
-        })
-        .map_err(|reason| (id, reason))?;
+        })?;
     Ok(Pending {
-        id,
+        id: row.get("id"),
         topic: row.get("topic"),
         key: row.get("message_key"),
         event,
@@ -147,24 +197,25 @@ const MARK_SLICE: usize = 500;
 
 async fn mark_published(
     tx: &mut Transaction<'static, Postgres>,
-    rows: &[Pending],
+    ids: &[i64],
 ) -> Result<(), sqlx::Error> {
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    sqlx::query(MARK).bind(&ids).execute(&mut **tx).await?;
+    sqlx::query(MARK).bind(ids).execute(&mut **tx).await?;
     Ok(())
 }
 
-/// Sets a row that can never be published aside, in the claim's transaction: it would otherwise
+/// Sets a row that cannot be published aside, in the claim's transaction: it would otherwise
 /// block every row behind it.
 async fn set_aside(
     tx: &mut Transaction<'static, Postgres>,
     id: i64,
+    topic: &str,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     tracing::error!(
         outbox_id = id,
+        topic,
         reason,
-        "Outbox row can never be published; set aside as failed"
+        "Outbox row cannot be published; set aside (fix the cause, then `keel outbox retry`)"
     );
     sqlx::query("UPDATE outbox.events SET failed_at = now(), error = $2 WHERE id = $1")
         .bind(id)
@@ -174,34 +225,61 @@ async fn set_aside(
     Ok(())
 }
 
+/// Whether Kafka's refusal of one record is the record's own, so that retrying cannot help until
+/// an operator acts: its topic does not exist (the relay never creates one), the relay may not
+/// write to it, or the record is larger than the cluster takes. Everything else (timeouts, no
+/// leader, too few replicas, a fatal client) is the cluster's or the client's, and retried.
+pub fn refused_for_good(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as E;
+    matches!(
+        code,
+        // librdkafka reports a topic its metadata says the cluster does not have (after
+        // topic.metadata.propagation.max.ms) as the broker's UNKNOWN_TOPIC_OR_PART; when a
+        // produce request gets that answer it refreshes and retries by itself instead.
+        E::UnknownTopic
+            | E::UnknownTopicOrPartition
+            | E::UnknownPartition
+            | E::TopicAuthorizationFailed
+            | E::MessageSizeTooLarge
+            | E::MessageBatchTooLarge
+            | E::InvalidMessageSize
+            | E::InvalidRecord
+            | E::InvalidTopic
+            | E::PolicyViolation
+    )
+}
+
+/// What became of one row handed to the producer (or refused before it was).
+enum Fate {
+    Acknowledged,
+    /// The row's own fault: set it aside with this reason.
+    SetAside(String),
+    /// Not the row's fault: it stays pending.
+    Failed(String),
+}
+
 /// A record handed to the producer: its delivery and, with tracing on, its span.
 type Sent = (rdkafka::producer::DeliveryFuture, Option<tracing::Span>);
 
-/// Waits until Kafka acknowledged every record of `rows` (sent in that order), counting each
-/// in the relay's metrics; an error if any was not acknowledged.
-async fn settle(sent: Vec<Sent>, rows: &[Pending]) -> Result<(), RelayError> {
+/// Waits until Kafka answered for every record of `rows` (sent in that order), counting each in
+/// the relay's metrics: what became of each.
+async fn settle(sent: Vec<Sent>, rows: &[Pending]) -> Vec<Fate> {
     let (deliveries, spans): (Vec<_>, Vec<_>) = sent.into_iter().unzip();
-    let total = deliveries.len();
-    let mut failed = 0;
-    let mut first = None;
     let metrics = keel_core::metrics::metrics();
+    let mut fates = Vec::with_capacity(rows.len());
     for ((outcome, span), row) in join_all(deliveries).await.into_iter().zip(spans).zip(rows) {
         let topic = keel_core::metrics::TopicLabels {
             topic: row.topic.clone(),
         };
-        if matches!(outcome, Ok(Ok(_))) {
-            metrics.relay_published.get_or_create(&topic).inc();
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-            metrics
-                .relay_commit_to_ack
-                .observe(((now_ms - row.created_ms) / 1000.0).max(0.0));
-        } else {
-            metrics.relay_failed.get_or_create(&topic).inc();
-        }
-        let error = match outcome {
+        let fate = match outcome {
             Ok(Ok(delivered)) => {
+                metrics.relay_published.get_or_create(&topic).inc();
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+                metrics
+                    .relay_commit_to_ack
+                    .observe(((now_ms - row.created_ms) / 1000.0).max(0.0));
                 if let Some(span) = span {
                     span.record(
                         "messaging.destination.partition.id",
@@ -209,22 +287,25 @@ async fn settle(sent: Vec<Sent>, rows: &[Pending]) -> Result<(), RelayError> {
                     );
                     span.record("messaging.kafka.offset", delivered.offset);
                 }
-                continue;
+                Fate::Acknowledged
             }
-            Ok(Err((e, _))) => e.to_string(),
-            Err(_) => "delivery future cancelled (producer dropped)".to_owned(),
+            Ok(Err((e, _))) => {
+                metrics.relay_failed.get_or_create(&topic).inc();
+                match e.rdkafka_error_code() {
+                    Some(code) if refused_for_good(code) => {
+                        Fate::SetAside(format!("Kafka refused the record: {e}"))
+                    }
+                    _ => Fate::Failed(e.to_string()),
+                }
+            }
+            Err(_) => {
+                metrics.relay_failed.get_or_create(&topic).inc();
+                Fate::Failed("delivery future cancelled (producer dropped)".to_owned())
+            }
         };
-        failed += 1;
-        first.get_or_insert(error);
+        fates.push(fate);
     }
-    match first {
-        None => Ok(()),
-        Some(first) => Err(RelayError::Delivery {
-            failed,
-            total,
-            first,
-        }),
-    }
+    fates
 }
 
 /// The relay loop's name for liveness (`/health`).
@@ -232,18 +313,48 @@ pub const HEALTH_LOOP: &str = "relay";
 
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    producer: FutureProducer<Reporter>,
     encoder: Encoder,
     config: RelaySettings,
+    /// Where the producer's fatal error is raised: the process's.
+    fatal: Fatal,
+    reporter: Reporter,
     /// Set only by [`testing::crash_before_mark`].
     crash_before_mark: bool,
+}
+
+/// What a step knows while it sends: what was set aside, what failed, which streams may not go
+/// on in this step.
+#[derive(Default)]
+struct Ledger {
+    set_aside: Vec<(i64, String, String)>,
+    failed: usize,
+    first_failure: Option<String>,
+    /// Streams (topic, key) whose earlier row in this step was not acknowledged.
+    stopped: HashSet<(String, String)>,
+    published: usize,
+}
+
+impl Ledger {
+    fn fail(&mut self, stream: (String, String), error: String) {
+        self.failed += 1;
+        self.first_failure.get_or_insert(error);
+        self.stopped.insert(stream);
+    }
+
+    fn set_aside(&mut self, id: i64, stream: (String, String), reason: String) {
+        self.set_aside.push((id, stream.0.clone(), reason));
+        self.stopped.insert(stream);
+    }
 }
 
 impl Relay {
     /// A relay publishing from `pool` with `s`'s broker, registry and relay settings.
     pub fn new(pool: PgPool, s: &Settings) -> anyhow::Result<Self> {
-        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka)
-            .create()
+        let fatal = Fatal::process();
+        let reporter = Reporter::new("producer relay", fatal.clone());
+        let producer = keel_core::kafka::producer_config(&s.kafka)
+            .create_with_context(reporter.clone())
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let encoder = Encoder::new(&s.schema_registry_url)?;
         Ok(Self {
@@ -251,6 +362,8 @@ impl Relay {
             producer,
             encoder,
             config: s.relay.clone(),
+            fatal,
+            reporter,
             crash_before_mark: false,
         })
     }
@@ -291,9 +404,14 @@ impl Relay {
     }
 
     /// Encodes `row` and hands it to the producer without waiting for the acknowledgement: a
-    /// whole batch is in flight at once. `batch` is for the error message.
-    async fn send(&self, row: &Pending, batch: usize) -> Result<Sent, RelayError> {
-        let value = self.encoder.encode(&row.topic, &row.event).await?;
+    /// whole wave is in flight at once. `Err` is the row's fate when it never reached the
+    /// producer.
+    async fn send(&self, row: &Pending) -> Result<Sent, Fate> {
+        let value = match self.encoder.encode(&row.topic, &row.event).await {
+            Ok(value) => value,
+            Err(e) if e.transient => return Err(Fate::Failed(e.to_string())),
+            Err(e) => return Err(Fate::SetAside(e.to_string())),
+        };
         let event_id = row.event.event_id().to_string();
         let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
             .insert(Header {
@@ -331,79 +449,158 @@ impl Relay {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => {
-                    return Err(RelayError::Delivery {
-                        failed: 1,
-                        total: batch,
-                        first: e.to_string(),
+                    return Err(match e.rdkafka_error_code() {
+                        Some(code) if refused_for_good(code) => {
+                            Fate::SetAside(format!("Kafka refused the record: {e}"))
+                        }
+                        _ => Fate::Failed(e.to_string()),
                     });
                 }
             }
         }
     }
 
+    /// Hands `row` to the producer unless its stream stopped in this step; a row refused before
+    /// it reached the producer goes in `ledger`.
+    async fn offer(&self, row: Pending, ledger: &mut Ledger, wave: &mut Vec<(Pending, Sent)>) {
+        if ledger.stopped.contains(&row.stream()) {
+            return;
+        }
+        match self.send(&row).await {
+            Ok(sent) => wave.push((row, sent)),
+            Err(Fate::SetAside(reason)) => ledger.set_aside(row.id, row.stream(), reason),
+            Err(Fate::Failed(error)) => ledger.fail(row.stream(), error),
+            Err(Fate::Acknowledged) => {}
+        }
+    }
+
+    /// Waits for `wave`'s acknowledgements a slice at a time, marking each slice's acknowledged
+    /// rows as it comes in (marking overlaps with waiting for the rest), and notes the others in
+    /// `ledger`.
+    async fn settle_wave(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        mut wave: Vec<(Pending, Sent)>,
+        ledger: &mut Ledger,
+    ) -> Result<(), RelayError> {
+        while !wave.is_empty() {
+            let rest = wave.split_off(wave.len().min(MARK_SLICE));
+            let slice = std::mem::replace(&mut wave, rest);
+            let (rows, sent): (Vec<Pending>, Vec<Sent>) = slice.into_iter().unzip();
+            let fates = settle(sent, &rows).await;
+            if self.crash_before_mark {
+                return Err(RelayError::Crashed);
+            }
+            let mut acknowledged = Vec::with_capacity(rows.len());
+            for (row, fate) in rows.iter().zip(fates) {
+                match fate {
+                    Fate::Acknowledged => acknowledged.push(row.id),
+                    Fate::SetAside(reason) => ledger.set_aside(row.id, row.stream(), reason),
+                    Fate::Failed(error) => ledger.fail(row.stream(), error),
+                }
+            }
+            mark_published(tx, &acknowledged).await?;
+            ledger.published += acknowledged.len();
+        }
+        Ok(())
+    }
+
     /// Claim, produce, mark, in one transaction. The claimed rows are streamed from PostgreSQL
-    /// into the producer as they arrive, so reading the batch overlaps with sending it; the
-    /// rows are marked only after Kafka acknowledged all of them.
+    /// into the producer as they arrive (the first wave), so reading the batch overlaps with
+    /// sending it; a row whose topic and key already has a row in the wave waits for the next
+    /// (see "Order" in the module's docs). The acknowledged rows are marked and rows refused for
+    /// good set aside, in the claim's transaction; if others were not acknowledged, the step
+    /// commits that and then fails.
     pub async fn step(&self) -> Result<Step, RelayError> {
         let Some(mut tx) = self.begin_as_leader().await? else {
             return Ok(Step::NotLeader);
         };
-        let mut rows = Vec::new();
-        let mut sent = Vec::new();
-        let mut unpublishable = Vec::new();
+        let mut ledger = Ledger::default();
+        let mut wave = Vec::new();
+        let mut in_wave = HashSet::new();
+        let mut later = Vec::new();
+        let mut total = 0;
         {
             let mut stream = sqlx::query(CLAIM).bind(self.limit()).fetch(&mut *tx);
             while let Some(row) = stream.try_next().await? {
+                total += 1;
                 match parse(&row) {
-                    Ok(p) => {
-                        sent.push(self.send(&p, self.config.batch_size).await?);
-                        rows.push(p);
+                    Ok(p) if in_wave.insert(p.stream()) => {
+                        self.offer(p, &mut ledger, &mut wave).await;
                     }
-                    Err(bad) => unpublishable.push(bad),
+                    Ok(p) => later.push(p),
+                    // Set aside like any row refused for good: the rows of its topic and key
+                    // behind it wait for it.
+                    Err(reason) => {
+                        ledger.set_aside(
+                            row.get("id"),
+                            (row.get("topic"), row.get("message_key")),
+                            reason,
+                        );
+                    }
                 }
             }
         }
-        for (id, reason) in &unpublishable {
-            set_aside(&mut tx, *id, reason).await?;
-        }
-        if !rows.is_empty() {
+        if total > 0 {
             keel_core::metrics::metrics()
                 .relay_batch_size
-                .observe(rows.len() as f64);
+                .observe(total as f64);
         }
-        // Marked a slice at a time as the acknowledgements come in, so that marking overlaps
-        // with waiting for the rest; all in the claim's transaction, committed only when every
-        // row is acknowledged and marked.
-        let mut from = 0;
-        while from < rows.len() {
-            let to = (from + MARK_SLICE).min(rows.len());
-            let rest = sent.split_off(to - from);
-            let slice = std::mem::replace(&mut sent, rest);
-            settle(slice, &rows[from..to]).await?;
-            if self.crash_before_mark {
-                return Err(RelayError::Crashed);
+        loop {
+            self.settle_wave(&mut tx, std::mem::take(&mut wave), &mut ledger)
+                .await?;
+            let waiting = std::mem::take(&mut later);
+            if waiting.is_empty() {
+                break;
             }
-            mark_published(&mut tx, &rows[from..to]).await?;
-            from = to;
+            in_wave.clear();
+            for row in waiting {
+                if ledger.stopped.contains(&row.stream()) {
+                    continue; // an earlier row of its stream was not acknowledged
+                }
+                if in_wave.insert(row.stream()) {
+                    self.offer(row, &mut ledger, &mut wave).await;
+                } else {
+                    later.push(row);
+                }
+            }
+        }
+        for (id, topic, reason) in &ledger.set_aside {
+            set_aside(&mut tx, *id, topic, reason).await?;
         }
         tx.commit().await?;
-        Ok(Step::Published(rows.len()))
+        match ledger.first_failure {
+            None => Ok(Step::Published(ledger.published)),
+            Some(first) => Err(RelayError::Delivery {
+                failed: ledger.failed,
+                total,
+                published: ledger.published,
+                first,
+            }),
+        }
     }
 
     /// Relays until `shutdown`: drains while full batches come back, then waits for a NOTIFY or
     /// the polling interval. A failing step is retried with backoff. On shutdown the batch in
-    /// progress finishes (or rolls back) and the producer is flushed.
+    /// progress finishes (or rolls back) and the producer is flushed. A fatal producer error
+    /// ends it the same way, with that error ([`keel_core::fatal`]).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("keel_outbox").await?;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let stop = shutdown.child_token();
+        let fatal = self.fatal.token();
         let housekeeping = tokio::spawn(housekeeping(
             self.pool.clone(),
             self.config.retention,
-            shutdown.clone(),
+            stop.clone(),
         ));
         tracing::info!(batch_size = self.config.batch_size, "Relay started");
-        while !shutdown.is_cancelled() {
+        loop {
+            self.reporter.check(self.producer.client());
+            if shutdown.is_cancelled() || fatal.is_cancelled() {
+                break;
+            }
             keel_core::health::beat(HEALTH_LOOP);
             let idle = match self.step().await {
                 Ok(Step::Published(n)) => {
@@ -419,6 +616,7 @@ impl Relay {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, attempt = backoff.attempts(), "Relay step failed; will retry");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
+                        () = fatal.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
                     }
                     continue;
@@ -429,6 +627,7 @@ impl Relay {
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = fatal.cancelled() => break,
                 n = listener.recv() => match n {
                     // The notifications already received all ask for the same step: take them
                     // now, so that the commits of a burst cost one step, not one (mostly empty)
@@ -445,15 +644,18 @@ impl Relay {
                 () = tokio::time::sleep(self.config.poll_interval) => {}
             }
         }
-        // The loop ends only on `shutdown`, which ends the housekeeping too.
+        stop.cancel();
         if let Err(e) = housekeeping.await {
             tracing::warn!(error = %e, "Outbox housekeeping task failed");
         }
-        let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
+        // A producer that failed fatally delivers nothing more: flushing it would only wait.
+        if self.fatal.reason().is_none() {
+            let producer = self.producer.clone();
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await??;
+        }
         keel_core::health::done(HEALTH_LOOP);
         tracing::info!("Relay stopped");
-        Ok(())
+        self.fatal.check()
     }
 }
 
@@ -504,14 +706,15 @@ async fn delete_all_expired(pool: &PgPool, retention: Duration, done: &Cancellat
     }
 }
 
-/// Sets the outbox gauges: pending rows, the oldest pending row's age, rows set aside.
+/// Sets the outbox gauges: pending rows, the oldest pending row's age, rows set aside (and not
+/// discarded).
 async fn measure_backlog(pool: &PgPool) -> Result<(), sqlx::Error> {
     let (pending, oldest, failed): (i64, Option<f64>, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM outbox.events WHERE published_at IS NULL AND failed_at IS NULL),
                 -- The oldest is the lowest id: the pending index answers, no scan of the backlog.
                 (SELECT extract(epoch FROM now() - created_at)::float8 FROM outbox.events
                   WHERE published_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT 1),
-                (SELECT count(*) FROM outbox.events WHERE failed_at IS NOT NULL)",
+                (SELECT count(*) FROM outbox.events WHERE failed_at IS NOT NULL AND discarded_at IS NULL)",
     )
     .fetch_one(pool)
     .await?;
@@ -540,10 +743,10 @@ async fn delete_expired(pool: &PgPool, retention: Duration) -> Result<u64, sqlx:
 pub mod testing {
     use super::Relay;
 
-    /// Every step of `relay` hands all its rows to the producer and waits for the first slice's
-    /// acknowledgements (all of them, for a batch of up to 500 rows), then fails with
-    /// [`super::RelayError::Crashed`] before marking any: the rows stay pending and are
-    /// published again, as after a crash between produce and mark.
+    /// Every step of `relay` hands its first wave (each key's first row) to the producer and
+    /// waits for the first slice's acknowledgements (all of them, for up to 500 rows), then
+    /// fails with [`super::RelayError::Crashed`] before marking any: the rows stay pending and
+    /// are published again, as after a crash between produce and mark.
     pub fn crash_before_mark(mut relay: Relay) -> Relay {
         relay.crash_before_mark = true;
         relay

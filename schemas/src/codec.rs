@@ -200,14 +200,13 @@ impl Encoder {
             .map_err(|e| self.failed(event.name(), topic, &e))
     }
 
-    /// The error of a registry call. The crate caches errors it deems final, a 401 among them;
-    /// one keel retries must not stay cached, or fixed credentials would never be tried.
+    /// The error of a registry call. The crate caches errors it deems final, a 401 or a refused
+    /// schema among them; none may stay cached: keel retries a transient one, and an operator
+    /// retries a row set aside for a permanent one once its cause is fixed (fixed credentials, a
+    /// compatibility level relaxed), which must ask the registry again.
     fn failed(&self, record: &'static str, topic: &str, e: &SRCError) -> EncodeError {
-        let error = EncodeError::new(record, topic, e);
-        if error.transient {
-            self.inner.remove_errors_from_cache();
-        }
-        error
+        self.inner.remove_errors_from_cache();
+        EncodeError::new(record, topic, e)
     }
 }
 
