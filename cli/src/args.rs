@@ -165,8 +165,31 @@ pub enum AnalyticsCommand {
 
 #[derive(Subcommand)]
 pub enum OutboxCommand {
-    /// Pending rows, the oldest pending row's age, the publish rate.
+    /// Pending rows, the oldest pending row's age, the publish rate, and the rows set aside
+    /// (with why) and the rows they hold back.
     Status {
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// Put rows set aside back in line once their cause is fixed (the topic created, the write
+    /// allowed, the schema accepted): the relay publishes them in id order, before the rows of
+    /// their topic and key they held back.
+    Retry {
+        /// A set-aside row's id (`keel outbox status` lists them); repeatable.
+        #[arg(long = "id", conflicts_with = "all", required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Every row set aside.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        output: ops::Output,
+    },
+    /// Give up on rows set aside: they are never published (the audit reports them), and the
+    /// rows of their topic and key they held back go on without them.
+    Discard {
+        /// A set-aside row's id; repeatable.
+        #[arg(long = "id", required = true)]
+        ids: Vec<i64>,
         #[arg(long, value_enum, default_value = "table")]
         output: ops::Output,
     },

@@ -68,6 +68,12 @@ pub async fn run(command: Command, s: &Settings) -> Result<(), Failure> {
             output,
         }) => rebuild::rebuild(s, &from, std::time::Duration::from_secs(timeout), output).await?,
         Command::Outbox(OutboxCommand::Status { output }) => ops::outbox_status(s, output).await?,
+        Command::Outbox(OutboxCommand::Retry { ids, all, output }) => {
+            ops::outbox_retry(s, &ids, all, output).await?
+        }
+        Command::Outbox(OutboxCommand::Discard { ids, output }) => {
+            ops::outbox_discard(s, &ids, output).await?
+        }
         Command::Schema(SchemaCommand::Check { dir }) => schema_check(&dir)?,
         Command::Schema(SchemaCommand::Publish { dir }) => schema_publish(&dir)?,
         Command::Schema(SchemaCommand::Register { dir }) => schema_register(s, &dir).await?,

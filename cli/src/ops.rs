@@ -300,29 +300,58 @@ pub async fn replay(
     Ok(print(&moves, true)?)
 }
 
+/// A row set aside, as `keel outbox status` lists it.
+#[derive(serde::Serialize, sqlx::FromRow)]
+struct SetAside {
+    id: i64,
+    topic: String,
+    key: String,
+    event_type: String,
+    failed_at: String,
+    error: String,
+    /// Pending rows of its topic and key behind it, waiting for it.
+    holding: i64,
+}
+
+/// Set-aside rows shown in the table (all of them with `--output json`).
+const SET_ASIDE_SHOWN: usize = 20;
+
 /// `keel outbox status`.
 pub async fn outbox_status(s: &Settings, output: Output) -> anyhow::Result<()> {
     let pool = keel_core::db::pool(&s.database_url, 1)
         .await
         .context("KEEL_DATABASE_URL")?;
-    let (pending, failed, oldest_secs, published_last_minute): (i64, i64, Option<f64>, i64) =
+    let (pending, oldest_secs, published_last_minute): (i64, Option<f64>, i64) =
         sqlx::query_as(
             "SELECT count(*) FILTER (WHERE published_at IS NULL AND failed_at IS NULL),
-                    count(*) FILTER (WHERE failed_at IS NOT NULL),
                     extract(epoch FROM now() - min(created_at) FILTER (WHERE published_at IS NULL AND failed_at IS NULL))::float8,
                     count(*) FILTER (WHERE published_at > now() - interval '1 minute')
                FROM outbox.events",
         )
         .fetch_one(&pool)
         .await?;
+    let set_aside: Vec<SetAside> = sqlx::query_as(
+        "SELECT f.id, f.topic, f.message_key AS key, f.event_type,
+                to_char(f.failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS failed_at,
+                coalesce(f.error, '') AS error,
+                (SELECT count(*) FROM outbox.events p
+                  WHERE p.published_at IS NULL AND p.failed_at IS NULL
+                    AND p.topic = f.topic AND p.message_key = f.message_key AND p.id > f.id) AS holding
+           FROM outbox.events f
+          WHERE f.failed_at IS NOT NULL AND f.discarded_at IS NULL
+          ORDER BY f.id",
+    )
+    .fetch_all(&pool)
+    .await?;
     let rate = published_last_minute as f64 / 60.0;
     match output {
         Output::Json => println!(
             "{}",
             serde_json::json!({
-                "pending": pending, "failed": failed,
+                "pending": pending, "failed": set_aside.len(),
                 "oldest_pending_age_secs": oldest_secs,
                 "published_per_sec_last_minute": rate,
+                "set_aside": set_aside,
             })
         ),
         Output::Table => {
@@ -338,13 +367,151 @@ pub async fn outbox_status(s: &Settings, output: Output) -> anyhow::Result<()> {
                     ],
                     &[vec![
                         pending.to_string(),
-                        failed.to_string(),
+                        set_aside.len().to_string(),
                         age,
                         format!("{rate:.1}")
                     ]]
                 )
             );
+            if !set_aside.is_empty() {
+                println!("\nSet aside (fix the cause, then `keel outbox retry --all`):");
+                let rows: Vec<Vec<String>> = set_aside
+                    .iter()
+                    .take(SET_ASIDE_SHOWN)
+                    .map(|r| {
+                        vec![
+                            r.id.to_string(),
+                            r.topic.clone(),
+                            r.key.clone(),
+                            r.event_type.clone(),
+                            r.failed_at.clone(),
+                            r.holding.to_string(),
+                            r.error.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "ID",
+                            "TOPIC",
+                            "KEY",
+                            "EVENT",
+                            "SET ASIDE AT",
+                            "HOLDING",
+                            "WHY"
+                        ],
+                        &rows
+                    )
+                );
+                if set_aside.len() > SET_ASIDE_SHOWN {
+                    println!(
+                        "... and {} more (--output json lists all)",
+                        set_aside.len() - SET_ASIDE_SHOWN
+                    );
+                }
+            }
         }
     }
+    Ok(())
+}
+
+/// Prints what `keel outbox retry` or `discard` did to which rows.
+fn print_changed(what: &str, ids: &[i64], output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ what: ids })),
+        Output::Table => println!(
+            "{what} {} row(s){}",
+            ids.len(),
+            if ids.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": {}",
+                    ids.iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        ),
+    }
+}
+
+/// `keel outbox retry`: the rows set aside (those of `ids`, or all) back in line, and the relay
+/// woken.
+pub async fn outbox_retry(
+    s: &Settings,
+    ids: &[i64],
+    all: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let pool = keel_core::db::pool(&s.database_url, 1)
+        .await
+        .context("KEEL_DATABASE_URL")?;
+    let mut tx = pool.begin().await?;
+    let retried: Vec<i64> = sqlx::query_scalar(
+        "UPDATE outbox.events SET failed_at = NULL
+          WHERE failed_at IS NOT NULL AND discarded_at IS NULL AND published_at IS NULL
+            AND ($1 OR id = ANY($2))
+          RETURNING id",
+    )
+    .bind(all)
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify('keel_outbox', '')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let mut retried = retried;
+    retried.sort_unstable();
+    let unknown: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|i| !retried.contains(i))
+        .collect();
+    print_changed("retried", &retried, output);
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "not set aside (or discarded): {unknown:?}; `keel outbox status` lists the rows set aside"
+    );
+    Ok(())
+}
+
+/// `keel outbox discard`: the rows set aside of `ids` given up on.
+pub async fn outbox_discard(s: &Settings, ids: &[i64], output: Output) -> anyhow::Result<()> {
+    let pool = keel_core::db::pool(&s.database_url, 1)
+        .await
+        .context("KEEL_DATABASE_URL")?;
+    let mut discarded: Vec<i64> = sqlx::query_scalar(
+        "UPDATE outbox.events SET discarded_at = now()
+          WHERE failed_at IS NOT NULL AND discarded_at IS NULL AND id = ANY($1)
+          RETURNING id",
+    )
+    .bind(ids)
+    .fetch_all(&pool)
+    .await?;
+    sqlx::query("SELECT pg_notify('keel_outbox', '')")
+        .execute(&pool)
+        .await?;
+    discarded.sort_unstable();
+    for id in &discarded {
+        tracing::warn!(
+            outbox_id = id,
+            "Outbox row discarded: it will never be published"
+        );
+    }
+    let unknown: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|i| !discarded.contains(i))
+        .collect();
+    print_changed("discarded", &discarded, output);
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "not set aside (or already discarded): {unknown:?}"
+    );
     Ok(())
 }

@@ -655,3 +655,91 @@ async fn topics_are_created_from_the_declared_file_and_drift_is_reported() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_status_lists_rows_set_aside_and_retry_or_discard_puts_them_back_or_gives_them_up() {
+    let stack = Stack::start().await;
+    let lines = json!([{"sku": "SKU-1", "quantity": 1, "unit_price_minor": 100}]);
+    let held = stack.post("/orders", order(lines.clone())).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    stack.post(&format!("/orders/{held}/pay"), json!({})).await;
+    stack.post("/orders", order(lines)).await;
+    // What the relay does with a row Kafka refuses for good (outbox/tests/faults.rs): set aside.
+    let id: i64 = sqlx::query_scalar(
+        "UPDATE outbox.events SET failed_at = now(), error = 'Kafka refused the record: too large'
+          WHERE message_key = $1 AND event_type = 'keel.orders.OrderCreated' RETURNING id",
+    )
+    .bind(&held)
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+
+    let status = json_of(&keel_run(&stack, &["outbox", "status", "--output", "json"]));
+    assert_eq!(status["failed"], 1, "{status}");
+    assert_eq!(status["pending"], 2, "{status}");
+    let row = &status["set_aside"][0];
+    assert_eq!(row["id"], id);
+    assert_eq!(row["key"], held.as_str());
+    assert_eq!(row["event_type"], "keel.orders.OrderCreated");
+    assert_eq!(row["error"], "Kafka refused the record: too large");
+    assert_eq!(row["holding"], 1, "its order's payment waits for it: {row}");
+    let table = keel_run(&stack, &["outbox", "status"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("keel outbox retry") && text.contains("too large"),
+        "{text}"
+    );
+
+    let retried = json_of(&keel_run(
+        &stack,
+        &[
+            "outbox",
+            "retry",
+            "--id",
+            &id.to_string(),
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(retried, json!({"retried": [id]}));
+    let status = json_of(&keel_run(&stack, &["outbox", "status", "--output", "json"]));
+    assert_eq!(
+        (status["failed"].clone(), status["pending"].clone()),
+        (json!(0), json!(3))
+    );
+
+    sqlx::query("UPDATE outbox.events SET failed_at = now(), error = 'again' WHERE id = $1")
+        .bind(id)
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    let discarded = json_of(&keel_run(
+        &stack,
+        &[
+            "outbox",
+            "discard",
+            "--id",
+            &id.to_string(),
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(discarded, json!({"discarded": [id]}));
+    let status = json_of(&keel_run(&stack, &["outbox", "status", "--output", "json"]));
+    assert_eq!(
+        status["failed"], 0,
+        "a discarded row no longer counts: {status}"
+    );
+
+    let unknown = keel_run(&stack, &["outbox", "retry", "--id", &id.to_string()]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("not set aside"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let nothing = keel_run(&stack, &["outbox", "retry"]);
+    assert_eq!(nothing.status.code(), Some(2), "--id or --all is required");
+}
