@@ -336,3 +336,124 @@ async fn a_refused_offset_commit_is_counted_and_logged_and_the_offsets_are_sent_
 
     running.stop().await;
 }
+
+/// The sample `name` with `label` on this process's `/metrics` (0 when absent).
+fn sample(name: &str, label: &str) -> f64 {
+    keel_core::testkit::metric_sum(&keel_core::metrics::render(), name, label)
+}
+
+// librdkafka throws a member out of its group when the application does not poll for
+// max.poll.interval.ms (7 s here, 5 min by default); a record waiting out an outage longer than
+// that must not make it. The registry is the dependency that is away: the record cannot be
+// decoded until it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_waiting_out_a_long_outage_keeps_its_member_in_the_group_and_lag_is_reported() {
+    let topic = unique("waiting");
+    let group = unique("patient");
+    let subscription = Subscription::new(&group, vec![topic.clone()]);
+    let cluster = cluster(&[topic.as_str(), &dlq_topic(&topic, &group)]);
+    let brokers = cluster.bootstrap_servers();
+    let db = TestDb::new().await;
+    keel_consumers::migrate(&db.url, None)
+        .await
+        .expect("migrate");
+    let registry_stop = CancellationToken::new();
+    let (registry, task) = keel_schemas::registry::spawn(
+        &db.url,
+        "127.0.0.1:0".parse().unwrap(),
+        registry_stop.clone(),
+    )
+    .await
+    .unwrap();
+    let registry_url = format!("http://{registry}");
+    let event = Event::OrderPaid(keel_schemas::events::OrderPaid {
+        event_id: uuid::Uuid::new_v4(),
+        occurred_at: 1_764_000_000_500,
+        order_id: uuid::Uuid::new_v4(),
+        order_version: 2,
+        customer_id: "c-1".into(),
+        currency: "EUR".into(),
+        amount_minor: 100,
+        payment_reference: "pay-1".into(),
+    });
+    let value = keel_schemas::Encoder::new(&registry_url)
+        .unwrap()
+        .encode(&topic, &event)
+        .await
+        .expect("encoded");
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    producer
+        .send(BaseRecord::to(&topic).partition(0).key("k").payload(&value))
+        .expect("enqueued");
+    producer.flush(Duration::from_secs(30)).expect("flushed");
+    // The registry goes away before the group first asks it for the schema.
+    registry_stop.cancel();
+    task.await.unwrap().unwrap();
+
+    let mut s = Settings::local();
+    s.kafka = Kafka::new(&brokers);
+    for (property, value) in [
+        ("max.poll.interval.ms", "7000"),
+        ("statistics.interval.ms", "1000"),
+    ] {
+        s.kafka.properties.insert(property.into(), value.into());
+    }
+    s.broker_quirks = BrokerQuirks::None;
+    s.database_url = db.url.clone();
+    s.schema_registry_url = registry_url.clone();
+    s.consumer.session_timeout = Duration::from_secs(6);
+    s.consumer.max_retry_backoff = Duration::from_secs(1);
+    let consumer = Consumer::new(subscription, Accept, db.pool().await, &s).expect("consumer");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+    let label = format!("group=\"{group}\"");
+    eventually(
+        "the group to retry the record",
+        Duration::from_secs(60),
+        || async { (sample("keel_consumer_retries_total", &label) > 0.0).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the lag to be reported from librdkafka's statistics",
+        Duration::from_secs(30),
+        || async { (sample("keel_consumer_lag_records", &label) == 1.0).then_some(()) },
+    )
+    .await;
+    // The outage lasts two poll intervals: the fault's length, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+
+    let back_stop = CancellationToken::new();
+    let (_, back) = keel_schemas::registry::spawn(&db.url, registry, back_stop.clone())
+        .await
+        .expect("the registry is back on its address");
+    eventually(
+        "the record to be applied",
+        Duration::from_secs(60),
+        || async {
+            let applied = format!("{label},outcome=\"applied\"");
+            (sample("keel_consumer_records_total", &applied) == 1.0).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "the lag to drop to zero once committed",
+        Duration::from_secs(30),
+        || async { (sample("keel_consumer_lag_records", &label) == 0.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        sample("keel_consumer_partitions_revoked_total", &label),
+        0.0,
+        "the member never left its group"
+    );
+    stop.cancel();
+    running
+        .await
+        .expect("joined")
+        .expect("the consumer stops cleanly");
+    back_stop.cancel();
+    let _ = back.await;
+}

@@ -168,8 +168,14 @@ metrics! {
     consumer_end_to_end: Histograms<GroupLabels> = Family::new_with_constructor(seconds),
         name: "keel_consumer_end_to_end", unit: Seconds,
         help: "From the event's occurred_at to the group's commit";
-    /// `keel_consumer_lag_records{group, topic, partition}`: records between the group's committed
-    /// offset and the partition's end, measured every ten seconds.
+    /// `keel_consumer_partitions_revoked_total{group}`: partitions this instance gave up in a
+    /// rebalance (another instance joined or left, or this one was thrown out of the group).
+    consumer_revoked: Family<GroupLabels, Counter> = Family::default(),
+        name: "keel_consumer_partitions_revoked",
+        help: "Partitions this instance of the group gave up in rebalances";
+    /// `keel_consumer_lag_records{group, topic, partition}`: for each partition this instance
+    /// owns, records between the group's committed offset and the partition's end, from
+    /// librdkafka's statistics every ten seconds.
     consumer_lag: Family<PartitionLabels, Gauge> = Family::default(),
         name: "keel_consumer_lag_records",
         help: "Records between the group's committed offset and the partition's end";
@@ -290,6 +296,7 @@ mod tests {
         m.consumer_batch.get_or_create(&group()).observe(5.0);
         m.consumer_assigned.get_or_create(&group()).set(3);
         m.consumer_end_to_end.get_or_create(&group()).observe(0.5);
+        m.consumer_revoked.get_or_create(&group()).inc_by(2);
         m.consumer_lag
             .get_or_create(&PartitionLabels {
                 group: "inventory".into(),
@@ -477,6 +484,9 @@ keel_consumer_end_to_end_seconds_bucket{le="16.384",group="inventory"} 1
 keel_consumer_end_to_end_seconds_bucket{le="32.768",group="inventory"} 1
 keel_consumer_end_to_end_seconds_bucket{le="65.536",group="inventory"} 1
 keel_consumer_end_to_end_seconds_bucket{le="+Inf",group="inventory"} 1
+# HELP keel_consumer_partitions_revoked Partitions this instance of the group gave up in rebalances.
+# TYPE keel_consumer_partitions_revoked counter
+keel_consumer_partitions_revoked_total{group="inventory"} 2
 # HELP keel_consumer_lag_records Records between the group's committed offset and the partition's end.
 # TYPE keel_consumer_lag_records gauge
 keel_consumer_lag_records{group="inventory",topic="orders",partition="0"} 7

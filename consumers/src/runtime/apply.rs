@@ -155,9 +155,18 @@ impl<H: Handler> Consumer<H> {
                 attempt = attempts, class = error.class(), retry_in_ms = delay.as_millis() as u64, error = %error,
                 "Cannot apply the record yet; retrying"
             );
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                () = tokio::time::sleep(delay) => {}
+            // Waiting in the group: an outage longer than max.poll.interval.ms must not throw
+            // this instance out of it (`in_group_while`, in source.rs).
+            let waited = self
+                .in_group_while(async {
+                    tokio::select! {
+                        () = shutdown.cancelled() => false,
+                        () = tokio::time::sleep(delay) => true,
+                    }
+                })
+                .await;
+            if !waited {
+                return None;
             }
         }
     }

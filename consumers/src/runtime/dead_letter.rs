@@ -75,10 +75,16 @@ impl<H: Handler> Consumer<H> {
         let waiting = Waiting::new(self.group());
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
         loop {
-            let written = tokio::select! {
-                () = shutdown.cancelled() => return false,
-                written = self.alive_while(self.dead_letter(message, error, attempts)) => written,
-            };
+            // In the group while the write waits (up to message.timeout.ms) and between tries.
+            let written = self
+                .in_group_while(async {
+                    tokio::select! {
+                        () = shutdown.cancelled() => None,
+                        written = self.alive_while(self.dead_letter(message, error, attempts)) => Some(written),
+                    }
+                })
+                .await;
+            let Some(written) = written else { return false };
             let Err(e) = written else { break };
             let delay = backoff.next_delay();
             tracing::warn!(
@@ -87,9 +93,16 @@ impl<H: Handler> Consumer<H> {
                 "Cannot write to the dead-letter topic; the partition waits"
             );
             keel_core::health::beat(&self.health_loop);
-            tokio::select! {
-                () = shutdown.cancelled() => return false,
-                () = tokio::time::sleep(delay) => {}
+            let waited = self
+                .in_group_while(async {
+                    tokio::select! {
+                        () = shutdown.cancelled() => false,
+                        () = tokio::time::sleep(delay) => true,
+                    }
+                })
+                .await;
+            if !waited {
+                return false;
             }
         }
         drop(waiting);

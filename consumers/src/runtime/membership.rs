@@ -1,5 +1,5 @@
-//! Membership and lag watching: the partitions this instance owns (a gauge, and a warning when
-//! it owns none for long), and the group's lag per partition.
+//! Membership watching: the partitions this instance owns (a gauge, and a warning when it owns
+//! none for long). The lag comes from librdkafka's statistics ([`super::context`]).
 //!
 //! # Rebalances
 //! On a rebalance librdkafka commits the offsets stored so far for the revoked partitions. A record
@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
-use tokio_util::sync::CancellationToken;
 
 use super::Consumer;
 use super::handler::Handler;
@@ -63,49 +62,6 @@ impl<H: Handler> Consumer<H> {
                 unassigned_secs = quiet_for.as_secs(),
                 "No partitions assigned: more instances than partitions, or the group's rebalance does not complete (docs/operations.md)"
             );
-        }
-    }
-}
-
-/// Every ten seconds until `shutdown`: the group's lag per partition, from its committed offsets
-/// and the partitions' end offsets (as lag exporters measure it).
-pub(super) async fn measure_lag(
-    kafka: keel_core::kafka::Kafka,
-    group: String,
-    topics: Vec<String>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (k, g, t) = (kafka.clone(), group.clone(), topics.clone());
-        let measuring = tokio::task::spawn_blocking(move || {
-            let t: Vec<&str> = t.iter().map(String::as_str).collect();
-            keel_core::kafka::group_offsets(&k, &g, &t)
-        });
-        // A measurement can take its admin timeout (10 s) while the broker is away: shutdown
-        // does not wait for it (the blocking call ends on its own, its answer unused).
-        let states = tokio::select! {
-            () = shutdown.cancelled() => return,
-            states = measuring => states,
-        };
-        match states {
-            Ok(Ok(states)) => {
-                for p in states {
-                    keel_core::metrics::metrics()
-                        .consumer_lag
-                        .get_or_create(&keel_core::metrics::PartitionLabels {
-                            group: group.clone(),
-                            topic: p.topic.clone(),
-                            partition: p.partition,
-                        })
-                        .set(p.lag());
-                }
-            }
-            Ok(Err(e)) => tracing::debug!(group, error = %e, "Cannot measure lag"),
-            Err(_) => {}
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(10)) => {}
         }
     }
 }

@@ -13,9 +13,10 @@
 //! - [`source`]: fetching (the next record, the records already fetched) and storing offsets,
 //!   which librdkafka's auto-commit then commits (`keel_core::kafka::consumer_config`).
 //! - [`apply`]: a batch at once, else record by record with the retry classes.
-//! - [`context`]: what librdkafka reports from its threads: rebalances, commit results.
+//! - [`context`]: what librdkafka reports from its threads: rebalances, commit results, fatal
+//!   errors, the statistics the lag is read from.
 //! - [`dead_letter`]: the dead-letter writer and its headers.
-//! - [`membership`]: owned partitions and lag.
+//! - [`membership`]: owned partitions.
 //! - [`quirks`]: the local broker's wrong answers, worked around only with
 //!   `KEEL_BROKER_QUIRKS=tansu`.
 //! - [`spans`]: each record's consumer span and the trace context handlers pass on.
@@ -47,7 +48,7 @@ use keel_schemas::Decoder;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer as _};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +57,7 @@ pub use handler::{DEFAULT_BATCH_SIZE, Handler, HandlerError, Meta};
 pub use transaction::{Outcome, transact};
 
 use context::Context;
-use membership::{MembershipWatch, measure_lag};
+use membership::MembershipWatch;
 
 /// Which group a consumer is and what it reads: a [`crate::Group`]'s, or a test's own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,11 +99,11 @@ pub struct Consumer<H: Handler> {
     consumer: Arc<StreamConsumer<Context>>,
     /// The broker's wrong answers worked around ([`quirks`]); none against Apache Kafka.
     broker_quirks: keel_core::settings::BrokerQuirks,
-    producer: FutureProducer,
+    producer: FutureProducer<keel_core::kafka::Reporter>,
     decoder: Decoder,
     /// The runtime's settings (`KEEL_CONSUMER_*`).
     config: ConsumerSettings,
-    /// Where dead-letter topics are created and lag is measured.
+    /// Where the dead-letter topics are looked for.
     kafka: keel_core::kafka::Kafka,
     /// Most records in one transaction: the setting's, else the handler's.
     batch_size: usize,
@@ -111,6 +112,10 @@ pub struct Consumer<H: Handler> {
     /// This loop's name for liveness: `consumer:<group>`.
     health_loop: String,
     membership: Mutex<MembershipWatch>,
+    /// Where the consumer's and the producer's fatal errors are raised: the process's.
+    fatal: keel_core::fatal::Fatal,
+    /// The dead-letter producer's reporter ([`Consumer::check_fatal`]).
+    producer_reporter: keel_core::kafka::Reporter,
 }
 
 impl<H: Handler> Consumer<H> {
@@ -139,11 +144,19 @@ impl<H: Handler> Consumer<H> {
             // Unique per group: one process may run several groups under one instance name.
             client.set("group.instance.id", format!("{group}-{id}"));
         }
+        // The lag gauge comes from librdkafka's statistics ([`context`]), unless the operator
+        // set their own interval.
+        if !s.kafka.properties.contains_key("statistics.interval.ms") {
+            client.set("statistics.interval.ms", "10000");
+        }
+        let fatal = keel_core::fatal::Fatal::process();
         let consumer: StreamConsumer<Context> = client
-            .create_with_context(Context::new(group))
+            .create_with_context(Context::new(group, fatal.clone()))
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create consumer: {e}"))?;
-        let producer: FutureProducer = keel_core::kafka::producer_config(&s.kafka)
-            .create()
+        let producer_reporter =
+            keel_core::kafka::Reporter::new(format!("dead-letter producer {group}"), fatal.clone());
+        let producer = keel_core::kafka::producer_config(&s.kafka)
+            .create_with_context(producer_reporter.clone())
             .map_err(|e| anyhow::anyhow!("KEEL_KAFKA_BROKERS: cannot create producer: {e}"))?;
         let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -163,6 +176,8 @@ impl<H: Handler> Consumer<H> {
             batch_size,
             dlq_ready: Mutex::default(),
             membership: Mutex::default(),
+            fatal,
+            producer_reporter,
         })
     }
 
@@ -183,6 +198,16 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
+    /// Raises the consumer's or the dead-letter producer's fatal error, if librdkafka has one:
+    /// every round of the loop and every second while idle ([`keel_core::fatal`]).
+    fn check_fatal(&self) {
+        self.consumer
+            .context()
+            .reporter
+            .check(self.consumer.client());
+        self.producer_reporter.check(self.producer.client());
+    }
+
     /// The group id.
     fn group(&self) -> &str {
         &self.subscription.group
@@ -191,7 +216,9 @@ impl<H: Handler> Consumer<H> {
     /// Consumes until `shutdown`, then commits what is done: take the records already fetched
     /// (`next_batch`, in `source.rs`), decode and apply them (dedupe rows and effects
     /// in one transaction: `apply_decoded`, in `apply.rs`), store their offsets
-    /// (`finish`), repeat. librdkafka commits the stored offsets every second.
+    /// (`finish`), repeat. librdkafka commits the stored offsets every second. A fatal client
+    /// error stops it as `shutdown` does, and it then returns that error
+    /// ([`keel_core::fatal`]).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let group = self.group().to_owned();
         tracing::info!(group, topics = ?self.subscription.topics, batch_size = self.batch_size, "Consumer started");
@@ -199,13 +226,18 @@ impl<H: Handler> Consumer<H> {
         // The tasks beside the loop. They stop when the loop does (whatever ended it), and `run`
         // returns only once they have: nothing of the consumer outlives it.
         let beside = tokio_util::task::TaskTracker::new();
-        let loop_ended = shutdown.child_token();
-        beside.spawn(measure_lag(
-            self.kafka.clone(),
-            group.clone(),
-            self.subscription.topics.clone(),
-            loop_ended.clone(),
-        ));
+        let loop_ended = CancellationToken::new();
+        let shutdown = {
+            let stop = shutdown.child_token();
+            let (stop_on, fatal, ended) = (stop.clone(), self.fatal.token(), loop_ended.clone());
+            beside.spawn(async move {
+                tokio::select! {
+                    () = fatal.cancelled() => stop_on.cancel(),
+                    () = ended.cancelled() => {}
+                }
+            });
+            stop
+        };
         // The next batch when it was taken while the last one was applied.
         let mut ready = None;
         loop {
@@ -223,6 +255,7 @@ impl<H: Handler> Consumer<H> {
             }
             // Catching up, the loop goes from batch to batch without waiting in `next`.
             keel_core::health::beat(&self.health_loop);
+            self.check_fatal();
             self.watch_membership();
             let started = std::time::Instant::now();
             // While this batch's transaction waits on PostgreSQL (and Redis), the records
@@ -252,7 +285,7 @@ impl<H: Handler> Consumer<H> {
         beside.close();
         beside.wait().await;
         tracing::info!(group, "Consumer stopped");
-        Ok(())
+        self.fatal.check()
     }
 
     /// The records of `batch` that are done (the first `outcomes.len()`, in order): their

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rdkafka::Message as _;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,7 @@ impl<H: Handler> Consumer<H> {
             // Waiting for records is progress: beat at least every second while idle.
             keel_core::health::beat(&self.health_loop);
             self.watch_membership();
+            self.check_fatal();
             let error = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return None,
@@ -94,6 +96,56 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
+    }
+
+    /// Awaits `work` (the wait before a retry, a dead-letter write) while this member stays in
+    /// its group. librdkafka throws out a member that does not poll for `max.poll.interval.ms`
+    /// (5 min), and every partition of the group then moves; an outage longer than that would
+    /// do it. So while `work` runs the instance's partitions are paused (nothing more is
+    /// fetched) and the consumer is polled, which then only serves librdkafka's events
+    /// (heartbeats are librdkafka's own; rebalances and errors are served here). What was
+    /// fetched but not taken is fetched again after the pause, from the position after the
+    /// last record taken; the records taken (the one waiting, the next batch) are kept. A
+    /// record of a partition assigned meanwhile is put back: its partition is rewound to it and
+    /// paused too. Everything paused is resumed when `work` is done.
+    pub(super) async fn in_group_while<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let mut paused = self.consumer.assignment().unwrap_or_default();
+        if let Err(e) = self.consumer.pause(&paused) {
+            tracing::debug!(group = self.group(), error = %e, "Cannot pause the partitions");
+        }
+        tokio::pin!(work);
+        let done = loop {
+            tokio::select! {
+                biased;
+                done = &mut work => break done,
+                polled = self.consumer.recv() => match polled {
+                    Ok(m) => {
+                        let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
+                        drop(m);
+                        let mut more = rdkafka::TopicPartitionList::new();
+                        more.add_partition(&topic, partition);
+                        let rewound = self
+                            .consumer
+                            .seek(&topic, partition, rdkafka::Offset::Offset(offset), Duration::from_secs(5))
+                            .and_then(|()| self.consumer.pause(&more));
+                        match rewound {
+                            Ok(()) => {
+                                let _ = paused.add_partition(&topic, partition);
+                            }
+                            Err(e) => tracing::warn!(
+                                group = self.group(), topic, partition, offset, error = %e,
+                                "Cannot put back a record taken while waiting; it is redelivered after a rebalance"
+                            ),
+                        }
+                    }
+                    Err(e) => tracing::warn!(group = self.group(), error = %e, "Kafka consumer error"),
+                },
+            }
+        };
+        if let Err(e) = self.consumer.resume(&paused) {
+            tracing::debug!(group = self.group(), error = %e, "Cannot resume the partitions");
+        }
+        done
     }
 
     /// Marks the record done: its offset will be committed. Fails after the record's partition
