@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 
 mod abuse;
 mod load;
+mod mock;
 mod stack;
 
 use stack::{GROUPS, Parts, Stack, workers};
@@ -45,6 +46,19 @@ enum Scenario {
     RegistryOutage,
     HttpAbuse,
     BrokerRestart,
+    BrokerDown,
+    LeaderMove,
+}
+
+/// The broker every scenario runs on.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Broker {
+    /// A tansu of the scenario's own (the local default), with its wrong answers worked around
+    /// (`KEEL_BROKER_QUIRKS=tansu`).
+    Tansu,
+    /// librdkafka's three-broker mock cluster, made in this process: Apache Kafka's answers,
+    /// brokers that go down and leaders that move ([`mock`]).
+    Mock,
 }
 
 impl Scenario {
@@ -62,6 +76,18 @@ impl Scenario {
             Scenario::RegistryOutage => "registry-outage",
             Scenario::HttpAbuse => "http-abuse",
             Scenario::BrokerRestart => "broker-restart",
+            Scenario::BrokerDown => "broker-down",
+            Scenario::LeaderMove => "leader-move",
+        }
+    }
+
+    /// Whether the scenario's fault exists on `broker`: a restart of tansu on SQLite; a broker of
+    /// three going down, or leaders moving, on the mock cluster.
+    fn runs_on(self, broker: Broker) -> bool {
+        match self {
+            Scenario::BrokerRestart => broker == Broker::Tansu,
+            Scenario::BrokerDown | Scenario::LeaderMove => broker == Broker::Mock,
+            _ => true,
         }
     }
 
@@ -95,6 +121,9 @@ struct Args {
     /// CI's short form: one round of 5 s per scenario.
     #[arg(long)]
     quick: bool,
+    /// The broker: tansu (one per scenario) or librdkafka's three-broker mock cluster.
+    #[arg(long, value_enum, default_value = "tansu")]
+    broker: Broker,
 }
 
 fn var(key: &str) -> anyhow::Result<String> {
@@ -211,9 +240,18 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
     } else {
         Storage::Memory
     };
-    let (p, broker) = start_tansu(parts, &format!("tansu-{name}"), storage).await?;
-    let mut tansu = Some(p);
-    let mut stack = Stack::start(parts, name, &broker).await?;
+    let (mut tansu, mock, broker) = match args.broker {
+        Broker::Tansu => {
+            let (p, broker) = start_tansu(parts, &format!("tansu-{name}"), storage).await?;
+            (Some(p), None, broker)
+        }
+        Broker::Mock => {
+            let mock = mock::Mock::start()?;
+            let broker = mock.bootstrap.clone();
+            (None, Some(mock), broker)
+        }
+    };
+    let mut stack = Stack::start(parts, name, &broker, mock.as_ref()).await?;
     if scenario == Scenario::TwoOfEach {
         stack.spawn("relay-2")?;
         for g in GROUPS.iter() {
@@ -304,6 +342,34 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
                 ));
                 problems.extend(abuse.failures);
             }
+            Scenario::BrokerDown => {
+                let mock = mock
+                    .as_ref()
+                    .context("broker-down runs on the mock cluster")?;
+                tokio::time::sleep(moment(0.5, period / 3.0)).await;
+                let id = rand::rng().random_range(1..=mock::BROKERS);
+                mock.down(id)?;
+                tokio::time::sleep(Duration::from_secs(args.outage)).await;
+                mock.up(id)?;
+                notes.push(format!("broker {id} was down for {} s", args.outage));
+            }
+            Scenario::LeaderMove => {
+                let mock = mock
+                    .as_ref()
+                    .context("leader-move runs on the mock cluster")?;
+                let mut moved = 0;
+                for _ in 0..3 {
+                    tokio::time::sleep(moment(0.2, period / 3.0)).await;
+                    for (topic, partitions) in &stack.partitions {
+                        for partition in 0..*partitions {
+                            let to = rand::rng().random_range(1..=mock::BROKERS);
+                            mock.move_leader(topic, partition, to)?;
+                            moved += 1;
+                        }
+                    }
+                }
+                notes.push(format!("{moved} leader moves"));
+            }
             Scenario::BrokerRestart => {
                 tokio::time::sleep(moment(1.0, period - 2.0)).await;
                 if let Some(p) = tansu.take() {
@@ -370,6 +436,7 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
     if let Some(p) = tansu {
         let _ = p.terminate();
     }
+    drop(mock);
     let _ = std::fs::remove_file(parts.logs.join(format!("{}-tansu-{name}.db", parts.run)));
     Ok(Result_ {
         scenario,
@@ -572,25 +639,38 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         run: chrono::Utc::now().format("%Y%m%d%H%M%S").to_string(),
         settings: {
             let mut s = keel_core::Settings::from_env().map_err(|e| anyhow::anyhow!("{e}"))?;
-            // Every scenario runs on a tansu of its own, whose wrong answers keel works around.
-            s.broker_quirks = keel_core::settings::BrokerQuirks::Tansu;
+            // On tansu (a broker of each scenario's own) its wrong answers are worked around; the
+            // mock cluster answers as Apache Kafka does.
+            s.broker_quirks = match args.broker {
+                Broker::Tansu => keel_core::settings::BrokerQuirks::Tansu,
+                Broker::Mock => keel_core::settings::BrokerQuirks::None,
+            };
+            if args.broker == Broker::Mock {
+                // Without static membership a killed instance's partitions wait for its
+                // session to expire: 10 s, not the 45 s default.
+                s.consumer.session_timeout = Duration::from_secs(10);
+            }
             s
         },
+        static_membership: args.broker == Broker::Tansu,
     };
     let chosen: Vec<Scenario> = Scenario::value_variants()
         .iter()
         .copied()
+        .filter(|s| s.runs_on(args.broker))
         .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name()))
         .collect();
     for o in &args.only {
+        let known: Vec<&str> = Scenario::value_variants()
+            .iter()
+            .filter(|s| s.runs_on(args.broker))
+            .map(|s| s.name())
+            .collect();
         anyhow::ensure!(
-            Scenario::parse(o).is_some(),
-            "--only: unknown scenario {o} (known: {})",
-            Scenario::value_variants()
-                .iter()
-                .map(|s| s.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            Scenario::parse(o).is_some_and(|s| s.runs_on(args.broker)),
+            "--only: no scenario {o} on --broker {:?} (known: {})",
+            args.broker,
+            known.join(", ")
         );
     }
     let mut results = Vec::new();
@@ -667,6 +747,26 @@ mod tests {
                 s.name()
             );
         }
+    }
+
+    #[test]
+    fn the_mock_cluster_family_is_the_scenarios_plus_its_own_faults() {
+        let on = |b: Broker| -> Vec<&str> {
+            Scenario::value_variants()
+                .iter()
+                .filter(|s| s.runs_on(b))
+                .map(|s| s.name())
+                .collect()
+        };
+        let (tansu, mock) = (on(Broker::Tansu), on(Broker::Mock));
+        assert!(tansu.contains(&"broker-restart") && !mock.contains(&"broker-restart"));
+        assert!(mock.contains(&"broker-down") && mock.contains(&"leader-move"));
+        assert!(!tansu.contains(&"leader-move"));
+        assert_eq!(
+            tansu.len() + 1,
+            mock.len(),
+            "every other scenario runs on both"
+        );
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub struct Parts {
     pub run: String,
     /// What keel's processes start from: this environment's `KEEL_*` (`KEEL_BROKER_QUIRKS`).
     pub settings: keel_core::Settings,
+    /// Whether group instances get a stable `KEEL_CONSUMER_INSTANCE_ID` (static membership).
+    /// Not on the mock cluster, which does not implement it: a restarted static member joins as
+    /// a second member beside its old self, and with two instances per group the rebalance
+    /// never completed there.
+    pub static_membership: bool,
 }
 
 pub struct Stack {
@@ -52,6 +57,8 @@ pub struct Stack {
     pub brokers: String,
     pub orders_topic: String,
     pub inventory_topic: String,
+    /// The orders and inventory topics and their partition counts.
+    pub partitions: Vec<(String, i32)>,
     pub api: String,
     api_port: u16,
     registry_port: u16,
@@ -69,7 +76,14 @@ pub struct Stack {
 
 impl Stack {
     /// Everything up and ready, on the broker at `brokers`.
-    pub async fn start(parts: &Parts, name: &str, brokers: &str) -> anyhow::Result<Self> {
+    /// Its topics are made on `mock` when the broker is the mock cluster (whose CreateTopics
+    /// request times out), else with the admin API as `keel topics create` makes them.
+    pub async fn start(
+        parts: &Parts,
+        name: &str,
+        brokers: &str,
+        mock: Option<&crate::mock::Mock>,
+    ) -> anyhow::Result<Self> {
         let brokers = brokers.to_owned();
         let db_name = format!("keel_chaos_{}_{}", parts.run, name.replace('-', "_"));
         let db_url = format!("postgres://postgres@{}/{db_name}", parts.postgres);
@@ -103,9 +117,23 @@ impl Stack {
                 )
                 .collect(),
         };
-        kafka::create_topics(&kafka::Kafka::new(&brokers), &declared)
-            .await
-            .context("creating the scenario's topics")?;
+        match mock {
+            Some(mock) => {
+                for spec in &declared {
+                    mock.create_topic(&spec.name, spec.partitions)?;
+                }
+            }
+            None => {
+                kafka::create_topics(&kafka::Kafka::new(&brokers), &declared)
+                    .await
+                    .context("creating the scenario's topics")?;
+            }
+        }
+        let partitions = declared
+            .iter()
+            .filter(|t| t.name == orders_topic || t.name == inventory_topic)
+            .map(|t| (t.name.clone(), t.partitions))
+            .collect();
         let mail_dir = parts.logs.join(format!("{prefix}-mail"));
         let api_port = free_port()?;
         let mut stack = Self {
@@ -119,6 +147,7 @@ impl Stack {
             brokers,
             orders_topic,
             inventory_topic,
+            partitions,
             api: format!("http://127.0.0.1:{api_port}"),
             api_port,
             registry_port: free_port()?,
@@ -231,10 +260,13 @@ impl Stack {
         }
         // Static membership: a restarted instance takes its own partitions back.
         let instance_id = format!("{}-{}-{instance}", self.parts.run, self.name);
+        let static_membership = self.parts.static_membership;
         let cmd = self.command(instance, &args, |s| {
             if admin.is_some() {
                 s.admin_addr = admin;
-                s.consumer.instance_id = Some(instance_id);
+                if static_membership {
+                    s.consumer.instance_id = Some(instance_id);
+                }
             }
         })?;
         self.procs
