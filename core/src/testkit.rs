@@ -184,6 +184,13 @@ impl Drop for TestTopic {
         if cluster::enabled() {
             return; // the mock cluster ends with the test process
         }
+        if broker_quirks() == crate::settings::BrokerQuirks::Tansu {
+            // tansu answers a fetch of a deleted topic with a leader hint and a zero topic id,
+            // on which librdkafka crashes the process of a consumer still reading it (one whose
+            // test is ending): the topics stay, the broker goes at the end of the run (README,
+            // "Brokers").
+            return;
+        }
         let name = self.name.clone();
         block_on_thread(async move { kafka::delete_topics(&kafka(), &[&name]).await });
     }
