@@ -23,9 +23,9 @@ use serde_json::{Value, json};
 
 mod abuse;
 mod load;
-mod mock;
 mod stack;
 
+use keel_core::testkit::cluster as mock;
 use stack::{GROUPS, Parts, Stack, workers};
 
 /// The scenarios, in the order a full run takes them.
@@ -57,7 +57,7 @@ enum Broker {
     /// (`KEEL_BROKER_QUIRKS=tansu`).
     Tansu,
     /// librdkafka's three-broker mock cluster, made in this process: Apache Kafka's answers,
-    /// brokers that go down and leaders that move ([`mock`]).
+    /// brokers that go down and leaders that move ([`keel_core::testkit::cluster::Mock`]).
     Mock,
 }
 

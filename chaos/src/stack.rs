@@ -82,7 +82,7 @@ impl Stack {
         parts: &Parts,
         name: &str,
         brokers: &str,
-        mock: Option<&crate::mock::Mock>,
+        mock: Option<&keel_core::testkit::cluster::Mock>,
     ) -> anyhow::Result<Self> {
         let brokers = brokers.to_owned();
         let db_name = format!("keel_chaos_{}_{}", parts.run, name.replace('-', "_"));

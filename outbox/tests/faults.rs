@@ -209,12 +209,21 @@ fn paid(order_id: Uuid) -> Event {
     })
 }
 
-fn event_id(m: &OwnedMessage) -> String {
+/// The value of header `key` of `m` ("" if it has none).
+fn header(m: &OwnedMessage, key: &str) -> String {
     m.headers()
-        .and_then(|h| h.iter().find(|h| h.key == "keel-event-id"))
+        .and_then(|h| h.iter().find(|h| h.key == key))
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .unwrap_or_default()
+}
+
+fn event_id(m: &OwnedMessage) -> String {
+    header(m, "keel-event-id")
+}
+
+fn event_type(m: &OwnedMessage) -> String {
+    header(m, "keel-event-type")
 }
 
 /// How many times each event id is on the log.
@@ -318,16 +327,7 @@ async fn a_record_the_cluster_refuses_as_too_large_holds_back_only_its_orders_la
         .filter(|m| m.key() == Some(order_key.as_bytes()))
         .collect();
     assert_eq!(of_the_order.len(), 2, "created and paid, once each");
-    let headers: Vec<String> = of_the_order
-        .iter()
-        .map(|m| {
-            m.headers()
-                .and_then(|h| h.iter().find(|h| h.key == "keel-event-type"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        })
-        .collect();
+    let headers: Vec<String> = of_the_order.iter().map(|m| event_type(m)).collect();
     assert_eq!(
         headers,
         ["keel.orders.OrderCreated", "keel.orders.OrderPaid"],
@@ -361,13 +361,7 @@ async fn an_orders_later_event_is_sent_only_after_its_earlier_one_is_acknowledge
     let types: Vec<String> = log
         .iter()
         .filter(|m| m.key() == Some(key.as_bytes()))
-        .map(|m| {
-            m.headers()
-                .and_then(|h| h.iter().find(|h| h.key == "keel-event-type"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        })
+        .map(event_type)
         .collect();
     assert_eq!(
         types.first().map(String::as_str),
@@ -431,13 +425,7 @@ async fn leaders_move_and_a_broker_goes_down_mid_drain_and_nothing_is_lost_or_re
             continue; // a redelivery; its first delivery counts
         }
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-        let kind = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "keel-event-type"))
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
-        first_types.entry(key).or_default().push(kind);
+        first_types.entry(key).or_default().push(event_type(m));
     }
     for order in &orders {
         assert_eq!(

@@ -157,15 +157,7 @@ impl<H: Handler> Consumer<H> {
             );
             // Waiting in the group: an outage longer than max.poll.interval.ms must not throw
             // this instance out of it (`in_group_while`, in source.rs).
-            let waited = self
-                .in_group_while(async {
-                    tokio::select! {
-                        () = shutdown.cancelled() => false,
-                        () = tokio::time::sleep(delay) => true,
-                    }
-                })
-                .await;
-            if !waited {
+            if !self.sleep_in_group(delay, shutdown).await {
                 return None;
             }
         }

@@ -93,15 +93,7 @@ impl<H: Handler> Consumer<H> {
                 "Cannot write to the dead-letter topic; the partition waits"
             );
             keel_core::health::beat(&self.health_loop);
-            let waited = self
-                .in_group_while(async {
-                    tokio::select! {
-                        () = shutdown.cancelled() => false,
-                        () = tokio::time::sleep(delay) => true,
-                    }
-                })
-                .await;
-            if !waited {
+            if !self.sleep_in_group(delay, shutdown).await {
                 return false;
             }
         }

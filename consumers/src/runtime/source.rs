@@ -148,6 +148,22 @@ impl<H: Handler> Consumer<H> {
         done
     }
 
+    /// Waits `delay` before a retry, in the group ([`Consumer::in_group_while`]); `false` if
+    /// `shutdown` came first.
+    pub(super) async fn sleep_in_group(
+        &self,
+        delay: Duration,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        self.in_group_while(async {
+            tokio::select! {
+                () = shutdown.cancelled() => false,
+                () = tokio::time::sleep(delay) => true,
+            }
+        })
+        .await
+    }
+
     /// Marks the record done: its offset will be committed. Fails after the record's partition
     /// was revoked; that is harmless (the new owner redelivers it and sees a duplicate), so the
     /// loop logs it and goes on.

@@ -7,20 +7,11 @@
 //! cluster's own call (topic configuration is not kept: the mock cluster has none), and deleting
 //! is left to the process's end.
 
+use std::sync::OnceLock;
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
-
-/// What the test process asks of its mock cluster: a topic and its partitions, and where to say
-/// whether it was made.
-type Create = (String, i32, mpsc::Sender<Result<(), String>>);
-
-struct Cluster {
-    bootstrap: String,
-    create: Mutex<mpsc::Sender<Create>>,
-}
 
 /// Brokers of the mock cluster: what replication a topic made here gets.
 pub const BROKERS: i32 = 3;
@@ -30,14 +21,30 @@ pub fn enabled() -> bool {
     std::env::var("TEST_KAFKA_BROKERS").is_ok_and(|v| v == "mock")
 }
 
-/// The mock cluster, made on first use. It is not `Send`, so one thread owns it and makes topics
-/// when asked.
-fn cluster() -> &'static Cluster {
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        let (create, asked) = mpsc::channel::<Create>();
+enum Ask {
+    Create(String, i32),
+    Down(i32),
+    Up(i32),
+    Leader(String, i32, i32),
+}
+
+/// A request to the cluster's thread, and where it answers.
+type Asked = (Ask, mpsc::Sender<Result<(), String>>);
+
+/// A mock cluster of [`BROKERS`] brokers, owned by a thread of its own (it is not `Send`), which
+/// does what it is asked: the test tier's (made once per test process, [`bootstrap_servers`])
+/// and the chaos runner's `--broker mock` (one per scenario). Stopped when dropped.
+pub struct Mock {
+    pub bootstrap: String,
+    asks: Option<mpsc::Sender<Asked>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Mock {
+    pub fn start() -> anyhow::Result<Self> {
+        let (asks, asked) = mpsc::channel::<Asked>();
         let (started, bootstrap) = mpsc::channel();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let cluster = match MockCluster::new(BROKERS) {
                 Ok(c) => c,
                 Err(e) => {
@@ -46,24 +53,88 @@ fn cluster() -> &'static Cluster {
                 }
             };
             let _ = started.send(Ok(cluster.bootstrap_servers()));
-            for (topic, partitions, made) in asked {
-                let created = match cluster.create_topic(&topic, partitions, BROKERS) {
+            for (ask, done) in asked {
+                let result = match ask {
                     // As `keel topics create`: one that exists is left as it is.
-                    Err(KafkaError::MockCluster(RDKafkaErrorCode::TopicAlreadyExists)) => Ok(()),
-                    other => other.map_err(|e| e.to_string()),
+                    Ask::Create(topic, partitions) => {
+                        match cluster.create_topic(&topic, partitions, BROKERS) {
+                            Err(KafkaError::MockCluster(RDKafkaErrorCode::TopicAlreadyExists)) => {
+                                Ok(())
+                            }
+                            other => other,
+                        }
+                    }
+                    Ask::Down(id) => cluster.broker_down(id),
+                    Ask::Up(id) => cluster.broker_up(id),
+                    Ask::Leader(topic, partition, id) => {
+                        cluster.partition_leader(&topic, partition, Some(id))
+                    }
                 };
-                let _ = made.send(created);
+                let _ = done.send(result.map_err(|e| e.to_string()));
             }
         });
         let bootstrap = bootstrap
             .recv()
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .unwrap_or_else(|e| panic!("cannot make librdkafka's mock cluster: {e}"));
-        Cluster {
+            .map_err(|e| anyhow::anyhow!("the mock cluster's thread: {e}"))?
+            .map_err(|e| anyhow::anyhow!("cannot make librdkafka's mock cluster: {e}"))?;
+        Ok(Self {
             bootstrap,
-            create: Mutex::new(create),
+            asks: Some(asks),
+            thread: Some(thread),
+        })
+    }
+
+    fn ask(&self, ask: Ask) -> anyhow::Result<()> {
+        let (done, answer) = mpsc::channel();
+        self.asks
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the mock cluster is stopped"))?
+            .send((ask, done))
+            .map_err(|_| anyhow::anyhow!("the mock cluster's thread ended"))?;
+        answer
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the mock cluster's thread ended"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Makes `topic` with `partitions` partitions and [`BROKERS`] replicas (one that exists is
+    /// left as it is).
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+        self.ask(Ask::Create(topic.to_owned(), partitions))
+            .map_err(|e| anyhow::anyhow!("{topic}: {e}"))
+    }
+
+    /// Broker `id` (1 to [`BROKERS`]) disconnects its clients and refuses new ones.
+    pub fn down(&self, id: i32) -> anyhow::Result<()> {
+        self.ask(Ask::Down(id))
+    }
+
+    /// Broker `id` takes clients again.
+    pub fn up(&self, id: i32) -> anyhow::Result<()> {
+        self.ask(Ask::Up(id))
+    }
+
+    /// Moves the leadership of `topic`'s `partition` to broker `id`.
+    pub fn move_leader(&self, topic: &str, partition: i32, id: i32) -> anyhow::Result<()> {
+        self.ask(Ask::Leader(topic.to_owned(), partition, id))
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; the cluster goes with it.
+        self.asks.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
+    }
+}
+
+/// The test tier's mock cluster, made on first use; it lives until the test process exits.
+fn cluster() -> &'static Mock {
+    static CLUSTER: OnceLock<Mock> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        Mock::start().unwrap_or_else(|e| panic!("cannot make librdkafka's mock cluster: {e}"))
     })
 }
 
@@ -74,13 +145,7 @@ pub fn bootstrap_servers() -> String {
 
 /// Makes `topic` with `partitions` partitions and [`BROKERS`] replicas.
 pub fn create_topic(topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let (made, answer) = mpsc::channel();
-    cluster()
-        .create
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the mock cluster's thread panicked"))?
-        .send((topic.to_owned(), partitions, made))?;
-    answer.recv()?.map_err(|e| anyhow::anyhow!("{topic}: {e}"))
+    cluster().create_topic(topic, partitions)
 }
 
 /// For a test that needs what the mock cluster does not do: `true` (and says why on stderr) when
