@@ -333,6 +333,10 @@ struct Ledger {
     /// Streams (topic, key) whose earlier row in this step was not acknowledged.
     stopped: HashSet<(String, String)>,
     published: usize,
+    /// A row could not be handed over for a reason not its own (the registry unreachable, the
+    /// producer refusing): no later row of this step is tried, as each would wait out the
+    /// same failure (a registry timeout is 5 s a row). They stay pending for the next step.
+    halted: bool,
 }
 
 impl Ledger {
@@ -463,13 +467,16 @@ impl Relay {
     /// Hands `row` to the producer unless its stream stopped in this step; a row refused before
     /// it reached the producer goes in `ledger`.
     async fn offer(&self, row: Pending, ledger: &mut Ledger, wave: &mut Vec<(Pending, Sent)>) {
-        if ledger.stopped.contains(&row.stream()) {
+        if ledger.halted || ledger.stopped.contains(&row.stream()) {
             return;
         }
         match self.send(&row).await {
             Ok(sent) => wave.push((row, sent)),
             Err(Fate::SetAside(reason)) => ledger.set_aside(row.id, row.stream(), reason),
-            Err(Fate::Failed(error)) => ledger.fail(row.stream(), error),
+            Err(Fate::Failed(error)) => {
+                ledger.fail(row.stream(), error);
+                ledger.halted = true;
+            }
             Err(Fate::Acknowledged) => {}
         }
     }

@@ -138,8 +138,14 @@ impl<H: Handler> Consumer<H> {
                             ),
                         }
                     }
-                    Err(e) => tracing::warn!(group = self.group(), error = %e, "Kafka consumer error"),
+                    Err(e) => {
+                        tracing::warn!(group = self.group(), error = %e, "Kafka consumer error");
+                        self.check_fatal();
+                    }
                 },
+                // A wait may outlast a fatal error raised with no record to deliver: look at
+                // least every second, as the idle loop does.
+                () = tokio::time::sleep(Duration::from_secs(1)) => self.check_fatal(),
             }
         };
         if let Err(e) = self.consumer.resume(&paused) {
