@@ -13,7 +13,8 @@
 //! - inventory: one reservation per order, in the state the order's status implies, one outcome
 //!   event per reservation attempt, `reserved` per SKU equal to what the reservations hold, and,
 //!   given `--opening-stock`, `on_hand` equal to it minus what paid orders took.
-//! - notification: a message for each applied event; each one delivered or given up on.
+//! - notification: a message for each applied event, to its own order's address; each one
+//!   delivered or given up on.
 //! - analytics: each order's facts as the orders table says.
 //! - cache-invalidation: no cached entry older than its order.
 //!
@@ -110,8 +111,7 @@ enum Bind<'a> {
 }
 
 /// The orders audited: created at or after `$1`.
-const WINDOW: &str =
-    "win AS (SELECT id, status, total_minor, currency FROM orders.orders WHERE created_at >= $1)";
+const WINDOW: &str = "win AS (SELECT id, status, total_minor, currency, customer_email FROM orders.orders WHERE created_at >= $1)";
 
 /// Every dead letter of `group`: event ids of those that decode, and how many do not.
 async fn dead_letters(
@@ -127,7 +127,11 @@ async fn dead_letters(
             Ok(event) => {
                 ids.insert(event.event_id());
             }
-            Err(keel_schemas::DecodeError::Permanent(_)) => undecodable += 1,
+            Err(
+                keel_schemas::DecodeError::Permanent(_)
+                | keel_schemas::DecodeError::UnknownType(_)
+                | keel_schemas::DecodeError::UnknownSchema(_),
+            ) => undecodable += 1,
             Err(keel_schemas::DecodeError::Transient(e)) => {
                 anyhow::bail!("decoding a dead letter of {group}: {e} (is the registry up?)")
             }
@@ -353,6 +357,18 @@ async fn check_all(
           WHERE p.group_id = $2 AND p.processed_at >= $1
             AND NOT EXISTS (SELECT 1 FROM notification.messages m WHERE m.event_id = p.event_id)",
         &[Bind::Text(notification::GROUP.name)],
+    )
+    .await?;
+    a.check(
+        "notification.recipient",
+        "each message goes to the address its own order was placed with",
+        &format!(
+            "WITH {WINDOW}
+             SELECT m.event_id::text || ' (' || m.kind || ' of ' || o.id::text || ') to ' || m.recipient
+               FROM win o JOIN notification.messages m ON m.order_id = o.id
+              WHERE m.recipient IS DISTINCT FROM o.customer_email AND m.recipient IS NOT NULL"
+        ),
+        &[],
     )
     .await?;
     a.check(

@@ -120,8 +120,9 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// True when the error says the database could not be reached at all (as opposed to a query
-/// that failed): callers map it to 503 or retry.
+/// True when the error says the database cannot serve anyone now (as opposed to a query that
+/// failed): unreachable, shutting down, read-only after a failover, out of connections, disk or
+/// memory, or refusing the credentials (a rotated password). Callers map it to 503 or wait.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -135,8 +136,20 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     ) || e
         .as_database_error()
         .and_then(|d| d.code())
-        // 57P01..03: admin shutdown, crash shutdown, cannot connect now; 08xxx: connection.
-        .is_some_and(|c| c.starts_with("57P") || c.starts_with("08"))
+        .is_some_and(|c| unavailable_state(&c))
+}
+
+/// SQLSTATEs of a server that cannot serve anyone now, whatever the statement.
+fn unavailable_state(code: &str) -> bool {
+    // 08xxx: connection; 57P01..03: admin shutdown, crash shutdown, cannot connect now; 53xxx:
+    // insufficient resources (53100 disk full, 53200 out of memory, 53300 too many
+    // connections); 28xxx: credentials refused; 25006: read-only transaction (a standby, or
+    // a primary demoted in a failover).
+    code.starts_with("08")
+        || code.starts_with("57P")
+        || code.starts_with("53")
+        || code.starts_with("28")
+        || code == "25006"
 }
 
 #[cfg(test)]

@@ -45,6 +45,13 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoredLabels {
+    pub group: String,
+    /// The record's full type name (`keel.orders.OrderRefunded`).
+    pub event_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     pub group: String,
     /// unavailable, transient.
@@ -147,6 +154,11 @@ metrics! {
     /// `keel_consumer_records_total{group, outcome}`.
     consumer_records: Family<OutcomeLabels, Counter> = Family::default(),
         name: "keel_consumer_records", help: "Records a group finished, by outcome";
+    /// `keel_consumer_ignored_records_total{group, event_type}`: records skipped because the
+    /// group does not handle their type, or this build does not know it (a newer producer's).
+    consumer_ignored: Family<IgnoredLabels, Counter> = Family::default(),
+        name: "keel_consumer_ignored_records",
+        help: "Records a group skipped, by type: one it does not handle or this build does not know";
     /// `keel_consumer_retries_total{group, class}`.
     consumer_retries: Family<RetryLabels, Counter> = Family::default(),
         name: "keel_consumer_retries", help: "Attempts a group will retry, by error class";
@@ -286,6 +298,12 @@ mod tests {
                 outcome: "applied".into(),
             })
             .inc();
+        m.consumer_ignored
+            .get_or_create(&IgnoredLabels {
+                group: "inventory".into(),
+                event_type: "keel.orders.OrderRefunded".into(),
+            })
+            .inc();
         m.consumer_retries
             .get_or_create(&RetryLabels {
                 group: "inventory".into(),
@@ -412,6 +430,9 @@ keel_relay_commit_to_ack_seconds_bucket{le="+Inf"} 1
 # HELP keel_consumer_records Records a group finished, by outcome.
 # TYPE keel_consumer_records counter
 keel_consumer_records_total{group="inventory",outcome="applied"} 1
+# HELP keel_consumer_ignored_records Records a group skipped, by type: one it does not handle or this build does not know.
+# TYPE keel_consumer_ignored_records counter
+keel_consumer_ignored_records_total{group="inventory",event_type="keel.orders.OrderRefunded"} 1
 # HELP keel_consumer_retries Attempts a group will retry, by error class.
 # TYPE keel_consumer_retries counter
 keel_consumer_retries_total{group="inventory",class="transient"} 1

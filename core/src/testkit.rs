@@ -305,7 +305,73 @@ pub struct Outage {
     pub addr: std::net::SocketAddr,
     down: tokio::sync::watch::Sender<bool>,
     frozen: tokio::sync::watch::Sender<bool>,
+    answer: tokio::sync::watch::Sender<Option<String>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// How many complete RESP commands (arrays of bulk strings, as every client sends them) `buf`
+/// starts with, and the bytes they take.
+fn resp_commands(buf: &[u8]) -> (usize, usize) {
+    fn line(buf: &[u8], at: usize) -> Option<(i64, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(buf.get(at + 1..end)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((n, end + 2))
+    }
+    fn command(buf: &[u8], at: usize) -> Option<usize> {
+        if buf.get(at) != Some(&b'*') {
+            return None;
+        }
+        let (parts, mut at) = line(buf, at)?;
+        for _ in 0..parts {
+            if buf.get(at) != Some(&b'$') {
+                return None;
+            }
+            let (len, body) = line(buf, at)?;
+            at = body + usize::try_from(len).ok()? + 2;
+            if at > buf.len() {
+                return None;
+            }
+        }
+        Some(at)
+    }
+    let (mut count, mut at) = (0, 0);
+    while let Some(next) = command(buf, at) {
+        count += 1;
+        at = next;
+    }
+    (count, at)
+}
+
+/// Answers every command on `inbound` with the RESP error `answer` holds, until it clears.
+async fn answer_with(
+    mut inbound: tokio::net::TcpStream,
+    mut answer: tokio::sync::watch::Receiver<Option<String>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = tokio::select! {
+            read = inbound.read(&mut chunk) => read,
+            _ = answer.wait_for(Option::is_none) => return,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        let (commands, used) = resp_commands(&buf);
+        buf.drain(..used);
+        let Some(error) = answer.borrow().clone() else {
+            return;
+        };
+        let reply = format!("-{error}\r\n").repeat(commands);
+        if inbound.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Outage {
@@ -316,15 +382,21 @@ impl Outage {
         let addr = listener.local_addr().expect("local addr");
         let (down, watch) = tokio::sync::watch::channel(false);
         let (frozen, cold) = tokio::sync::watch::channel(false);
+        let (answer, answering) = tokio::sync::watch::channel(None::<String>);
         let target = target.to_owned();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if *watch.borrow() {
                     continue; // dropped: closed at once
                 }
+                if answering.borrow().is_some() {
+                    tokio::spawn(answer_with(inbound, answering.clone()));
+                    continue;
+                }
                 let target = target.clone();
                 let mut watch = watch.clone();
                 let mut cold = cold.clone();
+                let mut answering = answering.clone();
                 tokio::spawn(async move {
                     let frozen_already = *cold.borrow();
                     if frozen_already {
@@ -338,6 +410,7 @@ impl Outage {
                     let froze = tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
                         _ = watch.wait_for(|down| *down) => false,
+                        _ = answering.wait_for(Option::is_some) => false,
                         _ = cold.wait_for(|frozen| *frozen) => true,
                     };
                     if froze {
@@ -351,12 +424,21 @@ impl Outage {
             addr,
             down,
             frozen,
+            answer,
             task,
         }
     }
 
     pub fn set_down(&self, down: bool) {
         let _ = self.down.send(down);
+    }
+
+    /// For a Redis behind the forwarder: with `Some(error)`, open connections are cut and every
+    /// command on a new one is answered with the RESP error `error` (`LOADING Redis is loading
+    /// the dataset in memory`, as a restarted Redis with persistence answers), which a real
+    /// Redis cannot be made to answer on demand; `None` forwards again.
+    pub fn answer_redis_error(&self, error: Option<&str>) {
+        let _ = self.answer.send(error.map(str::to_owned));
     }
 
     /// Freezes every connection, open and new: bytes stop flowing both ways and nothing is
@@ -448,7 +530,21 @@ impl Drop for Process {
 
 #[cfg(test)]
 mod tests {
-    use super::{Process, metric_sum};
+    use super::{Process, metric_sum, resp_commands};
+
+    #[test]
+    fn resp_commands_counts_the_complete_commands_a_buffer_starts_with() {
+        let ping = b"*1\r\n$4\r\nPING\r\n";
+        let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        let both = [&ping[..], &get[..]].concat();
+        assert_eq!(resp_commands(&both), (2, both.len()));
+        // A command cut anywhere is not counted until the rest arrives.
+        for cut in 1..get.len() {
+            let partial = [&ping[..], &get[..cut]].concat();
+            assert_eq!(resp_commands(&partial), (1, ping.len()), "cut at {cut}");
+        }
+        assert_eq!(resp_commands(b""), (0, 0));
+    }
 
     #[test]
     fn exited_tells_a_finished_child_from_a_running_one() {

@@ -47,10 +47,19 @@ pub enum DecodeError {
     /// The registry could not be reached; the same bytes may decode later.
     #[error("schema registry unavailable: {0}")]
     Transient(String),
-    /// The bytes will never decode: not the wire format, unknown schema id, unknown record, or a
-    /// body that does not match its schema.
+    /// The registry does not know the schema id (404). Usually the id is wrong for good, but a
+    /// replica that lags its leader answers the same for an id registered a moment ago: worth
+    /// a bounded number of retries (the consumers' attempt budget), then dead-lettered.
+    #[error("unknown schema id: {0}")]
+    UnknownSchema(String),
+    /// The bytes will never decode: not the wire format, unknown schema id, or a body that does
+    /// not match its schema.
     #[error("{0}")]
     Permanent(String),
+    /// A well-formed record of a type this build has no contract for (a newer producer added an
+    /// event): nothing is wrong with it, this build cannot read it. Consumers skip it.
+    #[error("record type {0} is not one this build knows")]
+    UnknownType(String),
 }
 
 /// A registry URL split into what goes where: the base URL requests are made to, without
@@ -129,10 +138,21 @@ fn refused_credentials(e: &SRCError) -> bool {
     e.error.ends_with("status 401 Unauthorized") || e.error.ends_with("status 403 Forbidden")
 }
 
-/// Whether `e` is worth retrying: the registry unreachable or unavailable, or refusing the
-/// credentials.
+/// The HTTP status of a registry answer that was not a success, if `e` is one.
+fn status(e: &SRCError) -> Option<u16> {
+    const MARK: &str = "failed with status ";
+    let at = e.error.find(MARK)? + MARK.len();
+    e.error.get(at..at + 3)?.parse().ok()
+}
+
+/// Whether `e` is worth retrying: the registry unreachable or unavailable, refusing the
+/// credentials, or in trouble of its own (429, any 5xx: schema_registry_converter retries only
+/// 502 and 503, but a 500 or 504 says nothing about the schema). A 4xx verdict on the schema
+/// (409 incompatible, 422 invalid) is permanent.
 fn transient(e: &SRCError) -> bool {
-    e.retriable || refused_credentials(e)
+    e.retriable
+        || refused_credentials(e)
+        || status(e).is_some_and(|s| s == 429 || (500..600).contains(&s))
 }
 
 /// Encodes events in the Confluent wire format, registering their schemas as needed.
@@ -238,10 +258,13 @@ impl Decoder {
             )));
         }
         let decoded = self.inner.decode(Some(bytes)).await.map_err(|e| {
+            // No failed fetch may stay cached (the crate caches every answer but 502 and 503
+            // for the life of the process): the next attempt asks the registry again.
+            self.inner.remove_errors_from_cache();
             if transient(&e) {
-                // A failed fetch must not stay cached: the next attempt asks the registry again.
-                self.inner.remove_errors_from_cache();
                 DecodeError::Transient(describe(&e))
+            } else if status(&e) == Some(404) {
+                DecodeError::UnknownSchema(describe(&e))
             } else {
                 DecodeError::Permanent(describe(&e))
             }
@@ -252,8 +275,7 @@ impl Decoder {
             .ok_or_else(|| DecodeError::Permanent("writer schema is not a named record".into()))?;
         // Avro schema resolution: the writer's data, read with the contract this build knows.
         // Fields the reader lacks are dropped; fields the writer lacked take their defaults.
-        let reader = reader_schema(&name)
-            .ok_or_else(|| DecodeError::Permanent(format!("unknown record type {name}")))?;
+        let reader = reader_schema(&name).ok_or_else(|| DecodeError::UnknownType(name.clone()))?;
         let value = decoded.value.resolve(reader).map_err(|e| {
             DecodeError::Permanent(format!(
                 "{name}: the writer's schema (id {}) cannot be read with this build's contract: {e}",

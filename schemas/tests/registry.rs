@@ -352,7 +352,8 @@ async fn keel_encodes_in_confluent_wire_format_and_decodes_back() {
     let decoder = Decoder::new(&r.url).unwrap();
     assert_eq!(decoder.decode(Some(&bytes)).await.unwrap(), event);
 
-    // Garbage and unknown schema ids are permanent failures; they will never decode.
+    // Garbage is a permanent failure; it will never decode. An unknown schema id is worth a
+    // bounded retry (a lagging replica answers 404 too).
     assert!(matches!(
         decoder.decode(Some(b"not avro")).await,
         Err(DecodeError::Permanent(_))
@@ -361,7 +362,68 @@ async fn keel_encodes_in_confluent_wire_format_and_decodes_back() {
     unknown[1..5].copy_from_slice(&999_999u32.to_be_bytes());
     assert!(matches!(
         decoder.decode(Some(&unknown)).await,
-        Err(DecodeError::Permanent(_))
+        Err(DecodeError::UnknownSchema(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_id_the_registry_did_not_know_yet_decodes_once_it_does() {
+    // A replica that lags its leader answers 404 for an id registered a moment ago. Here the id
+    // keel's registry hands out next plays that id: unknown at first, then registered.
+    let r = Registry::start().await;
+    let (status, thing) = r
+        .post(
+            "/subjects/thing-value/versions",
+            json!({"schema": record(json!([{"name": "a", "type": "string"}]))}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{thing}");
+    let next = u32::try_from(thing["id"].as_u64().unwrap() + 1).unwrap();
+    // The event's Avro body, as another registry's encoder writes it.
+    let elsewhere = Registry::start().await;
+    let event = sample();
+    let body = Encoder::new(&elsewhere.url)
+        .unwrap()
+        .encode("orders", &event)
+        .await
+        .unwrap()[5..]
+        .to_vec();
+    let early = [&[0u8][..], &next.to_be_bytes(), &body].concat();
+
+    let decoder = Decoder::new(&r.url).unwrap();
+    assert!(matches!(
+        decoder.decode(Some(&early)).await,
+        Err(DecodeError::UnknownSchema(_))
+    ));
+    let registered = Encoder::new(&r.url)
+        .unwrap()
+        .encode("orders", &event)
+        .await
+        .unwrap();
+    assert_eq!(
+        registered[1..5],
+        next.to_be_bytes(),
+        "the id that was unknown"
+    );
+    // The 404 is not remembered: the decoder asks again.
+    assert_eq!(decoder.decode(Some(&early)).await.unwrap(), event);
+}
+
+#[tokio::test]
+async fn a_store_error_answers_503_so_that_clients_retry_it() {
+    let r = Registry::start().await;
+    let pool = r._db.pool().await;
+    sqlx::query("DROP SCHEMA registry CASCADE")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (status, body) = r.get("/schemas/ids/1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error_code"], 50001, "{body}");
+    let decoder = Decoder::new(&r.url).unwrap();
+    assert!(matches!(
+        decoder.decode(Some(&[0, 0, 0, 0, 1, 2])).await,
+        Err(DecodeError::Transient(_))
     ));
 }
 

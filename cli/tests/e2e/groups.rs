@@ -471,11 +471,15 @@ async fn poison_records_land_in_the_dead_letter_topic_with_their_headers_and_the
             Some(stack.orders.name.as_str())
         );
         assert_eq!(header(dlq_headers::GROUP).as_deref(), Some(group.as_str()));
-        assert_eq!(
-            header(dlq_headers::ERROR_CLASS).as_deref(),
-            Some("permanent")
-        );
-        assert_eq!(header(dlq_headers::ATTEMPTS).as_deref(), Some("1"));
+        // Bytes that are not the wire format are poison at once; an id the registry does not
+        // know is retried up to the budget first (a lagging replica answers 404 too).
+        let (class, attempts) = if key.as_deref() == Some("random") {
+            ("permanent", "1")
+        } else {
+            ("transient", "3")
+        };
+        assert_eq!(header(dlq_headers::ERROR_CLASS).as_deref(), Some(class));
+        assert_eq!(header(dlq_headers::ATTEMPTS).as_deref(), Some(attempts));
         assert!(header(dlq_headers::PARTITION).is_some_and(|p| p.parse::<i32>().is_ok()));
         assert!(header(dlq_headers::OFFSET).is_some_and(|o| o.parse::<i64>().is_ok()));
         assert!(
@@ -901,4 +905,177 @@ async fn two_instances_of_a_group_share_the_partitions_and_apply_each_event_once
     for t in tasks {
         t.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_newer_producers_event_type_is_skipped_and_counted_never_dead_lettered() {
+    let stack = Stack::start().await;
+    let group = unique("inventory");
+    let dlq = dlq_topic(&stack.orders.name, &group);
+    // A newer order service added an event: its schema is registered, this build has no
+    // contract for it.
+    let refunded = json!({
+        "type": "record", "name": "OrderRefunded", "namespace": "keel.orders",
+        "fields": [
+            {"name": "event_id", "type": "string"},
+            {"name": "order_id", "type": "string"},
+            {"name": "amount_minor", "type": "long"},
+        ],
+    });
+    const TYPE: &str = "keel.orders.OrderRefunded";
+    let registered: serde_json::Value = stack
+        .http
+        .post(format!(
+            "{}/subjects/{}-{TYPE}/versions",
+            stack.registry_url, stack.orders.name
+        ))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&json!({"schema": refunded.to_string()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = u32::try_from(registered["id"].as_u64().expect("an id")).unwrap();
+    let schema = apache_avro::Schema::parse(&refunded).unwrap();
+    let mut record = apache_avro::types::Record::new(&schema).unwrap();
+    record.put("event_id", uuid::Uuid::new_v4().to_string());
+    record.put("order_id", uuid::Uuid::new_v4().to_string());
+    record.put("amount_minor", 4498i64);
+    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap()
+        .write_value_to_vec(record)
+        .unwrap();
+    let value = [&[0u8][..], &id.to_be_bytes(), &body].concat();
+    raw_producer()
+        .send(
+            FutureRecord::to(&stack.orders.name)
+                .key("refund")
+                .payload(&value)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "keel-event-type",
+                    value: Some(TYPE),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-6", "quantity": 2, "unit_price_minor": 100}])),
+        )
+        .await;
+
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(
+        stack
+            .consumer(
+                stack.as_group(&inventory::GROUP, &group),
+                Inventory::new(&stack.settings.topics),
+            )
+            .await
+            .run(stop.clone()),
+    );
+    let relay = tokio::spawn(stack.relay().run(stop.clone()));
+    let ignored = keel_core::metrics::metrics()
+        .consumer_ignored
+        .get_or_create(&keel_core::metrics::IgnoredLabels {
+            group: group.clone(),
+            event_type: TYPE.to_owned(),
+        })
+        .clone();
+    eventually(
+        "the known event applied and the unknown one skipped",
+        Duration::from_secs(60),
+        || async { (stack.processed(&group).await == 1 && ignored.get() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(stack.stock("SKU-6").await, (10_000, 2));
+    let dead: i64 =
+        keel_core::kafka::group_offsets(&stack.settings.kafka, &unique("look"), &[&dlq])
+            .unwrap()
+            .iter()
+            .map(|p| p.high - p.low)
+            .sum();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+/// Fails its first calls as a dependency that is down would (`outage` calls), then once as a
+/// deadlock would, then applies.
+struct Flaky {
+    calls: std::sync::atomic::AtomicU32,
+    outage: u32,
+}
+
+impl Handler for Flaky {
+    async fn handle(
+        &self,
+        _tx: &mut PgConnection,
+        _event: &Event,
+        _meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if call <= self.outage {
+            Err(HandlerError::Unavailable(anyhow::anyhow!(
+                "connection refused"
+            )))
+        } else if call == self.outage + 1 {
+            Err(HandlerError::Transient(anyhow::anyhow!(
+                "deadlock detected"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_the_retry_budget_does_not_spend_it() {
+    let stack = Stack::start().await;
+    let group = unique("flaky");
+    let dlq = dlq_topic(&stack.orders.name, &group);
+    let budget = stack.settings.consumer.max_attempts;
+    stack
+        .post(
+            "/orders",
+            order(json!([{"sku": "SKU-7", "quantity": 1, "unit_price_minor": 100}])),
+        )
+        .await;
+    let stop = CancellationToken::new();
+    let flaky = Flaky {
+        calls: Default::default(),
+        outage: budget + 2,
+    };
+    let consumer = tokio::spawn(
+        stack
+            .consumer(
+                Subscription::new(&group, vec![stack.orders.name.clone()]),
+                flaky,
+            )
+            .await
+            .run(stop.clone()),
+    );
+    let relay = tokio::spawn(stack.relay().run(stop.clone()));
+    eventually(
+        "the record applied after the outage and one deadlock",
+        Duration::from_secs(60),
+        || async { (stack.processed(&group).await == 1).then_some(()) },
+    )
+    .await;
+    let dead: i64 =
+        keel_core::kafka::group_offsets(&stack.settings.kafka, &unique("look"), &[&dlq])
+            .unwrap()
+            .iter()
+            .map(|p| p.high - p.low)
+            .sum();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+    relay.await.unwrap().unwrap();
 }

@@ -15,10 +15,14 @@
 //!   fault, and every other record would fail the same way, so the record is retried with
 //!   exponential backoff and jitter until the dependency is back. The partition waits; nothing is
 //!   dead-lettered because of an outage.
-//! - **Transient** (a deadlock, a serialization failure, a timeout): retried the same way, at most
+//! - **Transient** (a deadlock, a serialization failure, a timeout, a schema id the registry
+//!   does not know, which a lagging replica answers too): retried the same way, at most
 //!   `max_attempts` times in all, then dead-lettered.
-//! - **Permanent** (undecodable bytes, unknown schema id, an event that breaks an invariant):
-//!   dead-lettered at once.
+//! - **Permanent** (bytes not in the wire format, a body that does not fit its schema, an event
+//!   that breaks an invariant): dead-lettered at once.
+//! - A record of a type this build has no contract for (a newer producer's event) is not a
+//!   failure: it is skipped and counted (`keel_consumer_ignored_records_total`), as are types the
+//!   group does not handle.
 //!
 //! A poison record holds its partition for at most the retry budget and is never dropped
 //! silently ([`super::dead_letter`]).
@@ -41,7 +45,7 @@ impl<H: Handler> Consumer<H> {
     pub(super) async fn decode_batch(
         &self,
         batch: &[BorrowedMessage<'_>],
-    ) -> Vec<Result<Event, HandlerError>> {
+    ) -> Vec<Result<Decoded, HandlerError>> {
         let mut events = Vec::with_capacity(batch.len());
         for (i, message) in batch.iter().enumerate() {
             // Decoding is CPU work; run concurrently with a transaction (see `run`), it lets the
@@ -63,7 +67,7 @@ impl<H: Handler> Consumer<H> {
     pub(super) async fn apply_decoded(
         &self,
         batch: &[BorrowedMessage<'_>],
-        decoded: Vec<Result<Event, HandlerError>>,
+        decoded: Vec<Result<Decoded, HandlerError>>,
         shutdown: &CancellationToken,
     ) -> Vec<Outcome> {
         let prepared: Vec<(Meta, tracing::Span)> = batch.iter().map(|m| self.prepare(m)).collect();
@@ -93,14 +97,23 @@ impl<H: Handler> Consumer<H> {
 
     async fn try_batch(
         &self,
-        decoded: Vec<Result<Event, HandlerError>>,
+        decoded: Vec<Result<Decoded, HandlerError>>,
         prepared: &[(Meta, tracing::Span)],
     ) -> Result<Vec<Outcome>, HandlerError> {
         let mut records = Vec::with_capacity(decoded.len());
-        for (event, (meta, _)) in decoded.into_iter().zip(prepared) {
-            records.push((event?, meta.clone()));
+        let mut unknown = Vec::new();
+        for (i, (decoded, (meta, _))) in decoded.into_iter().zip(prepared).enumerate() {
+            match decoded? {
+                Decoded::Known(event) => records.push((event, meta.clone())),
+                Decoded::Unknown(event_type) => unknown.push((i, Outcome::Ignored(event_type))),
+            }
         }
-        transact(&self.pool, self.group(), &self.handler, &records).await
+        let mut outcomes = transact(&self.pool, self.group(), &self.handler, &records).await?;
+        // In ascending order, each lands at its record's place.
+        for (i, ignored) in unknown {
+            outcomes.insert(i, ignored);
+        }
+        Ok(outcomes)
     }
 
     /// Applies one record, retrying as its error class says (see the module doc), and
@@ -115,6 +128,8 @@ impl<H: Handler> Consumer<H> {
     ) -> Option<Outcome> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.config.max_retry_backoff);
         let mut attempts = 0u32;
+        // Attempts that count against the budget: an outage's do not, however many there were.
+        let mut spent = 0u32;
         loop {
             attempts += 1;
             let error = match self.try_apply(message, meta).instrument(span.clone()).await {
@@ -125,7 +140,10 @@ impl<H: Handler> Consumer<H> {
                 Err(e) => e,
             };
             span.record("keel.attempts", attempts);
-            if budget_spent(&error, attempts, self.config.max_attempts) {
+            if !matches!(error, HandlerError::Unavailable(_)) {
+                spent += 1;
+            }
+            if budget_spent(&error, spent, self.config.max_attempts) {
                 let outcome = Outcome::DeadLettered {
                     class: error.class(),
                     reason: error.to_string(),
@@ -169,7 +187,10 @@ impl<H: Handler> Consumer<H> {
         message: &BorrowedMessage<'_>,
         meta: &Meta,
     ) -> Result<Outcome, HandlerError> {
-        let event = self.decode(message).await?;
+        let event = match self.decode(message).await? {
+            Decoded::Known(event) => event,
+            Decoded::Unknown(event_type) => return Ok(Outcome::Ignored(event_type)),
+        };
         let outcomes = transact(
             &self.pool,
             self.group(),
@@ -177,13 +198,23 @@ impl<H: Handler> Consumer<H> {
             &[(event, meta.clone())],
         )
         .await?;
-        Ok(outcomes.into_iter().next().unwrap_or(Outcome::Ignored))
+        outcomes.into_iter().next().ok_or_else(|| {
+            HandlerError::Transient(anyhow::anyhow!("the transaction returned no outcome"))
+        })
     }
 
-    async fn decode(&self, message: &BorrowedMessage<'_>) -> Result<Event, HandlerError> {
+    async fn decode(&self, message: &BorrowedMessage<'_>) -> Result<Decoded, HandlerError> {
         match self.decoder.decode(message.payload()).await {
-            Ok(event) => Ok(event),
+            Ok(event) => Ok(Decoded::Known(event)),
+            // A newer producer's event: skipped, never dead-lettered (it is not poison, and a
+            // build that knows it reads it from the topic).
+            Err(DecodeError::UnknownType(event_type)) => Ok(Decoded::Unknown(event_type)),
             Err(DecodeError::Transient(e)) => Err(HandlerError::Unavailable(anyhow::anyhow!(e))),
+            // Retried up to the attempt budget: a lagging registry replica catches up in that
+            // time, a wrong id does not.
+            Err(e @ DecodeError::UnknownSchema(_)) => Err(HandlerError::Transient(
+                anyhow::anyhow!("cannot decode: {e}"),
+            )),
             Err(DecodeError::Permanent(reason)) => {
                 Err(HandlerError::Permanent(format!("cannot decode: {reason}")))
             }
@@ -191,9 +222,15 @@ impl<H: Handler> Consumer<H> {
     }
 }
 
-/// Whether a record whose `attempts`-th attempt failed with `error` goes to the dead-letter
-/// topic now (else it is retried): never for an outage, after `max_attempts` for a transient
-/// error, at once for a permanent one.
+/// A record's value, decoded: an event this build knows, or the name of a type it does not.
+pub(super) enum Decoded {
+    Known(Event),
+    Unknown(String),
+}
+
+/// Whether a record whose `attempts`-th attempt that counts (an outage's do not) failed with
+/// `error` goes to the dead-letter topic now (else it is retried): never for an outage, after
+/// `max_attempts` for a transient error, at once for a permanent one.
 fn budget_spent(error: &HandlerError, attempts: u32, max_attempts: u32) -> bool {
     match error {
         HandlerError::Unavailable(_) => false,

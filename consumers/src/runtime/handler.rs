@@ -47,12 +47,26 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
+/// Redis answers of a server that cannot serve anyone now: loading its data after a restart,
+/// a replica after a Sentinel failover, its master gone, a script hogging it, out of memory,
+/// a cluster resharding.
+const REDIS_UNAVAILABLE: &[&str] = &[
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "BUSY",
+    "OOM",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+];
+
 impl From<redis::RedisError> for HandlerError {
     fn from(e: redis::RedisError) -> Self {
         if e.is_io_error()
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.is_connection_dropped()
+            || e.code().is_some_and(|c| REDIS_UNAVAILABLE.contains(&c))
         {
             HandlerError::Unavailable(e.into())
         } else {

@@ -313,6 +313,15 @@ impl<H: Handler> Consumer<H> {
                 outcome = outcome.name(),
                 "Record done"
             );
+            if let Outcome::Ignored(event_type) = outcome {
+                metrics
+                    .consumer_ignored
+                    .get_or_create(&keel_core::metrics::IgnoredLabels {
+                        group: group.to_owned(),
+                        event_type: event_type.clone(),
+                    })
+                    .inc();
+            }
             if let Err(e) = self.store(message) {
                 tracing::info!(
                     group, topic = message.topic(), partition = message.partition(), offset = message.offset(),

@@ -19,8 +19,11 @@ pub async fn transact<H: Handler>(
     handler: &H,
     records: &[(Event, Meta)],
 ) -> Result<Vec<Outcome>, HandlerError> {
-    let mut outcomes = vec![Outcome::Ignored; records.len()];
     let wants: Vec<bool> = records.iter().map(|(e, _)| handler.wants(e)).collect();
+    let mut outcomes: Vec<Outcome> = records
+        .iter()
+        .map(|(e, _)| Outcome::Ignored(e.name().to_owned()))
+        .collect();
     let wanted: Vec<&(Event, Meta)> = records
         .iter()
         .zip(&wants)
@@ -85,8 +88,8 @@ pub enum Outcome {
     Applied,
     /// The effect had committed before (redelivery).
     Duplicate,
-    /// The group does not care about this event type.
-    Ignored,
+    /// The group does not handle this event type (named), or this build does not know it.
+    Ignored(String),
     /// The record can never be applied; it is now on the dead-letter topic.
     DeadLettered { class: &'static str, reason: String },
 }
@@ -97,7 +100,7 @@ impl Outcome {
         match self {
             Outcome::Applied => "applied",
             Outcome::Duplicate => "duplicate",
-            Outcome::Ignored => "ignored",
+            Outcome::Ignored(_) => "ignored",
             Outcome::DeadLettered { .. } => "dead_lettered",
         }
     }
@@ -142,6 +145,9 @@ mod tests {
             vec![("duplicate", 2), ("applied", 3), ("dead_lettered", 2)]
         );
         assert_eq!(tally(&[]), Vec::<(&str, u64)>::new());
-        assert_eq!(Outcome::Ignored.name(), "ignored");
+        assert_eq!(
+            Outcome::Ignored("keel.orders.OrderRefunded".into()).name(),
+            "ignored"
+        );
     }
 }

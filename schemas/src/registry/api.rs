@@ -75,10 +75,10 @@ impl Error {
             Error::InvalidVersion(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42202),
             Error::InvalidLevel(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42203),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, 400),
-            // 503, not 500: clients (schema_registry_converter among them) retry a 503 and cache
-            // anything else as permanent.
-            Error::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, 50001),
-            Error::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, 50001),
+            // 503, not 500, for every store error: clients (schema_registry_converter among
+            // them) retry a 503 and cache anything else as a verdict on the schema, which a
+            // store error never is.
+            Error::Unavailable | Error::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, 50001),
         }
     }
 }
