@@ -5,9 +5,14 @@
 //! the inventory topic through the same outbox library the order service uses, in the same
 //! transaction as the stock change: a consumer is a producer too, with the same guarantees.
 //!
-//! Events of one order can arrive out of order after a failure (a cancellation before the
-//! creation); the reservation row makes every transition safe in any order: a cancellation with
-//! no reservation records `released`, and a later creation then holds nothing.
+//! Events of one order can arrive out of order (a dead letter redriven after the customer paid
+//! or cancelled, a relay batch republished); the reservation row makes every transition safe in
+//! any order and end where in-order delivery ends:
+//! - a cancellation with no reservation records `released`, and a later creation then holds
+//!   nothing (and publishes no outcome: the order never held stock);
+//! - a payment with no reservation records `paid`, and the later creation takes the stock
+//!   straight out of the warehouse (`fulfilled`, `InventoryReserved` published as in order) or,
+//!   short of stock, is `rejected` as it would have been in order.
 
 use std::collections::BTreeMap;
 
@@ -104,18 +109,26 @@ impl Inventory {
         meta: &Meta,
     ) -> Result<(), HandlerError> {
         let order_id = order.order_id;
-        // Claims the order as reserved (a shortage below turns it to rejected); a row already
-        // there means cancelled before we saw it, or already handled.
-        let claimed = sqlx::query(
-            "INSERT INTO inventory.reservations (order_id, status) VALUES ($1, 'reserved')
-             ON CONFLICT (order_id) DO NOTHING",
-        )
-        .bind(order_id)
-        .execute(&mut *tx)
-        .await?;
-        if claimed.rows_affected() == 0 {
-            return Ok(());
-        }
+        // Claims the order as reserved (a shortage below turns it to rejected). A row already
+        // there means paid before we saw the creation (the stock is taken out below), cancelled
+        // before it (nothing to hold), or already handled.
+        let paid_first = match status(tx, order_id).await?.as_deref() {
+            None => {
+                // A concurrent claim (a redrive racing the group) fails on the key: retried.
+                sqlx::query(
+                    "INSERT INTO inventory.reservations (order_id, status) VALUES ($1, 'reserved')",
+                )
+                .bind(order_id)
+                .execute(&mut *tx)
+                .await?;
+                false
+            }
+            Some("paid") => {
+                set_status(tx, order_id, "reserved").await?;
+                true
+            }
+            Some(_) => return Ok(()),
+        };
         let wanted = quantities(&order.lines);
         let skus: Vec<&str> = wanted.keys().copied().collect();
         let available: BTreeMap<String, i64> = sqlx::query("SELECT sku, on_hand - reserved AS free FROM inventory.stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
@@ -162,6 +175,9 @@ impl Inventory {
             .bind(&quantities)
             .execute(&mut *tx)
             .await?;
+            if paid_first {
+                self.settle(tx, order_id, true).await?;
+            }
             Event::InventoryReserved(InventoryReserved {
                 event_id: uuid::Uuid::now_v7(),
                 occurred_at: now_millis(),
@@ -215,6 +231,8 @@ impl Inventory {
             }
             // Cancelled before its creation arrived: remember, so the creation holds nothing.
             None if !paid => set_status(tx, order_id, "released").await?,
+            // Paid before its creation arrived: remember, so the creation takes the stock out.
+            None => set_status(tx, order_id, "paid").await?,
             _ => {}
         }
         Ok(())

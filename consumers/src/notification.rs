@@ -17,9 +17,13 @@
 //! which a duplicate can leave keel, and it is as wide as one send.
 //!
 //! # The recipient
-//! Addresses come from `OrderCreated`. An inventory outcome can overtake its order's creation
-//! (they travel on different topics), so a message may be stored without a recipient; the
-//! creation fills it in, and the mailer sends only addressed messages.
+//! Each order's messages go to the address its own `OrderCreated` carries
+//! (`notification.recipients`, keyed by order id), never to an address learnt from another
+//! order of the same customer id: a shared guest id, a changed address or someone else's id
+//! sends a later order's mail elsewhere, never an earlier order's. An event can overtake its
+//! order's creation (a payment redriven, an inventory outcome on another topic), so a message
+//! may be stored without a recipient; the creation fills it in, and the mailer sends only
+//! addressed messages.
 //!
 //! Failed sends are retried with backoff (`next_attempt_at`); consuming goes on meanwhile, so a
 //! mail server outage delays mail but not the group's offsets.
@@ -182,24 +186,25 @@ impl Handler for Notification {
         };
         let customer = customer_of(event);
         if let Event::OrderCreated(e) = event {
+            // An order's address never changes: its creation is its one source.
             sqlx::query(
-                "INSERT INTO notification.customers (customer_id, email, name) VALUES ($1, $2, $3)
-                 ON CONFLICT (customer_id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name, updated_at = now()",
+                "INSERT INTO notification.recipients (order_id, email, name) VALUES ($1, $2, $3)
+                 ON CONFLICT (order_id) DO NOTHING",
             )
-            .bind(customer)
+            .bind(e.order_id)
             .bind(&e.customer.email)
             .bind(&e.customer.name)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE notification.messages SET recipient = $2 WHERE customer_id = $1 AND recipient IS NULL")
-                .bind(customer)
+            sqlx::query("UPDATE notification.messages SET recipient = $2 WHERE order_id = $1 AND recipient IS NULL")
+                .bind(e.order_id)
                 .bind(&e.customer.email)
                 .execute(&mut *tx)
                 .await?;
         }
         sqlx::query(
             "INSERT INTO notification.messages (event_id, order_id, customer_id, recipient, kind, subject, body)
-             VALUES ($1, $2, $3, (SELECT email FROM notification.customers WHERE customer_id = $3), $4, $5, $6)
+             VALUES ($1, $2, $3, (SELECT email FROM notification.recipients WHERE order_id = $2), $4, $5, $6)
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(event.event_id())

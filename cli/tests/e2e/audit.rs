@@ -125,6 +125,15 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
         .execute(p)
         .await
         .unwrap();
+    // A receipt sent to another order's address.
+    sqlx::query(
+        "UPDATE notification.messages SET recipient = 'someone-else@example.com'
+          WHERE order_id = $1::uuid AND kind = 'payment-receipt'",
+    )
+    .bind(paid)
+    .execute(p)
+    .await
+    .unwrap();
     // A lost invalidation: the cache holds an older version than the order.
     sqlx::query("UPDATE orders.orders SET version = version + 1 WHERE id = $1::uuid")
         .bind(created)
@@ -145,6 +154,7 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
             ("cache-invalidation.fresh".to_owned(), 1),
             ("inventory.on_hand".to_owned(), 1),
             ("inventory.outcomes".to_owned(), 1),
+            ("notification.recipient".to_owned(), 1),
         ],
         "{report}"
     );

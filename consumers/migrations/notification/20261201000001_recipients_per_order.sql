@@ -1,0 +1,24 @@
+-- Each order's messages go to the address its own OrderCreated carried. The customers table kept
+-- one address per client-supplied customer id, so a later order with the same id redirected an
+-- earlier order's receipts and notices.
+CREATE TABLE notification.recipients (
+    order_id   uuid PRIMARY KEY,
+    email      text NOT NULL,
+    name       text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- What is known per order already: an order confirmation went to the address its creation
+-- carried at the time.
+INSERT INTO notification.recipients (order_id, email, name)
+SELECT DISTINCT ON (m.order_id) m.order_id, m.recipient, coalesce(c.name, '')
+  FROM notification.messages m LEFT JOIN notification.customers c USING (customer_id)
+ WHERE m.kind = 'order-confirmation' AND m.recipient IS NOT NULL
+ ORDER BY m.order_id, m.created_at;
+UPDATE notification.messages m SET recipient = r.email
+  FROM notification.recipients r
+ WHERE m.order_id = r.order_id AND m.recipient IS NULL;
+
+DROP INDEX notification.messages_awaiting_address;
+CREATE INDEX messages_awaiting_address ON notification.messages (order_id) WHERE recipient IS NULL;
+DROP TABLE notification.customers;
