@@ -13,15 +13,26 @@
 //!   id order is commit order. Relays publish one batch at a time under an advisory lock, so
 //!   several relay instances never interleave.
 //!
+//! - **The writer's contract travels with the event**: a row holds the event's Avro body under
+//!   the writer build's contract and that contract's fingerprint (the schema itself in
+//!   `outbox.schemas`). The relay frames the body with the registry id of that schema and sends
+//!   it as written, so during a rolling deploy a relay of another build (older or newer
+//!   contracts) publishes every event with every field its writer set, and consumers resolve it
+//!   by Avro's rules as they resolve any record. The row's `payload` JSON is for people and SQL
+//!   only; the relay reads it just for rows written before this format (no body).
+//!
 //! # Layout
-//! - [`enqueue`]: the write side, used by producers (and by consumers that publish outcomes).
-//! - [`relay`]: claim, encode, produce, await acknowledgement, mark.
+//! - [`enqueue`]: the write side, used by producers (and by consumers that publish outcomes);
+//!   [`enqueue_written`] for an event already written under a contract.
+//! - [`relay`]: claim, frame (or encode a row of the older format), produce, await
+//!   acknowledgement, mark.
 
 pub mod relay;
 
 use keel_core::telemetry::TraceHeaders;
-use keel_schemas::Event;
+use keel_schemas::{Event, Written};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 pub use relay::Relay;
 
@@ -41,18 +52,56 @@ pub async fn enqueue(
     event: &Event,
     trace: &TraceHeaders,
 ) -> Result<i64, sqlx::Error> {
+    let written = keel_schemas::write(event).map_err(|e| sqlx::Error::Encode(e.into()))?;
     let payload = serde_json::to_value(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let outgoing = Outgoing {
+        key: event.aggregate_id().to_string(),
+        event_id: event.event_id(),
+        written,
+        payload,
+    };
+    enqueue_written(conn, topic, &outgoing, trace).await
+}
+
+/// An event as its writer wrote it: what [`enqueue_written`] stores.
+pub struct Outgoing {
+    /// The Kafka key: the aggregate's id.
+    pub key: String,
+    pub event_id: Uuid,
+    /// The Avro body under the writer's contract, and that contract.
+    pub written: Written,
+    /// The event as JSON, for people and SQL (the relay does not read it).
+    pub payload: serde_json::Value,
+}
+
+/// [`enqueue`] for an event already written under a contract (the writer's, whichever build
+/// it is): what a rolling deploy's older or newer writers store.
+pub async fn enqueue_written(
+    conn: &mut PgConnection,
+    topic: &str,
+    event: &Outgoing,
+    trace: &TraceHeaders,
+) -> Result<i64, sqlx::Error> {
     let headers = serde_json::to_value(trace).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    // The contract is stored once (by fingerprint), in the same statement as the row.
     sqlx::query_scalar(
-        "INSERT INTO outbox.events (topic, message_key, event_type, event_id, payload, headers)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        "WITH contract AS (
+             INSERT INTO outbox.schemas (fingerprint, record, schema) VALUES ($7, $3, $8)
+             ON CONFLICT (fingerprint) DO NOTHING
+         )
+         INSERT INTO outbox.events
+             (topic, message_key, event_type, event_id, payload, headers, schema_fingerprint, body)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $9) RETURNING id",
     )
     .bind(topic)
-    .bind(event.aggregate_id().to_string())
-    .bind(event.name())
-    .bind(event.event_id())
-    .bind(payload)
+    .bind(&event.key)
+    .bind(event.written.record.as_ref())
+    .bind(event.event_id)
+    .bind(&event.payload)
     .bind(headers)
+    .bind(event.written.fingerprint)
+    .bind(event.written.schema.as_ref())
+    .bind(&event.written.body)
     .fetch_one(conn)
     .await
 }

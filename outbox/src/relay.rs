@@ -1,7 +1,8 @@
 //! The relay: publishes committed outbox rows to Kafka.
 //!
 //! One [`Relay::step`] is one transaction: take the relay lock, claim the oldest pending rows
-//! (`FOR UPDATE`), encode them (Confluent wire format), hand them to the idempotent producer,
+//! (`FOR UPDATE`), frame each row's body (written under its writer's contract) with the registry
+//! id of that contract (Confluent wire format), hand them to the idempotent producer,
 //! await the acknowledgements, mark the acknowledged rows published and commit. A row Kafka did
 //! not acknowledge stays pending and is published again later.
 //!
@@ -115,10 +116,23 @@ struct Pending {
     id: i64,
     topic: String,
     key: String,
-    event: Event,
+    /// The record's full name, as its writer named it.
+    event_type: String,
+    event_id: uuid::Uuid,
+    content: Content,
     headers: TraceHeaders,
     /// When the writer inserted the row (milliseconds since the epoch).
     created_ms: f64,
+}
+
+/// What a row holds of its event.
+enum Content {
+    /// The Avro body under the writer's contract, [`keel_schemas::codec::fingerprint`] of that
+    /// contract (in `outbox.schemas`): moved as written, whatever contracts this build knows.
+    Written { fingerprint: i64, body: Vec<u8> },
+    /// A row written before the outbox carried the writer's contract: JSON of an [`Event`] of
+    /// this build's, encoded here.
+    Json(Event),
 }
 
 impl Pending {
@@ -157,7 +171,8 @@ fn publish_span(row: &Pending, event_id: &str) -> tracing::Span {
 /// discarded). With [`MARK`], the SQL of a step; `make bench` times the two alone as the relay's
 /// database baseline.
 pub const CLAIM: &str =
-    "SELECT e.id, e.topic, e.message_key, e.payload::text AS payload, e.headers::text AS headers,
+    "SELECT e.id, e.topic, e.message_key, e.event_type, e.event_id, e.body, e.schema_fingerprint,
+        CASE WHEN e.body IS NULL THEN e.payload::text END AS payload, e.headers::text AS headers,
         extract(epoch FROM e.created_at)::float8 * 1000 AS created_ms
    FROM outbox.events e
   WHERE e.published_at IS NULL AND e.failed_at IS NULL
@@ -168,20 +183,28 @@ pub const CLAIM: &str =
 
 /// A claimed row, or why it can never be published.
 fn parse(row: &sqlx::postgres::PgRow) -> Result<Pending, String> {
-    let payload: String = row.get("payload");
     let headers: String = row.get("headers");
-    let (event, headers) = serde_json::from_str::<Event>(&payload)
-        .map_err(|e| format!("payload is not a known event: {e}"))
-        .and_then(|event| {
-            serde_json::from_str::<TraceHeaders>(&headers)
-                .map(|h| (event, h))
-                .map_err(|e| format!("headers are not a string map: {e}"))
-        })?;
+    let headers = serde_json::from_str::<TraceHeaders>(&headers)
+        .map_err(|e| format!("headers are not a string map: {e}"))?;
+    let body: Option<Vec<u8>> = row.get("body");
+    let fingerprint: Option<i64> = row.get("schema_fingerprint");
+    let content = match (body, fingerprint) {
+        (Some(body), Some(fingerprint)) => Content::Written { fingerprint, body },
+        (Some(_), None) => return Err("the row has a body but no schema_fingerprint".to_owned()),
+        (None, _) => {
+            let payload: Option<String> = row.get("payload");
+            let event = serde_json::from_str::<Event>(payload.as_deref().unwrap_or("null"))
+                .map_err(|e| format!("payload is not a known event: {e}"))?;
+            Content::Json(event)
+        }
+    };
     Ok(Pending {
         id: row.get("id"),
         topic: row.get("topic"),
         key: row.get("message_key"),
-        event,
+        event_type: row.get("event_type"),
+        event_id: row.get("event_id"),
+        content,
         headers,
         created_ms: row.get("created_ms"),
     })
@@ -321,6 +344,8 @@ pub struct Relay {
     reporter: Reporter,
     /// Set only by [`testing::crash_before_mark`].
     crash_before_mark: bool,
+    /// Registry ids of the writers' schemas, per topic and fingerprint.
+    schema_ids: std::sync::Mutex<std::collections::HashMap<(String, i64), u32>>,
 }
 
 /// What a step knows while it sends: what was set aside, what failed, which streams may not go
@@ -369,6 +394,7 @@ impl Relay {
             fatal,
             reporter,
             crash_before_mark: false,
+            schema_ids: Default::default(),
         })
     }
 
@@ -411,16 +437,23 @@ impl Relay {
     /// whole wave is in flight at once. `Err` is the row's fate when it never reached the
     /// producer.
     async fn send(&self, row: &Pending) -> Result<Sent, Fate> {
-        let value = match self.encoder.encode(&row.topic, &row.event).await {
+        let encoded = match &row.content {
+            Content::Written { fingerprint, body } => self
+                .schema_id(&row.topic, &row.event_type, *fingerprint)
+                .await
+                .map(|id| [&[0u8][..], &id.to_be_bytes(), body].concat()),
+            Content::Json(event) => self.encoder.encode(&row.topic, event).await,
+        };
+        let value = match encoded {
             Ok(value) => value,
             Err(e) if e.transient => return Err(Fate::Failed(e.to_string())),
             Err(e) => return Err(Fate::SetAside(e.to_string())),
         };
-        let event_id = row.event.event_id().to_string();
+        let event_id = row.event_id.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(2 + row.headers.len())
             .insert(Header {
                 key: "keel-event-type",
-                value: Some(row.event.name()),
+                value: Some(row.event_type.as_str()),
             })
             .insert(Header {
                 key: "keel-event-id",
@@ -462,6 +495,51 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// The registry id of the writer's schema `fingerprint` under its subject on `topic`: the
+    /// schema from `outbox.schemas`, registered (or found) once per process.
+    async fn schema_id(
+        &self,
+        topic: &str,
+        record: &str,
+        fingerprint: i64,
+    ) -> Result<u32, EncodeError> {
+        let key = (topic.to_owned(), fingerprint);
+        if let Some(id) = self
+            .schema_ids
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).copied())
+        {
+            return Ok(id);
+        }
+        let refused = |message: String, transient: bool| EncodeError {
+            record: record.to_owned(),
+            topic: topic.to_owned(),
+            message,
+            transient,
+        };
+        let found: Option<(String, String)> =
+            sqlx::query_as("SELECT record, schema FROM outbox.schemas WHERE fingerprint = $1")
+                .bind(fingerprint)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| refused(format!("reading the writer's schema: {e}"), true))?;
+        let (record, schema) = found.ok_or_else(|| {
+            refused(
+                format!("the writer's schema {fingerprint:016x} is not in outbox.schemas"),
+                false,
+            )
+        })?;
+        let id = self
+            .encoder
+            .id_for(topic, &record, fingerprint, &schema)
+            .await?;
+        if let Ok(mut m) = self.schema_ids.lock() {
+            m.insert(key, id);
+        }
+        Ok(id)
     }
 
     /// Hands `row` to the producer unless its stream stopped in this step; a row refused before

@@ -281,7 +281,8 @@ async fn a_row_that_can_never_be_published_is_set_aside_and_holds_back_only_its_
     let h = Harness::start().await;
     let topic = TestTopic::new("orders", 1).await;
     let expected = h.enqueue_orders(&topic.name, 2, &TraceHeaders::new()).await;
-    sqlx::query("UPDATE outbox.events SET payload = '{\"NoSuchEvent\": {}}' WHERE id = (SELECT min(id) FROM outbox.events)")
+    // A row of the older format (JSON only) that no build knows.
+    sqlx::query("UPDATE outbox.events SET payload = '{\"NoSuchEvent\": {}}', body = NULL, schema_fingerprint = NULL WHERE id = (SELECT min(id) FROM outbox.events)")
         .execute(&h.pool)
         .await
         .unwrap();
@@ -433,4 +434,168 @@ async fn a_relay_frozen_mid_step_lets_go_and_another_publishes_within_the_docume
     })
     .await;
     assert_delivered_in_order(&h.registry_url, &messages, &expected).await;
+}
+
+/// `event`'s body under `schema` (another build's contract for its record): the fields `schema`
+/// lacks are left out, `extra` added.
+fn written_under(
+    event: &Event,
+    schema: &str,
+    extra: Vec<(String, apache_avro::types::Value)>,
+) -> keel_schemas::Written {
+    let parsed = apache_avro::Schema::parse_str(schema).unwrap();
+    let apache_avro::Schema::Record(record) = &parsed else {
+        panic!("a record schema");
+    };
+    let apache_avro::types::Value::Record(mut fields) =
+        apache_avro::to_value(keel_schemas::events::Payload(event)).unwrap()
+    else {
+        panic!("an event is a record");
+    };
+    fields.retain(|(name, _)| record.fields.iter().any(|f| &f.name == name));
+    fields.extend(extra);
+    let value = apache_avro::types::Value::Record(fields)
+        .resolve(&parsed)
+        .unwrap();
+    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&parsed)
+        .build()
+        .unwrap()
+        .write_value_to_vec(value)
+        .unwrap();
+    keel_schemas::Written {
+        record: event.name().into(),
+        schema: schema.to_owned().into(),
+        fingerprint: keel_schemas::codec::fingerprint(&parsed),
+        body,
+    }
+}
+
+/// Enqueues `event` as a writer of another build would, under `written`.
+async fn enqueue_as_other_build(
+    h: &Harness,
+    topic: &str,
+    event: &Event,
+    written: keel_schemas::Written,
+) {
+    let mut tx = h.pool.begin().await.unwrap();
+    keel_outbox::enqueue_written(
+        &mut tx,
+        topic,
+        &keel_outbox::Outgoing {
+            key: event.aggregate_id().to_string(),
+            event_id: event.event_id(),
+            written,
+            payload: serde_json::json!({"written by": "another build"}),
+        },
+        &TraceHeaders::new(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// The writer's schema of a published record, as the registry has it.
+async fn writers_schema(h: &Harness, record: &OwnedMessage) -> serde_json::Value {
+    let bytes = record.payload().unwrap();
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let answer: serde_json::Value = reqwest::get(format!("{}/schemas/ids/{id}", h.registry_url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    serde_json::from_str(answer["schema"].as_str().unwrap()).unwrap()
+}
+
+fn field_names(schema: &serde_json::Value) -> Vec<&str> {
+    schema["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_row_an_older_build_wrote_is_published_under_its_contract_and_read_with_defaults() {
+    let h = Harness::start().await;
+    let topic = TestTopic::new("orders", 1).await;
+    // An order service of version 1 of OrderCreated, which has no `channel`, during a rolling
+    // deploy to this build.
+    let v1 = include_str!("../../schemas/published/keel.orders.OrderCreated/v1.avsc");
+    let mut event = lifecycle(0).remove(0);
+    if let Event::OrderCreated(created) = &mut event {
+        created.channel = "not written".into();
+    }
+    enqueue_as_other_build(&h, &topic.name, &event, written_under(&event, v1, vec![])).await;
+    assert_eq!(h.relay(10).step().await.unwrap(), Step::Published(1));
+
+    let records = read_topic(&topic.name, Duration::from_secs(30), |m| !m.is_empty()).await;
+    let schema = writers_schema(&h, &records[0]).await;
+    assert!(!field_names(&schema).contains(&"channel"), "{schema}");
+    // This build reads it with its own contract: the field v1 lacks takes its default.
+    let read = Decoder::new(&h.registry_url)
+        .unwrap()
+        .decode(records[0].payload())
+        .await
+        .unwrap();
+    if let Event::OrderCreated(created) = &mut event {
+        created.channel = "web".into();
+    }
+    assert_eq!(read, event);
+}
+
+#[tokio::test]
+async fn a_row_a_newer_build_wrote_is_published_with_every_field_its_writer_set() {
+    let h = Harness::start().await;
+    let topic = TestTopic::new("orders", 1).await;
+    // A newer order service's OrderCreated: this build's contract and a field more.
+    let mut v3: serde_json::Value =
+        serde_json::from_str(<OrderCreated as keel_schemas::events::Contract>::SCHEMA).unwrap();
+    v3["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "gift_note", "type": "string", "default": ""}));
+    let v3 = v3.to_string();
+    let event = lifecycle(0).remove(0);
+    let note = (
+        "gift_note".to_owned(),
+        apache_avro::types::Value::String("for you".into()),
+    );
+    enqueue_as_other_build(
+        &h,
+        &topic.name,
+        &event,
+        written_under(&event, &v3, vec![note]),
+    )
+    .await;
+    assert_eq!(h.relay(10).step().await.unwrap(), Step::Published(1));
+
+    let records = read_topic(&topic.name, Duration::from_secs(30), |m| !m.is_empty()).await;
+    let schema = writers_schema(&h, &records[0]).await;
+    assert!(field_names(&schema).contains(&"gift_note"), "{schema}");
+    // What the writer set is on the topic, for the builds that know the field.
+    let parsed = apache_avro::Schema::parse_str(&v3).unwrap();
+    let value = apache_avro::reader::datum::GenericDatumReader::builder(&parsed)
+        .build()
+        .unwrap()
+        .read_value(&mut &records[0].payload().unwrap()[5..])
+        .unwrap();
+    let apache_avro::types::Value::Record(fields) = value else {
+        panic!("a record");
+    };
+    assert!(
+        fields.contains(&(
+            "gift_note".to_owned(),
+            apache_avro::types::Value::String("for you".into())
+        )),
+        "{fields:?}"
+    );
+    // And this build reads it as the event it knows.
+    let read = Decoder::new(&h.registry_url)
+        .unwrap()
+        .decode(records[0].payload())
+        .await
+        .unwrap();
+    assert_eq!(read, event);
 }

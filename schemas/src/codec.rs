@@ -4,6 +4,7 @@
 //! start-up through [`Encoder::prepare`]) and caches the id; [`Decoder`] fetches writer schemas by
 //! id and caches them, so a running consumer keeps decoding while the registry is briefly away.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
@@ -23,16 +24,16 @@ use crate::events::{CONTRACTS, Event, Payload};
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode {record} for topic {topic}: {message}")]
 pub struct EncodeError {
-    pub record: &'static str,
+    pub record: String,
     pub topic: String,
     pub message: String,
     pub transient: bool,
 }
 
 impl EncodeError {
-    fn new(record: &'static str, topic: &str, e: &SRCError) -> Self {
+    fn new(record: &str, topic: &str, e: &SRCError) -> Self {
         Self {
-            record,
+            record: record.to_owned(),
             topic: topic.to_owned(),
             message: describe(e),
             transient: transient(e),
@@ -220,11 +221,35 @@ impl Encoder {
             .map_err(|e| self.failed(event.name(), topic, &e))
     }
 
+    /// The registry id of `schema` (record `record`, written by some build, not necessarily this
+    /// one) under its subject on `topic`, registering it if the registry does not have it there
+    /// yet: the id a body written under that schema is framed with. Cached per subject and
+    /// schema (`fingerprint`).
+    pub async fn id_for(
+        &self,
+        topic: &str,
+        record: &str,
+        fingerprint: i64,
+        schema: &str,
+    ) -> Result<u32, EncodeError> {
+        let subject = crate::subject(topic, record);
+        let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+            topic.to_owned(),
+            SuppliedSchema::new(Some(record.to_owned()), SchemaType::Avro, schema.to_owned()),
+        );
+        let registered = self
+            .inner
+            .get_schema_and_id(&format!("{subject}@{fingerprint:016x}"), strategy)
+            .await
+            .map_err(|e| self.failed(record, topic, &e))?;
+        Ok(registered.id)
+    }
+
     /// The error of a registry call. The crate caches errors it deems final, a 401 or a refused
     /// schema among them; none may stay cached: keel retries a transient one, and an operator
     /// retries a row set aside for a permanent one once its cause is fixed (fixed credentials, a
     /// compatibility level relaxed), which must ask the registry again.
-    fn failed(&self, record: &'static str, topic: &str, e: &SRCError) -> EncodeError {
+    fn failed(&self, record: &str, topic: &str, e: &SRCError) -> EncodeError {
         self.inner.remove_errors_from_cache();
         EncodeError::new(record, topic, e)
     }
@@ -291,17 +316,79 @@ fn schema_id(bytes: &[u8]) -> u32 {
     u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]])
 }
 
-/// This build's contract for record `name`, parsed once.
-fn reader_schema(name: &str) -> Option<&'static apache_avro::Schema> {
-    static SCHEMAS: OnceLock<HashMap<&'static str, apache_avro::Schema>> = OnceLock::new();
+/// One of this build's contracts, parsed once.
+struct Parsed {
+    schema: apache_avro::Schema,
+    /// CRC-64-AVRO (Rabin) of the schema's Parsing Canonical Form, as a signed 64-bit number.
+    fingerprint: i64,
+}
+
+/// This build's contract for record `name`.
+fn contract(name: &str) -> Option<&'static Parsed> {
+    static SCHEMAS: OnceLock<HashMap<&'static str, Parsed>> = OnceLock::new();
     SCHEMAS
         .get_or_init(|| {
             CONTRACTS
                 .iter()
-                .filter_map(|c| Some((c.name, apache_avro::Schema::parse_str(c.schema).ok()?)))
+                .filter_map(|c| {
+                    let schema = apache_avro::Schema::parse_str(c.schema).ok()?;
+                    let fingerprint = fingerprint(&schema);
+                    Some((
+                        c.name,
+                        Parsed {
+                            schema,
+                            fingerprint,
+                        },
+                    ))
+                })
                 .collect()
         })
         .get(name)
+}
+
+/// CRC-64-AVRO (Rabin) of `schema`'s Parsing Canonical Form, as a signed 64-bit number.
+pub fn fingerprint(schema: &apache_avro::Schema) -> i64 {
+    let bytes = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
+    let mut eight = [0u8; 8];
+    for (to, from) in eight.iter_mut().zip(bytes) {
+        *to = from;
+    }
+    i64::from_le_bytes(eight)
+}
+
+fn reader_schema(name: &str) -> Option<&'static apache_avro::Schema> {
+    contract(name).map(|c| &c.schema)
+}
+
+/// An event's Avro body under this build's contract, with that contract: what the outbox
+/// stores, so that the relay publishes the record as its writer wrote it, whatever contracts
+/// the relay's own build knows.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The record's full name.
+    pub record: Cow<'static, str>,
+    /// The writer's schema, as the writer build's `.avsc` has it.
+    pub schema: Cow<'static, str>,
+    /// [`fingerprint`] of `schema`.
+    pub fingerprint: i64,
+    /// The Avro binary body (no framing).
+    pub body: Vec<u8>,
+}
+
+/// `event` written under this build's contract for it.
+pub fn write(event: &Event) -> Result<Written, String> {
+    let contract = contract(event.name())
+        .ok_or_else(|| format!("{}: this build's contract does not parse", event.name()))?;
+    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&contract.schema)
+        .build()
+        .and_then(|w| w.write_ser_to_vec(&Payload(event)))
+        .map_err(|e| format!("{} does not fit its contract: {e}", event.name()))?;
+    Ok(Written {
+        record: Cow::Borrowed(event.name()),
+        schema: Cow::Borrowed(event.schema()),
+        fingerprint: contract.fingerprint,
+        body,
+    })
 }
 
 /// Builds the [`Event`] for a decoded record named `name`.

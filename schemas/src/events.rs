@@ -157,8 +157,9 @@ mod uuid_string {
 /// variant shares: one list to extend when a contract is added.
 macro_rules! events {
     ($($ty:ident),+ $(,)?) => {
-        /// Every event keel knows. The outbox stores an `Event` as JSON; the relay encodes it with
-        /// the variant's schema; consumers decode into it by the writer schema's record name.
+        /// Every event keel knows. The outbox stores an `Event` as its Avro body under the
+        /// variant's schema ([`crate::write`]), which the relay publishes as written; consumers
+        /// decode into it by the writer schema's record name.
         #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         pub enum Event {
             $($ty($ty),)+
