@@ -100,6 +100,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "Listen address of the order service's HTTP API",
     ),
     (
+        "KEEL_IDEMPOTENCY_KEY_TTL_SECS",
+        "86400",
+        "How long the order service keeps the answer to a request with an Idempotency-Key: a retry within it replays the answer, a later one is a new request; expired keys are deleted in slices",
+    ),
+    (
         "KEEL_REGISTRY_ADDR",
         "127.0.0.1:8081",
         "Listen address of keel's own schema registry",
@@ -238,6 +243,8 @@ pub struct Settings {
     pub admin_addr: Option<SocketAddr>,
     pub liveness_timeout: Duration,
     pub order_service_addr: SocketAddr,
+    /// How long an `Idempotency-Key`'s answer is kept (`KEEL_IDEMPOTENCY_KEY_TTL_SECS`).
+    pub idempotency_ttl: Duration,
     pub registry_addr: SocketAddr,
     /// What keel's own registry requires of every request (`KEEL_REGISTRY_BASIC_AUTH`); `None`:
     /// nothing.
@@ -438,6 +445,7 @@ impl Settings {
             admin_addr: source.parse_optional("KEEL_ADMIN_ADDR")?,
             liveness_timeout: Duration::from_secs(source.parse("KEEL_LIVENESS_TIMEOUT_SECS")?),
             order_service_addr: source.parse("KEEL_ORDER_SERVICE_ADDR")?,
+            idempotency_ttl: Duration::from_secs(source.parse("KEEL_IDEMPOTENCY_KEY_TTL_SECS")?),
             registry_addr: source.parse("KEEL_REGISTRY_ADDR")?,
             registry_auth: source.parse_optional("KEEL_REGISTRY_BASIC_AUTH")?,
             relay: RelaySettings {
@@ -497,6 +505,7 @@ impl Settings {
                 "KEEL_ORDER_SERVICE_ADDR",
                 self.order_service_addr.to_string(),
             ),
+            ("KEEL_IDEMPOTENCY_KEY_TTL_SECS", secs(self.idempotency_ttl)),
             ("KEEL_REGISTRY_ADDR", self.registry_addr.to_string()),
             (
                 "KEEL_REGISTRY_BASIC_AUTH",

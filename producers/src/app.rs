@@ -59,7 +59,13 @@ pub struct Application {
     router: axum::Router,
     /// Cancelled when shutdown begins, so that `/ready` fails while requests drain.
     stopping: CancellationToken,
+    /// Where expired idempotency keys are deleted, and after how long.
+    pool: sqlx::PgPool,
+    idempotency_ttl: std::time::Duration,
 }
+
+/// How often expired idempotency keys are deleted.
+const CLEAN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// API requests in progress at most. Past it the service answers 503 at once rather than
 /// queueing: memory stays bounded under overload, and clients back off instead of timing out.
@@ -134,6 +140,7 @@ impl Application {
             pool,
             topic: Arc::from(s.topics.orders.as_str()),
             cache,
+            idempotency_ttl: s.idempotency_ttl,
         };
         let stopping = CancellationToken::new();
         let checks = keel_core::health::Checks::new(stopping.clone(), s.liveness_timeout)
@@ -141,6 +148,8 @@ impl Application {
         Ok(Self {
             listener,
             stopping,
+            pool: state.pool.clone(),
+            idempotency_ttl: s.idempotency_ttl,
             router: router(state)
                 .route_layer(axum::middleware::from_fn_with_state(
                     Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
@@ -166,12 +175,29 @@ impl Application {
     pub async fn run_until(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "Order service listening");
         let stopping = self.stopping.clone();
-        axum::serve(self.listener, self.router)
+        let (pool, ttl, stop) = (self.pool, self.idempotency_ttl, shutdown.clone());
+        let cleaner = tokio::spawn(async move {
+            let mut every = tokio::time::interval(CLEAN_EVERY);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => match crate::idempotency::clean(&pool, ttl).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(deleted = n, "Expired idempotency keys deleted"),
+                        Err(e) => tracing::warn!(error = %e, "Cannot delete expired idempotency keys"),
+                    },
+                }
+            }
+        });
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move {
                 shutdown.cancelled().await;
                 stopping.cancel();
             })
-            .await?;
+            .await;
+        cleaner.abort();
+        let _ = cleaner.await;
+        served?;
         Ok(())
     }
 }

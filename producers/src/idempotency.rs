@@ -4,7 +4,10 @@
 //! advisory lock until the first one commits, then find its stored answer and [`Begun::Replay`]
 //! it (with `Idempotent-Replayed: true`); the first one [`Begun::Proceed`]s and [`record`]s its
 //! answer in the same transaction as its effect, so an answer is stored exactly when the effect
-//! committed. The same key with a different body is refused, naming the header.
+//! committed. The same key with a different body is refused, naming the header. `POST /orders`,
+//! `/orders/{id}/pay` and `/orders/{id}/cancel` take a key (a retried payment replays its first
+//! answer instead of a 409). An answer is kept for `KEEL_IDEMPOTENCY_KEY_TTL_SECS`; after that
+//! the key is new again, and [`clean`] deletes expired keys in slices.
 
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -42,16 +45,23 @@ pub enum Begun {
 }
 
 /// Takes the key's lock in `tx` and looks for the answer of an earlier request with it.
-pub async fn begin(tx: &mut PgConnection, key: &str, request: &Value) -> Result<Begun, ApiError> {
+pub async fn begin(
+    tx: &mut PgConnection,
+    key: &str,
+    request: &Value,
+    ttl: std::time::Duration,
+) -> Result<Begun, ApiError> {
     // Requests with one key queue here until the first commits; then they find its answer.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.idempotency.' || $1))")
         .bind(key)
         .execute(&mut *tx)
         .await?;
     let stored = sqlx::query(
-        "SELECT request, status_code, response FROM orders.idempotency_keys WHERE key = $1",
+        "SELECT request, status_code, response FROM orders.idempotency_keys
+          WHERE key = $1 AND created_at > now() - make_interval(secs => $2)",
     )
     .bind(key)
+    .bind(ttl.as_secs_f64())
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = stored else {
@@ -67,24 +77,23 @@ pub async fn begin(tx: &mut PgConnection, key: &str, request: &Value) -> Result<
     let status =
         StatusCode::from_u16(row.get::<i16, _>("status_code") as u16).unwrap_or(StatusCode::OK);
     let body: Value = row.get("response");
-    let location = body["id"]
-        .as_str()
-        .map(|id| format!("/orders/{id}"))
-        .unwrap_or_default();
-    Ok(Begun::Replay(
-        (
-            status,
-            [
-                (header::LOCATION, location),
-                (
-                    header::HeaderName::from_static("idempotent-replayed"),
-                    "true".into(),
-                ),
-            ],
-            Json(body),
-        )
-            .into_response(),
-    ))
+    let mut answer = (
+        status,
+        [(
+            header::HeaderName::from_static("idempotent-replayed"),
+            "true",
+        )],
+        Json(&body),
+    )
+        .into_response();
+    if status == StatusCode::CREATED
+        && let Some(location) = body["id"]
+            .as_str()
+            .and_then(|id| header::HeaderValue::from_str(&format!("/orders/{id}")).ok())
+    {
+        answer.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(Begun::Replay(answer))
 }
 
 /// Stores the answer to the key's first request, in the transaction of its effect.
@@ -95,8 +104,11 @@ pub async fn record(
     status: StatusCode,
     response: &Value,
 ) -> Result<(), sqlx::Error> {
+    // A row still there is an expired one (`begin` found none in time): the key is new again.
     sqlx::query(
-        "INSERT INTO orders.idempotency_keys (key, request, status_code, response) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO orders.idempotency_keys (key, request, status_code, response) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (key) DO UPDATE SET request = EXCLUDED.request, status_code = EXCLUDED.status_code,
+             response = EXCLUDED.response, created_at = now()",
     )
     .bind(key)
     .bind(request)
@@ -105,4 +117,29 @@ pub async fn record(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// Keys deleted per statement by [`clean`].
+const CLEAN_SLICE: i64 = 1000;
+
+/// Deletes the keys older than `ttl`, a slice at a time (short statements, no long lock on the
+/// table); how many it deleted.
+pub async fn clean(pool: &sqlx::PgPool, ttl: std::time::Duration) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM orders.idempotency_keys WHERE key IN (
+                 SELECT key FROM orders.idempotency_keys
+                  WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2)",
+        )
+        .bind(ttl.as_secs_f64())
+        .bind(CLEAN_SLICE)
+        .execute(pool)
+        .await?
+        .rows_affected();
+        deleted += n;
+        if n < CLEAN_SLICE as u64 {
+            return Ok(deleted);
+        }
+    }
 }

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, SubsecRound, Utc};
 use keel_core::telemetry::{self, TraceHeaders};
 use keel_schemas::{Event, OrderCancelled, OrderCreated, OrderLine, OrderPaid};
+use serde_json::json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -27,6 +28,8 @@ pub struct AppState {
     pub topic: Arc<str>,
     /// Read-through cache of `GET /orders/{id}`; `None` reads PostgreSQL every time.
     pub cache: Option<Arc<keel_core::cache::OrderCache>>,
+    /// How long an `Idempotency-Key`'s answer is replayed.
+    pub idempotency_ttl: std::time::Duration,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -67,7 +70,8 @@ async fn create_order(
 
     let mut tx = state.pool.begin().await?;
     if let Some(key) = &key
-        && let Begun::Replay(answer) = idempotency::begin(&mut tx, key, &request).await?
+        && let Begun::Replay(answer) =
+            idempotency::begin(&mut tx, key, &request, state.idempotency_ttl).await?
     {
         return Ok(answer);
     }
@@ -253,15 +257,17 @@ async fn pay_order(
     Path(id): Path<String>,
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<Payment>,
-) -> Result<Json<Order>, ApiError> {
-    let reference = domain::optional_text(
+) -> Result<Response, ApiError> {
+    let given = domain::optional_text(
         "payment_reference",
         body.unwrap_or_default().payment_reference.as_deref(),
         100,
     )
-    .map_err(ApiError::Invalid)?
-    .unwrap_or_else(|| format!("pay-{}", Uuid::new_v4().simple()));
-    transition(&state, &id, &headers, Status::Paid, |order| {
+    .map_err(ApiError::Invalid)?;
+    // What a retry with the same Idempotency-Key must repeat.
+    let request = json!({"pay": id, "payment_reference": given});
+    let reference = given.unwrap_or_else(|| format!("pay-{}", Uuid::new_v4().simple()));
+    transition(&state, &id, &headers, &request, Status::Paid, |order| {
         order.payment_reference = Some(reference.clone());
         Event::OrderPaid(OrderPaid {
             event_id: Uuid::now_v7(),
@@ -282,36 +288,55 @@ async fn cancel_order(
     Path(id): Path<String>,
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<Cancellation>,
-) -> Result<Json<Order>, ApiError> {
+) -> Result<Response, ApiError> {
     let reason = domain::optional_text("reason", body.unwrap_or_default().reason.as_deref(), 500)
         .map_err(ApiError::Invalid)?;
-    transition(&state, &id, &headers, Status::Cancelled, |order| {
-        order.cancel_reason = reason.clone();
-        Event::OrderCancelled(OrderCancelled {
-            event_id: Uuid::now_v7(),
-            occurred_at: order.updated_at.timestamp_millis(),
-            order_id: order.id,
-            order_version: order.version,
-            customer_id: order.customer.id.clone(),
-            reason: reason.clone(),
-            lines: order.lines.clone(),
-        })
-    })
+    let request = json!({"cancel": id, "reason": reason});
+    transition(
+        &state,
+        &id,
+        &headers,
+        &request,
+        Status::Cancelled,
+        |order| {
+            order.cancel_reason = reason.clone();
+            Event::OrderCancelled(OrderCancelled {
+                event_id: Uuid::now_v7(),
+                occurred_at: order.updated_at.timestamp_millis(),
+                order_id: order.id,
+                order_version: order.version,
+                customer_id: order.customer.id.clone(),
+                reason: reason.clone(),
+                lines: order.lines.clone(),
+            })
+        },
+    )
     .await
 }
 
 /// Moves an order to `to` under its row lock, bumping its version, with the event `make` builds
 /// from the updated order, in one transaction.
+/// Moves the order to `to` with the event `make` builds. With an `Idempotency-Key`, a retry of
+/// `request` (the route, the order and what the body asked) replays the first answer instead
+/// of answering 409 for a transition already made.
 async fn transition(
     state: &AppState,
     id: &str,
     headers: &HeaderMap,
+    request: &serde_json::Value,
     to: Status,
     make: impl FnOnce(&mut Order) -> Event,
-) -> Result<Json<Order>, ApiError> {
+) -> Result<Response, ApiError> {
     let uuid = parse_id(id)?;
+    let key = idempotency::key(headers)?;
     let trace = trace_context(headers);
     let mut tx = state.pool.begin().await?;
+    if let Some(key) = &key
+        && let Begun::Replay(answer) =
+            idempotency::begin(&mut tx, key, request, state.idempotency_ttl).await?
+    {
+        return Ok(answer);
+    }
     let mut order = load_order(&mut tx, uuid, true)
         .await?
         .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
@@ -335,7 +360,11 @@ async fn transition(
     .execute(&mut *tx)
     .await?;
     keel_outbox::enqueue(&mut tx, &state.topic, &event, &trace).await?;
+    if let Some(key) = &key {
+        let body = serde_json::to_value(&order).map_err(|e| ApiError::Unexpected(e.into()))?;
+        idempotency::record(&mut tx, key, request, StatusCode::OK, &body).await?;
+    }
     tx.commit().await?;
     tracing::info!(order_id = %uuid, status = to.as_str(), version = order.version, "Order updated");
-    Ok(Json(order))
+    Ok(Json(order).into_response())
 }

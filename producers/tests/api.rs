@@ -340,6 +340,96 @@ async fn a_retried_request_with_the_same_idempotency_key_creates_nothing_new() {
     assert_eq!(app.count("outbox.events").await, 2);
 }
 
+/// `POST path` with `Idempotency-Key: key`: status, whether it was a replay, body.
+async fn post_keyed(app: &App, path: &str, key: &str, body: &Value) -> (StatusCode, bool, Value) {
+    let resp = app
+        .http
+        .post(format!("{}{path}", app.url))
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status(),
+        resp.headers().get("idempotent-replayed").is_some(),
+        resp.json::<Value>().await.unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_retried_payment_or_cancellation_with_its_key_replays_the_first_answer() {
+    let app = spawn_app().await;
+    let (_, paid) = app.post("/orders", &order()).await;
+    let (_, cancelled) = app.post("/orders", &order()).await;
+    let pay = format!("/orders/{}/pay", paid["id"].as_str().unwrap());
+    let cancel = format!("/orders/{}/cancel", cancelled["id"].as_str().unwrap());
+
+    let (s1, r1, first) = post_keyed(&app, &pay, "pay-1", &json!({})).await;
+    let (s2, r2, again) = post_keyed(&app, &pay, "pay-1", &json!({})).await;
+    assert_eq!((s1, r1), (StatusCode::OK, false), "{first}");
+    assert_eq!(
+        (s2, r2),
+        (StatusCode::OK, true),
+        "a retry replays, not 409: {again}"
+    );
+    assert_eq!(first, again);
+    assert_eq!(first["status"], "paid");
+    // Without the key, paying twice is the conflict it always was.
+    assert_eq!(app.post(&pay, &json!({})).await.0, StatusCode::CONFLICT);
+    // The key names one request: another body, or another route, is refused.
+    let (status, _, body) =
+        post_keyed(&app, &pay, "pay-1", &json!({"payment_reference": "x"})).await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("Idempotency-Key"))
+    );
+
+    let reason = json!({"reason": "changed my mind"});
+    let (s1, _, first) = post_keyed(&app, &cancel, "cancel-1", &reason).await;
+    let (s2, replayed, again) = post_keyed(&app, &cancel, "cancel-1", &reason).await;
+    assert_eq!((s1, s2, replayed), (StatusCode::OK, StatusCode::OK, true));
+    assert_eq!(first, again);
+    assert_eq!(
+        app.count("outbox.events").await,
+        4,
+        "two creations, one payment, one cancellation"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_idempotency_key_is_a_new_request_and_is_deleted() {
+    let app = spawn_app().await;
+    let (_, _, first) = post_keyed(&app, "/orders", "old", &order()).await;
+    post_keyed(&app, "/orders", "fresh", &order()).await;
+    // The first key's answer is older than the default time to live (a day).
+    sqlx::query("UPDATE orders.idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'old'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (status, replayed, second) = post_keyed(&app, "/orders", "old", &order()).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    assert_ne!(first["id"], second["id"], "a new order");
+    assert_eq!(app.count("orders.orders").await, 3);
+
+    sqlx::query("UPDATE orders.idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'fresh'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let ttl = keel_core::Settings::local().idempotency_ttl;
+    assert_eq!(
+        keel_producers::idempotency::clean(&app.pool, ttl)
+            .await
+            .unwrap(),
+        1
+    );
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM orders.idempotency_keys")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["old".to_owned()]);
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics_answer() {
     let app = spawn_app().await;
