@@ -158,6 +158,11 @@ pub enum AnalyticsCommand {
         /// Give up (leaving the live warehouse untouched) after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
+        /// Swap even if the live warehouse holds facts the rebuild does not (orders placed
+        /// before --from, or before retention deleted the log's start, or facts written by
+        /// hand): they are dropped. Without it, such a rebuild is refused, naming them.
+        #[arg(long)]
+        drop_missing: bool,
         #[arg(long, value_enum, default_value = "table")]
         output: ops::Output,
     },

@@ -65,8 +65,12 @@ pub async fn run(command: Command, s: &Settings) -> Result<(), Failure> {
         Command::Analytics(AnalyticsCommand::Rebuild {
             from,
             timeout,
+            drop_missing,
             output,
-        }) => rebuild::rebuild(s, &from, std::time::Duration::from_secs(timeout), output).await?,
+        }) => {
+            let timeout = std::time::Duration::from_secs(timeout);
+            rebuild::rebuild(s, &from, timeout, drop_missing, output).await?
+        }
         Command::Outbox(OutboxCommand::Status { output }) => ops::outbox_status(s, output).await?,
         Command::Outbox(OutboxCommand::Retry { ids, all, output }) => {
             ops::outbox_retry(s, &ids, all, output).await?

@@ -11,7 +11,9 @@
 //!    them, stops the rebuild's consumer and swaps the schemas (see `keel_consumers::analytics`).
 //!
 //! Nothing the live group applied is lost: the swap refuses while the rebuild lacks one of its
-//! events. Interrupted before the swap, the live warehouse is untouched and the next rebuild
+//! events, and, unless `--drop-missing`, while the live warehouse holds a fact the rebuild does
+//! not (an order placed before `--from`, or before retention deleted the log's start), naming
+//! the orders. Interrupted before the swap, the live warehouse is untouched and the next rebuild
 //! starts afresh.
 
 use std::io::IsTerminal;
@@ -81,6 +83,7 @@ pub async fn rebuild(
     s: &Settings,
     from: &From,
     timeout: Duration,
+    drop_missing: bool,
     output: Output,
 ) -> Result<(), Failure> {
     if matches!(from, From::Latest | From::Offset(_)) {
@@ -191,6 +194,20 @@ pub async fn rebuild(
         }
         stop.cancel();
         (&mut running).await.context("the rebuild's consumer")??;
+        if !drop_missing {
+            let lost = analytics::lost_by_rebuild(&mut tx).await?;
+            if !lost.is_empty() {
+                let shown: Vec<String> = lost.iter().take(10).map(ToString::to_string).collect();
+                anyhow::bail!(
+                    "the rebuild lacks facts of {} order(s) the live warehouse holds (placed before \
+                     --from, before retention deleted the log's start, or written by hand): {}{}; \
+                     not swapping (--drop-missing swaps anyway and drops them)",
+                    lost.len(),
+                    shown.join(", "),
+                    if lost.len() > shown.len() { ", …" } else { "" }
+                );
+            }
+        }
         analytics::swap_in_rebuild(&mut tx, &starts).await?;
         tx.commit().await?;
         anyhow::Ok(())

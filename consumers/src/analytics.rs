@@ -157,6 +157,27 @@ pub async fn missing_from_rebuild(
     .await
 }
 
+/// Orders the live warehouse holds a fact of (the order, a line, its creation, payment or
+/// cancellation) that the rebuild does not: what swapping it in would drop. A rebuild from a
+/// time, or from a log whose start retention deleted, lacks the orders before it.
+pub async fn lost_by_rebuild(conn: &mut PgConnection) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT l.order_id FROM {DB_SCHEMA}.orders l
+           LEFT JOIN {REBUILD_SCHEMA}.orders r USING (order_id)
+          WHERE r.order_id IS NULL
+             OR (l.created_at IS NOT NULL AND r.created_at IS NULL)
+             OR (l.paid_at IS NOT NULL AND r.paid_at IS NULL)
+             OR (l.cancelled_at IS NOT NULL AND r.cancelled_at IS NULL)
+             OR EXISTS (SELECT 1 FROM {DB_SCHEMA}.order_lines ll
+                         WHERE ll.order_id = l.order_id
+                           AND NOT EXISTS (SELECT 1 FROM {REBUILD_SCHEMA}.order_lines rl
+                                            WHERE rl.order_id = ll.order_id AND rl.line_no = ll.line_no))
+          ORDER BY l.order_id"
+    ))
+    .fetch_all(conn)
+    .await
+}
+
 /// In the swap's transaction: holds the live facts against writes (readers go on) until the
 /// transaction ends. The live group's next write waits here.
 pub async fn hold_live_writes(tx: &mut PgConnection) -> Result<(), sqlx::Error> {

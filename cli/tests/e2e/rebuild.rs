@@ -132,9 +132,11 @@ async fn a_rebuild_replaces_a_corrupted_warehouse_while_the_live_group_runs() {
         let env = stack.env();
         tokio::task::spawn_blocking(move || {
             Command::new(env!("CARGO_BIN_EXE_keel"))
+                // The phantom order is in no topic: the rebuild drops it only when told to.
                 .args([
                     "analytics",
                     "rebuild",
+                    "--drop-missing",
                     "--output",
                     "json",
                     "--timeout",
@@ -224,4 +226,58 @@ async fn a_rebuild_from_a_latest_offset_is_refused_with_the_reason() {
         0,
         "nothing was started"
     );
+}
+
+// Multi-threaded: the registry runs in this process and must answer while `keel` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_would_drop_orders_the_topics_no_longer_hold_is_refused_naming_them() {
+    if keel_core::testkit::cluster::cannot(
+        "ListGroups/DescribeGroups, which `keel analytics rebuild` asks to see that no rebuild runs",
+    ) {
+        return;
+    }
+    let stack = Stack::start().await;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(stack.relay().run(stop.clone()));
+    let live = keel(&stack, &["consume", "analytics"], &[]);
+    let mut events = 0;
+    for i in 0..5 {
+        events += place(&stack, i).await;
+    }
+    eventually(
+        "the live group to apply the orders",
+        Duration::from_secs(90),
+        || async { (stack.processed("analytics").await == events).then_some(()) },
+    )
+    .await;
+    // An order whose events retention already deleted from the topics: the live warehouse has
+    // its facts, no rebuild can.
+    let old: String = sqlx::query_scalar(
+        "INSERT INTO analytics.orders (order_id, customer_id, currency, total_minor, created_at)
+         VALUES (gen_random_uuid(), 'c-old', 'EUR', 1234, now() - interval '400 days')
+         RETURNING order_id::text",
+    )
+    .fetch_one(&stack.pool)
+    .await
+    .unwrap();
+    let before = warehouse(&stack).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["analytics", "rebuild", "--timeout", "120"])
+        .envs(stack.env())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("lacks facts of 1 order(s)"), "{stderr}");
+    assert!(stderr.contains(&old), "the order is named: {stderr}");
+    assert!(stderr.contains("not swapping"), "{stderr}");
+    assert_eq!(
+        warehouse(&stack).await,
+        before,
+        "the live warehouse is untouched"
+    );
+    live.terminate().expect("the live group exits 0 on SIGTERM");
+    stop.cancel();
+    relay.await.unwrap().unwrap();
 }
