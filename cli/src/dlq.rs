@@ -32,8 +32,8 @@ pub const REDRIVE_COUNT: &str = "keel-redrive-count";
 
 /// How long a read waits for more records before it calls the dead-letter topic read.
 const IDLE: Duration = Duration::from_millis(1500);
-/// At most this many dead letters are read per topic.
-const LIMIT: usize = 100_000;
+/// Dead letters read per request to the broker: a topic is read page after page, to its end.
+const PAGE: usize = 100_000;
 
 /// One dead-lettered record.
 pub(crate) struct Letter {
@@ -131,8 +131,17 @@ pub(crate) async fn read(
         .await?
         .into_iter()
         .collect();
-        let messages = kafka::read_partition(&s.kafka, s.broker_quirks, &dlq, 0, None, LIMIT, IDLE)
-            .with_context(|| format!("reading {dlq}"))?;
+        let mut messages = Vec::new();
+        loop {
+            let from = messages.last().map(|m: &OwnedMessage| m.offset() + 1);
+            let page = kafka::read_partition(&s.kafka, s.broker_quirks, &dlq, 0, from, PAGE, IDLE)
+                .with_context(|| format!("reading {dlq}"))?;
+            let full = page.len() == PAGE;
+            messages.extend(page);
+            if !full {
+                break;
+            }
+        }
         for message in messages {
             let headers = message
                 .headers()

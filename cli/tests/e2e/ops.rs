@@ -743,3 +743,55 @@ async fn outbox_status_lists_rows_set_aside_and_retry_or_discard_puts_them_back_
     let nothing = keel_run(&stack, &["outbox", "retry"]);
     assert_eq!(nothing.status.code(), Some(2), "--id or --all is required");
 }
+
+#[tokio::test]
+async fn dlq_list_reads_every_dead_letter_however_many_there_are() {
+    if keel_core::testkit::cluster::cannot(
+        "keeping more than 5 MB in a partition (it deletes the oldest records beyond that)",
+    ) {
+        return;
+    }
+    let stack = Stack::start().await;
+    let dlq = keel_consumers::dlq_topic(&stack.orders.name, "inventory");
+    // One more than a page of the broker reads (`PAGE` in cli/src/dlq.rs).
+    const LETTERS: usize = 100_001;
+    let producer = producer();
+    let mut sent = 0;
+    while sent < LETTERS {
+        let chunk = (LETTERS - sent).min(20_000);
+        let mut deliveries = Vec::with_capacity(chunk);
+        for i in sent..sent + chunk {
+            let key = i.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "keel-dlq-original-topic",
+                    value: Some(stack.orders.name.as_str()),
+                })
+                .insert(Header {
+                    key: "keel-dlq-error-class",
+                    value: Some("permanent"),
+                });
+            let record = FutureRecord::to(&dlq)
+                .key(key.as_str())
+                .payload(b"x".as_slice())
+                .headers(headers);
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for delivery in futures::future::join_all(deliveries).await {
+            delivery.unwrap().unwrap();
+        }
+        sent += chunk;
+    }
+    let out = keel_run(&stack, &["dlq", "list", "inventory"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert_eq!(
+        summary,
+        format!("inventory: {LETTERS} dead letter(s), {LETTERS} never redriven")
+    );
+}
