@@ -1,20 +1,25 @@
 //! The notification group: one message per customer-facing event (order confirmation, payment
-//! receipt, cancellation, out-of-stock notice), never two.
+//! receipt, cancellation, out-of-stock notice), stored once; delivered at least once, every copy
+//! with the same `Message-ID`.
 //!
-//! # How a message is sent exactly once, as far as the customer can tell
+//! # What is promised
 //! 1. The consumer's transaction inserts the message into `notification.messages`, keyed by the
-//!    event id, together with the processed-events row. A redelivered event changes nothing.
+//!    event id, together with the processed-events row. A redelivered event changes nothing:
+//!    one message per event, exactly.
 //! 2. After the commit, the [`Mailer`] (running in the same process) locks one undelivered
-//!    message (`FOR UPDATE SKIP LOCKED`, so several processes never send the same one), sends it,
-//!    and sets `delivered_at` in that same transaction.
+//!    message (`FOR UPDATE SKIP LOCKED`, so several mailers never send the same one at once),
+//!    sends it, and sets `delivered_at` in that same transaction.
 //! 3. Every message carries `Message-ID: <event_id@keel>`.
 //!
-//! **A crash between sending and marking** rolls the mark back; after the restart the message is
-//! sent again, with the same Message-ID. With the file backend the resend overwrites the same
-//! file (`<event_id>.eml`), so the mail directory still holds exactly one copy. With SMTP the
-//! server receives the message twice; mail stores and clients that deduplicate on Message-ID show
-//! it once, and anything downstream can recognise the resend by it. This is the only window in
-//! which a duplicate can leave keel, and it is as wide as one send.
+//! Delivery to the mail server is **at least once**: a message is sent again when the mailer
+//! cannot know it was taken, and SMTP gives no way to ask. That is: a crash between sending and
+//! marking (the mark rolls back); a server that took the whole message but whose final reply
+//! did not come within 30 s (`a_message_whose_final_reply_came_too_late_is_sent_again_with_the_same_message_id`
+//! in `consumers/tests/mailer.rs`); and a mailer whose database session died mid-send, so that
+//! the row's lock went and another mailer took it. Every copy carries the same Message-ID; mail
+//! stores and clients that deduplicate on it show one, and anything downstream can recognise a
+//! resend by it. With the file backend a resend overwrites the same file (`<event_id>.eml`), so
+//! the mail directory holds exactly one copy.
 //!
 //! # The recipient
 //! Each order's messages go to the address its own `OrderCreated` carries

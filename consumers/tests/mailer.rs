@@ -100,12 +100,22 @@ async fn a_resend_after_a_crash_between_send_and_mark_leaves_one_file_with_the_s
 
 /// A minimal SMTP server: accepts every message and hands each DATA section to the test.
 async fn smtp_sink() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    smtp_sink_delaying_first(Duration::ZERO).await
+}
+
+/// [`smtp_sink`] that takes the first message in full and answers it only after `delay`, as a
+/// server (or the network) slow after DATA does.
+async fn smtp_sink_delaying_first(
+    delay: Duration,
+) -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let tx = tx.clone();
+            let first = first.clone();
             tokio::spawn(async move {
                 let (read, mut write) = socket.into_split();
                 let mut lines = BufReader::new(read).lines();
@@ -115,6 +125,9 @@ async fn smtp_sink() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
                     if let Some(body) = data.as_mut() {
                         if line == "." {
                             let _ = tx.send(data.take().unwrap_or_default());
+                            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                                tokio::time::sleep(delay).await;
+                            }
                             write.write_all(b"250 queued\r\n").await?;
                         } else {
                             body.push_str(&line);
@@ -258,4 +271,46 @@ async fn a_mail_server_that_never_answers_is_given_up_in_time_and_retried_later(
         "{error:?}"
     );
     held.abort();
+}
+
+// The promise is at-least-once with a stable Message-ID: a server that took the whole message
+// but whose final reply did not come in time may have queued it, and the mailer sends it again
+// (there is no way to ask an SMTP server whether it did). The copy carries the same Message-ID,
+// by which mail stores and clients drop it.
+#[tokio::test]
+async fn a_message_whose_final_reply_came_too_late_is_sent_again_with_the_same_message_id() {
+    let (_db, pool) = database().await;
+    let (port, mut received) = smtp_sink_delaying_first(Duration::from_secs(40)).await;
+    let id = message(&pool, Some("ada@example.com")).await;
+    let mailer = Mailer::new(
+        pool.clone(),
+        Transport::from_settings(&keel_core::settings::MailSettings {
+            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+            dir: std::env::temp_dir(),
+            from: FROM.into(),
+        })
+        .unwrap(),
+        FROM,
+    )
+    .unwrap();
+    assert_eq!(mailer.step().await.unwrap(), Delivery::Failed(id));
+    sqlx::query("UPDATE notification.messages SET next_attempt_at = now() WHERE event_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mailer.step().await.unwrap(), Delivery::Sent(id));
+    let mut copies = Vec::new();
+    for _ in 0..2 {
+        copies.push(
+            tokio::time::timeout(Duration::from_secs(10), received.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    for copy in &copies {
+        assert!(copy.contains(&format!("Message-ID: <{id}@keel>")), "{copy}");
+    }
+    assert!(delivered(&pool, id).await);
 }
