@@ -43,6 +43,7 @@ enum Scenario {
     Poison,
     PostgresOutage,
     RedisOutage,
+    DependencyDegraded,
     RegistryOutage,
     HttpAbuse,
     BrokerRestart,
@@ -73,6 +74,7 @@ impl Scenario {
             Scenario::Poison => "poison",
             Scenario::PostgresOutage => "postgres-outage",
             Scenario::RedisOutage => "redis-outage",
+            Scenario::DependencyDegraded => "dependency-degraded",
             Scenario::RegistryOutage => "registry-outage",
             Scenario::HttpAbuse => "http-abuse",
             Scenario::BrokerRestart => "broker-restart",
@@ -314,6 +316,27 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
                 let away = cut(&stack, &stack.redis, "Redis", args.outage, &mut problems).await;
                 notes.push(away);
             }
+            Scenario::DependencyDegraded => {
+                // Both answer, neither serves: PostgreSQL read-only (25006, a demoted primary)
+                // and Redis loading its data (LOADING, a restart with persistence). Outages to
+                // wait out, never dead letters.
+                tokio::time::sleep(moment(0.5, 2.0)).await;
+                let since = Instant::now();
+                stack
+                    .redis
+                    .answer_redis_error(Some("LOADING Redis is loading the dataset in memory"));
+                stack.set_read_only(true).await?;
+                tokio::time::sleep(
+                    Duration::from_secs(args.outage).saturating_sub(since.elapsed()),
+                )
+                .await;
+                stack.set_read_only(false).await?;
+                stack.redis.answer_redis_error(None);
+                notes.push(format!(
+                    "PostgreSQL read-only and Redis loading for {:.0} s",
+                    since.elapsed().as_secs_f64()
+                ));
+            }
             Scenario::RegistryOutage => {
                 tokio::time::sleep(moment(0.5, period / 3.0)).await;
                 // The group restarted in the last round may still be joining (on the mock
@@ -419,6 +442,17 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
             if undecodable != poisoned as u64 {
                 problems.push(format!(
                     "{g}: {undecodable} undecodable dead letters, {poisoned} injected"
+                ));
+            }
+        }
+    }
+    if scenario == Scenario::DependencyDegraded {
+        // Outages are waited out: not one record may have been dead-lettered for them.
+        for g in GROUPS.iter() {
+            let dead = report["groups"][g]["dead_lettered"].as_u64().unwrap_or(0);
+            if dead > 0 {
+                problems.push(format!(
+                    "{g}: {dead} records dead-lettered during the outage"
                 ));
             }
         }

@@ -308,6 +308,21 @@ impl Stack {
             .is_ok_and(|r| r.status().is_success())
     }
 
+    /// Makes the scenario's database read-only (`on`) or writable again for the services, as a
+    /// failover that demotes the primary does: the default for new sessions changes, and the
+    /// services' sessions (through the forwarder) are cut so that they reconnect under it.
+    pub async fn set_read_only(&self, on: bool) -> anyhow::Result<()> {
+        sqlx::query(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = {}",
+            keel_core::db::quote_ident(&self.db_name),
+            if on { "on" } else { "off" }
+        ))
+        .execute(&self.pool)
+        .await?;
+        self.postgres.cut_open();
+        Ok(())
+    }
+
     pub fn kill9(&mut self, instance: &str) -> anyhow::Result<()> {
         self.procs
             .remove(instance)

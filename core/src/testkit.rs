@@ -306,6 +306,8 @@ pub struct Outage {
     down: tokio::sync::watch::Sender<bool>,
     frozen: tokio::sync::watch::Sender<bool>,
     answer: tokio::sync::watch::Sender<Option<String>>,
+    /// Bumped by [`Outage::cut_open`]: every connection open then is closed.
+    cuts: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -383,6 +385,7 @@ impl Outage {
         let (down, watch) = tokio::sync::watch::channel(false);
         let (frozen, cold) = tokio::sync::watch::channel(false);
         let (answer, answering) = tokio::sync::watch::channel(None::<String>);
+        let (cuts, cut) = tokio::sync::watch::channel(0u64);
         let target = target.to_owned();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
@@ -397,6 +400,8 @@ impl Outage {
                 let mut watch = watch.clone();
                 let mut cold = cold.clone();
                 let mut answering = answering.clone();
+                let mut cut = cut.clone();
+                cut.mark_unchanged();
                 tokio::spawn(async move {
                     let frozen_already = *cold.borrow();
                     if frozen_already {
@@ -411,6 +416,7 @@ impl Outage {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
                         _ = watch.wait_for(|down| *down) => false,
                         _ = answering.wait_for(Option::is_some) => false,
+                        _ = cut.changed() => false,
                         _ = cold.wait_for(|frozen| *frozen) => true,
                     };
                     if froze {
@@ -425,8 +431,15 @@ impl Outage {
             down,
             frozen,
             answer,
+            cuts,
             task,
         }
+    }
+
+    /// Closes every connection open now (new ones are forwarded as before): what a failover
+    /// does to the sessions of the server it demotes.
+    pub fn cut_open(&self) {
+        self.cuts.send_modify(|n| *n += 1);
     }
 
     pub fn set_down(&self, down: bool) {
