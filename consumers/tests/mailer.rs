@@ -45,6 +45,17 @@ async fn delivered(pool: &PgPool, id: Uuid) -> bool {
     .unwrap()
 }
 
+/// A mailer sending through the SMTP server on `port` of loopback.
+fn smtp_mailer(pool: &PgPool, port: u16) -> Mailer {
+    let transport = Transport::from_settings(&keel_core::settings::MailSettings {
+        smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
+        dir: std::env::temp_dir(),
+        from: FROM.into(),
+    })
+    .unwrap();
+    Mailer::new(pool.clone(), transport, FROM).unwrap()
+}
+
 struct TempDir(std::path::PathBuf);
 
 impl Drop for TempDir {
@@ -161,23 +172,13 @@ async fn smtp_sink_delaying_first(
 async fn smtp_delivery_carries_the_event_id_as_message_id_and_a_dead_server_is_retried_later() {
     let (_db, pool) = database().await;
     let (port, mut received) = smtp_sink().await;
-    let settings = |url: String| keel_core::settings::MailSettings {
-        smtp_url: Some(url),
-        dir: std::env::temp_dir(),
-        from: FROM.into(),
-    };
     let id = message(&pool, Some("ada@example.com")).await;
 
     // Nothing listens on the port any more: the send fails and is scheduled for later.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_port = closed.local_addr().unwrap().port();
     drop(closed);
-    let dead = Mailer::new(
-        pool.clone(),
-        Transport::from_settings(&settings(format!("smtp://127.0.0.1:{dead_port}"))).unwrap(),
-        FROM,
-    )
-    .unwrap();
+    let dead = smtp_mailer(&pool, dead_port);
     assert_eq!(dead.step().await.unwrap(), Delivery::Failed(id));
     let (attempts, later): (i32, bool) = sqlx::query_as(
         "SELECT attempts, next_attempt_at > now() FROM notification.messages WHERE event_id = $1",
@@ -198,12 +199,7 @@ async fn smtp_delivery_carries_the_event_id_as_message_id_and_a_dead_server_is_r
         .execute(&pool)
         .await
         .unwrap();
-    let live = Mailer::new(
-        pool.clone(),
-        Transport::from_settings(&settings(format!("smtp://127.0.0.1:{port}"))).unwrap(),
-        FROM,
-    )
-    .unwrap();
+    let live = smtp_mailer(&pool, port);
     assert_eq!(live.step().await.unwrap(), Delivery::Sent(id));
     let data = tokio::time::timeout(Duration::from_secs(10), received.recv())
         .await
@@ -241,17 +237,7 @@ async fn a_mail_server_that_never_answers_is_given_up_in_time_and_retried_later(
             open.push(socket); // accepted, never answered
         }
     });
-    let mailer = Mailer::new(
-        pool.clone(),
-        Transport::from_settings(&keel_core::settings::MailSettings {
-            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
-            dir: std::env::temp_dir(),
-            from: FROM.into(),
-        })
-        .unwrap(),
-        FROM,
-    )
-    .unwrap();
+    let mailer = smtp_mailer(&pool, port);
     let step = tokio::time::timeout(Duration::from_secs(55), mailer.step())
         .await
         .expect("the step ends before PostgreSQL's 60 s idle limit");
@@ -282,17 +268,7 @@ async fn a_message_whose_final_reply_came_too_late_is_sent_again_with_the_same_m
     let (_db, pool) = database().await;
     let (port, mut received) = smtp_sink_delaying_first(Duration::from_secs(40)).await;
     let id = message(&pool, Some("ada@example.com")).await;
-    let mailer = Mailer::new(
-        pool.clone(),
-        Transport::from_settings(&keel_core::settings::MailSettings {
-            smtp_url: Some(format!("smtp://127.0.0.1:{port}")),
-            dir: std::env::temp_dir(),
-            from: FROM.into(),
-        })
-        .unwrap(),
-        FROM,
-    )
-    .unwrap();
+    let mailer = smtp_mailer(&pool, port);
     assert_eq!(mailer.step().await.unwrap(), Delivery::Failed(id));
     sqlx::query("UPDATE notification.messages SET next_attempt_at = now() WHERE event_id = $1")
         .bind(id)

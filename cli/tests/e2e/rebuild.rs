@@ -86,6 +86,22 @@ async fn place(stack: &Stack, i: i64) -> i64 {
     }
 }
 
+/// Places orders `orders` on a stack with nothing placed yet and waits until the live analytics
+/// group applied every event; how many there were.
+async fn placed_and_applied(stack: &Stack, orders: std::ops::Range<i64>) -> i64 {
+    let mut events = 0;
+    for i in orders {
+        events += place(stack, i).await;
+    }
+    eventually(
+        "the live group to apply the orders",
+        Duration::from_secs(90),
+        || async { (stack.processed("analytics").await == events).then_some(()) },
+    )
+    .await;
+    events
+}
+
 // Multi-threaded: the registry runs in this process and must answer while `keel` runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_replaces_a_corrupted_warehouse_while_the_live_group_runs() {
@@ -98,16 +114,7 @@ async fn a_rebuild_replaces_a_corrupted_warehouse_while_the_live_group_runs() {
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
     let live = keel(&stack, &["consume", "analytics"], &[]);
-    let mut events = 0;
-    for i in 0..40 {
-        events += place(&stack, i).await;
-    }
-    eventually(
-        "the live group to apply the history",
-        Duration::from_secs(90),
-        || async { (stack.processed("analytics").await == events).then_some(()) },
-    )
-    .await;
+    let mut events = placed_and_applied(&stack, 0..40).await;
     assert_eq!(warehouse(&stack).await, truth(&stack).await);
 
     // Corrupt the live warehouse: wrong totals, lost lines, a phantom order.
@@ -240,16 +247,7 @@ async fn a_rebuild_that_would_drop_orders_the_topics_no_longer_hold_is_refused_n
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
     let live = keel(&stack, &["consume", "analytics"], &[]);
-    let mut events = 0;
-    for i in 0..5 {
-        events += place(&stack, i).await;
-    }
-    eventually(
-        "the live group to apply the orders",
-        Duration::from_secs(90),
-        || async { (stack.processed("analytics").await == events).then_some(()) },
-    )
-    .await;
+    placed_and_applied(&stack, 0..5).await;
     // An order whose events retention already deleted from the topics: the live warehouse has
     // its facts, no rebuild can.
     let old: String = sqlx::query_scalar(

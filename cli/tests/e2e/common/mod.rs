@@ -175,6 +175,15 @@ impl Stack {
             .unwrap()
     }
 
+    /// Records on `topic` now, over all its partitions (high minus low watermark).
+    pub fn records_in(&self, topic: &str) -> i64 {
+        keel_core::kafka::group_offsets(&self.settings.kafka, &unique("look"), &[topic])
+            .unwrap()
+            .iter()
+            .map(|p| p.high - p.low)
+            .sum()
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
