@@ -312,13 +312,20 @@ impl Stack {
     /// failover that demotes the primary does: the default for new sessions changes, and the
     /// services' sessions (through the forwarder) are cut so that they reconnect under it.
     pub async fn set_read_only(&self, on: bool) -> anyhow::Result<()> {
+        // In a read-write transaction: a session of ours opened while the database was
+        // read-only would refuse the ALTER that ends it.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION READ WRITE")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(&format!(
             "ALTER DATABASE {} SET default_transaction_read_only = {}",
             keel_core::db::quote_ident(&self.db_name),
             if on { "on" } else { "off" }
         ))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         self.postgres.cut_open();
         Ok(())
     }

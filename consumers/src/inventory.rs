@@ -88,6 +88,30 @@ async fn set_status(
     Ok(())
 }
 
+/// Records `status` for an order that has no reservation row yet. A row that appeared since it
+/// was read (a creation applied concurrently, by a redrive racing the group) is not
+/// overwritten: the attempt fails as transient and is retried on what is there now.
+async fn remember_first(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    status: &str,
+) -> Result<(), HandlerError> {
+    let inserted = sqlx::query(
+        "INSERT INTO inventory.reservations (order_id, status) VALUES ($1, $2)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(status)
+    .execute(tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(HandlerError::Transient(anyhow::anyhow!(
+            "order {order_id}: its reservation changed concurrently; trying again"
+        )));
+    }
+    Ok(())
+}
+
 async fn held(tx: &mut PgConnection, order_id: Uuid) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT sku, quantity FROM inventory.reservation_lines WHERE order_id = $1 ORDER BY sku",
@@ -230,9 +254,9 @@ impl Inventory {
                 set_status(tx, order_id, if paid { "fulfilled" } else { "released" }).await?;
             }
             // Cancelled before its creation arrived: remember, so the creation holds nothing.
-            None if !paid => set_status(tx, order_id, "released").await?,
+            None if !paid => remember_first(tx, order_id, "released").await?,
             // Paid before its creation arrived: remember, so the creation takes the stock out.
-            None => set_status(tx, order_id, "paid").await?,
+            None => remember_first(tx, order_id, "paid").await?,
             _ => {}
         }
         Ok(())

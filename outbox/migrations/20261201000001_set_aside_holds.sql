@@ -5,5 +5,3 @@
 ALTER TABLE outbox.events ADD COLUMN discarded_at timestamptz;
 CREATE INDEX events_holding ON outbox.events (topic, message_key, id)
     WHERE failed_at IS NOT NULL AND discarded_at IS NULL;
--- Rows set aside before this release never held their key; they stay out of the way.
-UPDATE outbox.events SET discarded_at = failed_at WHERE failed_at IS NOT NULL;

@@ -279,6 +279,9 @@ enum Fate {
     SetAside(String),
     /// Not the row's fault: it stays pending.
     Failed(String),
+    /// As [`Fate::Failed`], and every later row of the step would fail the same way (the
+    /// registry unreachable, the producer refusing): none is tried.
+    Unreachable(String),
 }
 
 /// A record handed to the producer: its delivery and, with tracing on, its span.
@@ -358,9 +361,10 @@ struct Ledger {
     /// Streams (topic, key) whose earlier row in this step was not acknowledged.
     stopped: HashSet<(String, String)>,
     published: usize,
-    /// A row could not be handed over for a reason not its own (the registry unreachable, the
-    /// producer refusing): no later row of this step is tried, as each would wait out the
-    /// same failure (a registry timeout is 5 s a row). They stay pending for the next step.
+    /// A row could not be handed over because the registry is unreachable or the producer
+    /// refuses: no later row of this step is tried, as each would wait out the same failure (a
+    /// registry timeout is 5 s a row). They stay pending for the next step. A subject's own
+    /// trouble stops only its row's stream.
     halted: bool,
 }
 
@@ -446,6 +450,7 @@ impl Relay {
         };
         let value = match encoded {
             Ok(value) => value,
+            Err(e) if e.unreachable => return Err(Fate::Unreachable(e.to_string())),
             Err(e) if e.transient => return Err(Fate::Failed(e.to_string())),
             Err(e) => return Err(Fate::SetAside(e.to_string())),
         };
@@ -490,7 +495,7 @@ impl Relay {
                         Some(code) if refused_for_good(code) => {
                             Fate::SetAside(format!("Kafka refused the record: {e}"))
                         }
-                        _ => Fate::Failed(e.to_string()),
+                        _ => Fate::Unreachable(e.to_string()),
                     });
                 }
             }
@@ -519,6 +524,7 @@ impl Relay {
             topic: topic.to_owned(),
             message,
             transient,
+            unreachable: false,
         };
         let found: Option<(String, String)> =
             sqlx::query_as("SELECT record, schema FROM outbox.schemas WHERE fingerprint = $1")
@@ -551,7 +557,8 @@ impl Relay {
         match self.send(&row).await {
             Ok(sent) => wave.push((row, sent)),
             Err(Fate::SetAside(reason)) => ledger.set_aside(row.id, row.stream(), reason),
-            Err(Fate::Failed(error)) => {
+            Err(Fate::Failed(error)) => ledger.fail(row.stream(), error),
+            Err(Fate::Unreachable(error)) => {
                 ledger.fail(row.stream(), error);
                 ledger.halted = true;
             }
@@ -581,7 +588,9 @@ impl Relay {
                 match fate {
                     Fate::Acknowledged => acknowledged.push(row.id),
                     Fate::SetAside(reason) => ledger.set_aside(row.id, row.stream(), reason),
-                    Fate::Failed(error) => ledger.fail(row.stream(), error),
+                    Fate::Failed(error) | Fate::Unreachable(error) => {
+                        ledger.fail(row.stream(), error)
+                    }
                 }
             }
             mark_published(tx, &acknowledged).await?;

@@ -128,9 +128,12 @@ pub async fn clean(pool: &sqlx::PgPool, ttl: std::time::Duration) -> Result<u64,
     let mut deleted = 0;
     loop {
         let n = sqlx::query(
-            "DELETE FROM orders.idempotency_keys WHERE key IN (
-                 SELECT key FROM orders.idempotency_keys
-                  WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2)",
+            // The age is checked again on the row deleted: a key stored anew meanwhile (an
+            // expired one reused, see `record`) is not.
+            "DELETE FROM orders.idempotency_keys
+              WHERE created_at <= now() - make_interval(secs => $1)
+                AND key IN (SELECT key FROM orders.idempotency_keys
+                             WHERE created_at <= now() - make_interval(secs => $1) LIMIT $2)",
         )
         .bind(ttl.as_secs_f64())
         .bind(CLEAN_SLICE)

@@ -28,6 +28,9 @@ pub struct EncodeError {
     pub topic: String,
     pub message: String,
     pub transient: bool,
+    /// The registry could not be reached at all (or answered 502/503): every other record would
+    /// fail the same way now. A subject's own trouble (a 403 for it, a 500) is `transient` only.
+    pub unreachable: bool,
 }
 
 impl EncodeError {
@@ -37,6 +40,7 @@ impl EncodeError {
             topic: topic.to_owned(),
             message: describe(e),
             transient: transient(e),
+            unreachable: e.retriable,
         }
     }
 }

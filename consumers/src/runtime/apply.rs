@@ -207,7 +207,7 @@ impl<H: Handler> Consumer<H> {
         match self.decoder.decode(message.payload()).await {
             Ok(event) => Ok(Decoded::Known(event)),
             // A newer producer's event: skipped, never dead-lettered (it is not poison, and a
-            // build that knows it reads it from the topic).
+            // build that knows it applies it after `keel replay`).
             Err(DecodeError::UnknownType(event_type)) => Ok(Decoded::Unknown(event_type)),
             Err(DecodeError::Transient(e)) => Err(HandlerError::Unavailable(anyhow::anyhow!(e))),
             // Retried up to the attempt budget: a lagging registry replica catches up in that
