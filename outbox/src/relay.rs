@@ -846,3 +846,32 @@ pub mod testing {
         relay
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_records_own_refusals_are_for_good_and_the_clusters_are_retried() {
+        use RDKafkaErrorCode as E;
+        for own in [
+            E::UnknownTopicOrPartition,
+            E::TopicAuthorizationFailed,
+            E::MessageSizeTooLarge,
+            E::InvalidRecord,
+            E::PolicyViolation,
+        ] {
+            assert!(refused_for_good(own), "{own:?}");
+        }
+        for clusters in [
+            E::MessageTimedOut,
+            E::RequestTimedOut,
+            E::LeaderNotAvailable,
+            E::NotLeaderForPartition,
+            E::NotEnoughReplicas,
+            E::BrokerNotAvailable,
+        ] {
+            assert!(!refused_for_good(clusters), "{clusters:?}");
+        }
+    }
+}

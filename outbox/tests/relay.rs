@@ -599,3 +599,47 @@ async fn a_row_a_newer_build_wrote_is_published_with_every_field_its_writer_set(
         .unwrap();
     assert_eq!(read, event);
 }
+
+#[tokio::test]
+async fn a_row_whose_writers_schema_the_registry_refuses_is_set_aside_and_the_rest_are_published() {
+    let h = Harness::start().await;
+    let topic = TestTopic::new("orders", 1).await;
+    let relay = h.relay(10);
+    relay
+        .prepare(&[(&topic.name, "keel.orders")])
+        .await
+        .unwrap();
+    // A writer whose OrderCreated adds a field without a default: this build's contract cannot
+    // read its data, and the registry (BACKWARD) refuses it with 409.
+    let mut breaking: serde_json::Value =
+        serde_json::from_str(<OrderCreated as keel_schemas::events::Contract>::SCHEMA).unwrap();
+    breaking["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "required_note", "type": "string"}));
+    let refused = lifecycle(0).remove(0);
+    let note = (
+        "required_note".to_owned(),
+        apache_avro::types::Value::String("x".into()),
+    );
+    let written = written_under(&refused, &breaking.to_string(), vec![note]);
+    enqueue_as_other_build(&h, &topic.name, &refused, written).await;
+    h.enqueue_orders(&topic.name, 1, &TraceHeaders::new()).await;
+
+    assert_eq!(
+        relay.step().await.unwrap(),
+        Step::Published(2),
+        "the other order's two events"
+    );
+    let failed: (i64, Option<String>) = sqlx::query_as(
+        "SELECT count(*), max(error) FROM outbox.events WHERE failed_at IS NOT NULL",
+    )
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(failed.0, 1);
+    assert!(
+        failed.1.as_deref().is_some_and(|e| e.contains("409")),
+        "{failed:?}"
+    );
+}
