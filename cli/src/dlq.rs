@@ -33,7 +33,7 @@ pub const REDRIVE_COUNT: &str = "keel-redrive-count";
 /// How long a read waits for more records before it calls the dead-letter topic read.
 const IDLE: Duration = Duration::from_millis(1500);
 /// Dead letters read per request to the broker: a topic is read page after page, to its end.
-const PAGE: usize = 100_000;
+const PAGE: usize = 10_000;
 
 /// One dead-lettered record.
 pub(crate) struct Letter {
