@@ -346,3 +346,63 @@ async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
     stop.cancel();
     consumer.await.unwrap().unwrap();
 }
+
+/// A poison record at the head of a produced batch is dead-lettered while the rest of that batch
+/// waits in the consumer's fetch queue: every one of them is applied. (The dead-letter write used
+/// to pause the partitions, which throws away what librdkafka fetched ahead; tansu 0.6 then
+/// answered the fetch again from the next batch on, and with none behind it the rest of the
+/// batch waited for new traffic.)
+#[tokio::test]
+async fn the_records_fetched_behind_a_dead_letter_are_all_applied() {
+    let stack = Stack::start().await;
+    log_table(&stack).await;
+    let encoder = keel_schemas::Encoder::new(&stack.registry_url).unwrap();
+    let producer: FutureProducer = keel_core::kafka::producer_config(&keel_core::testkit::kafka())
+        .set("linger.ms", "200")
+        .create()
+        .unwrap();
+    let events: Vec<Event> = (0..3 * LOG_BATCH).map(event).collect();
+    let mut values = vec![b"\x00\x00\x00\x00\x01not avro".to_vec()];
+    for e in &events {
+        values.push(encoder.encode(&stack.orders.name, e).await.unwrap());
+    }
+    // Enqueued together, so that they leave in one batch, the poison first.
+    let mut deliveries = Vec::new();
+    for value in &values {
+        let record = FutureRecord::to(&stack.orders.name)
+            .partition(0)
+            .key("one-batch")
+            .payload(value);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for d in deliveries {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+
+    let group = unique("batch");
+    let stop = CancellationToken::new();
+    let handler = Log {
+        group: group.clone(),
+        topic: stack.orders.name.clone(),
+        fail_on: None,
+    };
+    let consumer = tokio::spawn(
+        stack
+            .consumer(handler.subscription(), handler)
+            .await
+            .run(stop.clone()),
+    );
+    let dlq = dlq_topic(&stack.orders.name, &group);
+    let dead = read_topic(&dlq, Duration::from_secs(60), |m| !m.is_empty()).await;
+    assert_eq!(dead.len(), 1, "the poison, alone");
+    eventually(
+        "every record behind the poison to be applied",
+        Duration::from_secs(60),
+        || async { (stack.processed(&group).await >= events.len() as i64).then_some(()) },
+    )
+    .await;
+    let expected: Vec<Uuid> = events.iter().map(Event::event_id).collect();
+    assert_eq!(logged(&stack).await, expected, "each once, in order");
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+}

@@ -116,7 +116,16 @@ pub struct Consumer<H: Handler> {
     fatal: keel_core::fatal::Fatal,
     /// The dead-letter producer's reporter ([`Consumer::check_fatal`]).
     producer_reporter: keel_core::kafka::Reporter,
+    /// When the consumer was last polled ([`Consumer::in_group_while`]).
+    last_poll: Mutex<std::time::Instant>,
+    /// How long the consumer may go unpolled before a wait pauses its partitions to poll: a
+    /// quarter of `max.poll.interval.ms`, at most [`MAX_POLL_BUDGET`].
+    poll_budget: std::time::Duration,
 }
+
+/// The most a wait goes without polling the consumer: a rebalance waits for this member's
+/// poll, at most this long.
+const MAX_POLL_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl<H: Handler> Consumer<H> {
     /// Joins `subscription`'s group and subscribes to its topics; `handler` applies its events.
@@ -149,6 +158,13 @@ impl<H: Handler> Consumer<H> {
         if !s.kafka.properties.contains_key("statistics.interval.ms") {
             client.set("statistics.interval.ms", "10000");
         }
+        // librdkafka's default, 5 min, unless the operator set it (KEEL_KAFKA_PROPERTIES).
+        let max_poll_interval = client
+            .get("max.poll.interval.ms")
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or(300_000);
+        let poll_budget =
+            std::time::Duration::from_millis(max_poll_interval / 4).min(MAX_POLL_BUDGET);
         let fatal = keel_core::fatal::Fatal::process();
         let consumer: StreamConsumer<Context> = client
             .create_with_context(Context::new(group, fatal.clone()))
@@ -178,6 +194,8 @@ impl<H: Handler> Consumer<H> {
             membership: Mutex::default(),
             fatal,
             producer_reporter,
+            last_poll: Mutex::new(std::time::Instant::now()),
+            poll_budget,
         })
     }
 

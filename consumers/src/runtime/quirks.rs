@@ -10,7 +10,9 @@
 //! skipped them: the runtime drops the record and reads the partition again from before the gap
 //! (1, 2, 4, ... records back, at most [`MAX_GAP_REWIND`]), dropping the records before the gap
 //! as they come, since they are done. What it cannot see: a partition whose committed offset is
-//! inside its last batch gets nothing until the next record is written to it, then heals.
+//! inside its last batch gets nothing until the next record is written to it, then heals; so
+//! does one fetched again inside its last batch after a pause (a record waiting out an outage
+//! pauses the partitions once the wait outlasts the poll budget, see `in_group_while`).
 //!
 //! Apache Kafka answers with the batch that holds the offset, and there a gap is legitimate
 //! (retention passed a committed offset, a compacted topic, transaction markers): re-reading it

@@ -22,6 +22,7 @@ impl<H: Handler> Consumer<H> {
             keel_core::health::beat(&self.health_loop);
             self.watch_membership();
             self.check_fatal();
+            self.polled();
             let error = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return None,
@@ -79,6 +80,7 @@ impl<H: Handler> Consumer<H> {
     async fn fill<'a>(&'a self, batch: &mut Vec<BorrowedMessage<'a>>) {
         while batch.len() < self.batch_size {
             // A zero timeout polls `recv` once: a record already fetched, or nothing.
+            self.polled();
             let Ok(polled) = tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await
             else {
                 break;
@@ -101,25 +103,39 @@ impl<H: Handler> Consumer<H> {
     /// Awaits `work` (the wait before a retry, a dead-letter write) while this member stays in
     /// its group. librdkafka throws out a member that does not poll for `max.poll.interval.ms`
     /// (5 min), and every partition of the group then moves; an outage longer than that would
-    /// do it. So while `work` runs the instance's partitions are paused (nothing more is
-    /// fetched) and the consumer is polled, which then only serves librdkafka's events
+    /// do it. So while `work` runs (past the budget below) the instance's partitions are paused
+    /// (nothing more is fetched) and the consumer is polled, which then only serves librdkafka's events
     /// (heartbeats are librdkafka's own; rebalances and errors are served here). What was
     /// fetched but not taken is fetched again after the pause, from the position after the
     /// last record taken; the records taken (the one waiting, the next batch) are kept. A
     /// record of a partition assigned meanwhile is put back: its partition is rewound to it and
     /// paused too. Everything paused is resumed when `work` is done.
+    ///
+    ///
+    /// A short wait is not paused for (most retries, a dead-letter write the cluster takes):
+    /// while the consumer was polled less than [`Consumer::poll_budget`] ago, `work` is simply
+    /// awaited. A pause throws away what librdkafka fetched ahead of the record, which must then
+    /// be fetched again, and tansu 0.6 answers such a fetch, from inside a batch, from the next
+    /// batch on: with none behind it, the rest of the batch waited for new traffic.
     pub(super) async fn in_group_while<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let unpaused = self.poll_budget.saturating_sub(self.since_polled());
+        if !unpaused.is_zero()
+            && let Ok(done) = tokio::time::timeout(unpaused, &mut work).await
+        {
+            return done;
+        }
         let mut paused = self.consumer.assignment().unwrap_or_default();
         if let Err(e) = self.consumer.pause(&paused) {
             tracing::debug!(group = self.group(), error = %e, "Cannot pause the partitions");
         }
-        tokio::pin!(work);
         let done = loop {
             tokio::select! {
                 biased;
                 done = &mut work => break done,
                 polled = self.consumer.recv() => match polled {
                     Ok(m) => {
+                        self.polled();
                         let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
                         drop(m);
                         let mut more = rdkafka::TopicPartitionList::new();
@@ -148,6 +164,7 @@ impl<H: Handler> Consumer<H> {
                 () = tokio::time::sleep(Duration::from_secs(1)) => self.check_fatal(),
             }
         };
+        self.polled();
         if let Err(e) = self.consumer.resume(&paused) {
             tracing::debug!(group = self.group(), error = %e, "Cannot resume the partitions");
         }
@@ -168,6 +185,19 @@ impl<H: Handler> Consumer<H> {
             }
         })
         .await
+    }
+
+    /// Notes that the consumer is polled now (librdkafka's `max.poll.interval.ms` starts again).
+    fn polled(&self) {
+        if let Ok(mut at) = self.last_poll.lock() {
+            *at = std::time::Instant::now();
+        }
+    }
+
+    fn since_polled(&self) -> Duration {
+        self.last_poll
+            .lock()
+            .map_or(Duration::MAX, |at| at.elapsed())
     }
 
     /// Marks the record done: its offset will be committed. Fails after the record's partition
