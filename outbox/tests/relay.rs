@@ -436,40 +436,6 @@ async fn a_relay_frozen_mid_step_lets_go_and_another_publishes_within_the_docume
     assert_delivered_in_order(&h.registry_url, &messages, &expected).await;
 }
 
-/// `event`'s body under `schema` (another build's contract for its record): the fields `schema`
-/// lacks are left out, `extra` added.
-fn written_under(
-    event: &Event,
-    schema: &str,
-    extra: Vec<(String, apache_avro::types::Value)>,
-) -> keel_schemas::Written {
-    let parsed = apache_avro::Schema::parse_str(schema).unwrap();
-    let apache_avro::Schema::Record(record) = &parsed else {
-        panic!("a record schema");
-    };
-    let apache_avro::types::Value::Record(mut fields) =
-        apache_avro::to_value(keel_schemas::events::Payload(event)).unwrap()
-    else {
-        panic!("an event is a record");
-    };
-    fields.retain(|(name, _)| record.fields.iter().any(|f| &f.name == name));
-    fields.extend(extra);
-    let value = apache_avro::types::Value::Record(fields)
-        .resolve(&parsed)
-        .unwrap();
-    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&parsed)
-        .build()
-        .unwrap()
-        .write_value_to_vec(value)
-        .unwrap();
-    keel_schemas::Written {
-        record: event.name().into(),
-        schema: schema.to_owned().into(),
-        fingerprint: keel_schemas::codec::fingerprint(&parsed),
-        body,
-    }
-}
-
 /// Enqueues `event` as a writer of another build would, under `written`.
 async fn enqueue_as_other_build(
     h: &Harness,
@@ -527,7 +493,13 @@ async fn a_row_an_older_build_wrote_is_published_under_its_contract_and_read_wit
     if let Event::OrderCreated(created) = &mut event {
         created.channel = "not written".into();
     }
-    enqueue_as_other_build(&h, &topic.name, &event, written_under(&event, v1, vec![])).await;
+    enqueue_as_other_build(
+        &h,
+        &topic.name,
+        &event,
+        keel_schemas::write_under(&event, v1, vec![]).unwrap(),
+    )
+    .await;
     assert_eq!(h.relay(10).step().await.unwrap(), Step::Published(1));
 
     let records = read_topic(&topic.name, Duration::from_secs(30), |m| !m.is_empty()).await;
@@ -566,7 +538,7 @@ async fn a_row_a_newer_build_wrote_is_published_with_every_field_its_writer_set(
         &h,
         &topic.name,
         &event,
-        written_under(&event, &v3, vec![note]),
+        keel_schemas::write_under(&event, &v3, vec![note]).unwrap(),
     )
     .await;
     assert_eq!(h.relay(10).step().await.unwrap(), Step::Published(1));
@@ -622,7 +594,7 @@ async fn a_row_whose_writers_schema_the_registry_refuses_is_set_aside_and_the_re
         "required_note".to_owned(),
         apache_avro::types::Value::String("x".into()),
     );
-    let written = written_under(&refused, &breaking.to_string(), vec![note]);
+    let written = keel_schemas::write_under(&refused, &breaking.to_string(), vec![note]).unwrap();
     enqueue_as_other_build(&h, &topic.name, &refused, written).await;
     h.enqueue_orders(&topic.name, 1, &TraceHeaders::new()).await;
 

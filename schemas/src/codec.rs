@@ -395,6 +395,43 @@ pub fn write(event: &Event) -> Result<Written, String> {
     })
 }
 
+/// `event` written under another build's contract for its record, `schema` (an `.avsc`): what
+/// a writer of an older contract stores (fields `schema` lacks are left out), or of a newer one
+/// with `extra`, the fields it sets that this build has no place for. For rolling-deploy tests
+/// and `make chaos`, which play those writers.
+pub fn write_under(
+    event: &Event,
+    schema: &str,
+    extra: Vec<(String, Value)>,
+) -> Result<Written, String> {
+    let parsed = apache_avro::Schema::parse_str(schema)
+        .map_err(|e| format!("{}: the schema does not parse: {e}", event.name()))?;
+    let apache_avro::Schema::Record(record) = &parsed else {
+        return Err(format!("{}: the schema is not a record", event.name()));
+    };
+    let Value::Record(mut fields) =
+        apache_avro::to_value(Payload(event)).map_err(|e| format!("{}: {e}", event.name()))?
+    else {
+        return Err(format!("{} is not a record", event.name()));
+    };
+    fields.retain(|(name, _)| record.fields.iter().any(|f| &f.name == name));
+    fields.extend(extra);
+    let body = Value::Record(fields)
+        .resolve(&parsed)
+        .and_then(|value| {
+            apache_avro::writer::datum::GenericDatumWriter::builder(&parsed)
+                .build()?
+                .write_value_to_vec(value)
+        })
+        .map_err(|e| format!("{} does not fit the schema: {e}", event.name()))?;
+    Ok(Written {
+        record: Cow::Owned(event.name().to_owned()),
+        schema: Cow::Owned(schema.to_owned()),
+        fingerprint: fingerprint(&parsed),
+        body,
+    })
+}
+
 /// Builds the [`Event`] for a decoded record named `name`.
 pub fn event_from_value(name: &str, value: &Value) -> Result<Event, DecodeError> {
     match Event::from_avro(name, value) {

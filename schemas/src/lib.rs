@@ -24,7 +24,7 @@ pub mod events;
 pub mod history;
 pub mod registry;
 
-pub use codec::{DecodeError, Decoder, EncodeError, Encoder, Written, write};
+pub use codec::{DecodeError, Decoder, EncodeError, Encoder, Written, write, write_under};
 pub use events::{
     Customer, Event, InventoryRejected, InventoryReserved, OrderCancelled, OrderCreated, OrderLine,
     OrderPaid, Shortage, StockLine,
