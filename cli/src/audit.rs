@@ -272,6 +272,8 @@ async fn check_all(
         &format!(
             "WITH {WINDOW}
              SELECT o.id::text || ' is ' || o.status || ', reservation ' || coalesce(r.status, 'missing')
+                    || CASE WHEN o.status = 'paid' AND r.status = 'reserved'
+                            THEN ' (stock held for a paid order)' ELSE '' END
                FROM win o LEFT JOIN inventory.reservations r ON r.order_id = o.id
               WHERE r.status IS NULL OR r.status <> 'rejected' AND r.status <> CASE o.status
                     WHEN 'created' THEN 'reserved' WHEN 'paid' THEN 'fulfilled' ELSE 'released' END"

@@ -134,6 +134,22 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
     .execute(p)
     .await
     .unwrap();
+    // Stock held for a paid order: its reservation left `reserved` (the payment never took the
+    // stock out), the SKU's reserved count agreeing with it.
+    let held = &ids[3];
+    sqlx::query("UPDATE inventory.reservations SET status = 'reserved' WHERE order_id = $1::uuid")
+        .bind(held)
+        .execute(p)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE inventory.stock s SET reserved = s.reserved + l.quantity
+           FROM inventory.reservation_lines l WHERE l.order_id = $1::uuid AND l.sku = s.sku",
+    )
+    .bind(held)
+    .execute(p)
+    .await
+    .unwrap();
     // A lost invalidation: the cache holds an older version than the order.
     sqlx::query("UPDATE orders.orders SET version = version + 1 WHERE id = $1::uuid")
         .bind(created)
@@ -146,6 +162,17 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
     assert_eq!(report["ok"], false);
     let mut found = failed(&report);
     found.sort();
+    let reservation = report["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "inventory.reservation")
+        .map(|c| c["examples"].to_string())
+        .unwrap_or_default();
+    assert!(
+        reservation.contains(held.as_str()) && reservation.contains("stock held for a paid order"),
+        "{reservation}"
+    );
     assert_eq!(
         found,
         vec![
@@ -154,6 +181,7 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
             ("cache-invalidation.fresh".to_owned(), 1),
             ("inventory.on_hand".to_owned(), 1),
             ("inventory.outcomes".to_owned(), 1),
+            ("inventory.reservation".to_owned(), 1),
             ("notification.recipient".to_owned(), 1),
         ],
         "{report}"
