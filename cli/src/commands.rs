@@ -146,13 +146,36 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
     let admin = Admin::start(s, &token, pool.clone(), Vec::new()).await?;
     let result = async {
         let relay = keel_outbox::Relay::new(pool, s)?;
-        relay
-            .prepare(&[
-                (&s.topics.orders, "keel.orders"),
-                (&s.topics.inventory, "keel.inventory"),
-            ])
-            .await
-            .context("KEEL_SCHEMA_REGISTRY_URL: the registry did not accept keel's contracts")?;
+        let topics = [
+            (s.topics.orders.as_str(), "keel.orders"),
+            (s.topics.inventory.as_str(), "keel.inventory"),
+        ];
+        // A registry in trouble (down, its store failing, a proxy's 5xx) is waited for, as
+        // every group waits for it; a verdict on a contract (incompatible, invalid) stops the
+        // relay with the reason.
+        let mut backoff = keel_core::backoff::Backoff::new(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(10),
+        );
+        loop {
+            match relay.prepare(&topics).await {
+                Ok(()) => break,
+                Err(e) if e.transient => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "The registry cannot take keel's contracts yet; retrying");
+                    tokio::select! {
+                        () = token.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(
+                        "KEEL_SCHEMA_REGISTRY_URL: the registry did not accept keel's contracts",
+                    ));
+                }
+            }
+        }
         relay.run(token).await
     }
     .await;

@@ -41,7 +41,20 @@ async fn an_order_reaches_inventory_exactly_once_through_duplicates_and_a_crash_
         "the hook stops the step before its mark"
     );
     drop(relay);
-    assert_eq!(stack.relay().step().await.unwrap(), Step::Published(1));
+    // Its lock goes with its session, which closes a moment after the drop.
+    let successor = stack.relay();
+    let step = eventually(
+        "the successor to take the relay lock",
+        Duration::from_secs(30),
+        || async {
+            match successor.step().await.unwrap() {
+                Step::NotLeader => None,
+                step => Some(step),
+            }
+        },
+    )
+    .await;
+    assert_eq!(step, Step::Published(1));
 
     // The consumer applies the event, then dies after its DB commit but before storing the offset.
     let never = CancellationToken::new();
@@ -333,4 +346,92 @@ fn settings_print_every_key_and_no_password() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("KEEL_ORDER_SERVICE_ADDR"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+/// A relay that starts while the registry cannot take keel's contracts (a registry whose store
+/// failed answers 500; one that is down, nothing) waits for it, and publishes once it can. It
+/// used to exit 1 at start-up, so a registry in trouble during a deploy stopped every relay.
+#[tokio::test]
+async fn a_relay_started_while_the_registry_is_in_trouble_waits_for_it_then_publishes() {
+    let stack = Stack::start().await;
+    // The registry behind a door that answers 500 until it opens.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let door = open.clone();
+    let registry = stack.registry_url.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (door, registry, http) = (door.clone(), registry.clone(), http.clone());
+        async move {
+            if !door.load(std::sync::atomic::Ordering::SeqCst) {
+                return (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    r#"{"error_code":50001,"message":"Error in the backend data store"}"#
+                        .to_owned(),
+                );
+            }
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let answer = http
+                .request(parts.method, format!("{registry}{path}"))
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(body)
+                .send()
+                .await;
+            match answer {
+                Ok(a) => {
+                    let status = axum::http::StatusCode::from_u16(a.status().as_u16())
+                        .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+                    (status, a.text().await.unwrap_or_default())
+                }
+                Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let door_url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut tx = stack.pool.begin().await.unwrap();
+    let event = keel_schemas::Event::OrderCancelled(keel_schemas::OrderCancelled {
+        event_id: uuid::Uuid::new_v4(),
+        occurred_at: 1_764_000_000_000,
+        order_id: uuid::Uuid::new_v4(),
+        order_version: 2,
+        customer_id: "c-door".into(),
+        reason: None,
+        lines: vec![],
+    });
+    keel_outbox::enqueue(&mut tx, &stack.orders.name, &event, &Default::default())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = keel(
+        &stack,
+        &["relay"],
+        &[("KEEL_SCHEMA_REGISTRY_URL", door_url.as_str())],
+    );
+    // It keeps asking (and stays up) while the registry answers 500.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert!(
+            !relay.exited(),
+            "the relay gave up on a registry in trouble"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(published(&stack.pool).await, 0);
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "the relay to publish once the registry answers",
+        Duration::from_secs(60),
+        || async { (published(&stack.pool).await == 1).then_some(()) },
+    )
+    .await;
+    assert!(!relay.exited());
+    relay.terminate().expect("graceful stop: SIGTERM, exit 0");
+    server.abort();
 }
