@@ -54,7 +54,7 @@ fn order_body(rng: &mut impl Rng, i: u64) -> Value {
 
 /// POSTs until an answer in `ok` (returned) or a non-retryable one (an error). `retry_ok`: also
 /// accepted, but only on a retry.
-async fn post(
+pub async fn post(
     http: &reqwest::Client,
     counts: &Counts,
     url: &str,

@@ -22,7 +22,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
 mod abuse;
+mod deploy;
+mod flaky;
 mod load;
+mod redrive;
 mod stack;
 
 use keel_core::testkit::cluster as mock;
@@ -40,11 +43,14 @@ enum Scenario {
     GroupKill,
     Sigterm,
     TwoOfEach,
+    RollingDeploy,
     Poison,
+    RedriveAfterPay,
     PostgresOutage,
     RedisOutage,
     DependencyDegraded,
     RegistryOutage,
+    RegistryFlaky,
     HttpAbuse,
     BrokerRestart,
     BrokerDown,
@@ -71,11 +77,14 @@ impl Scenario {
             Scenario::GroupKill => "group-kill",
             Scenario::Sigterm => "sigterm",
             Scenario::TwoOfEach => "two-of-each",
+            Scenario::RollingDeploy => "rolling-deploy",
             Scenario::Poison => "poison",
+            Scenario::RedriveAfterPay => "redrive-after-pay",
             Scenario::PostgresOutage => "postgres-outage",
             Scenario::RedisOutage => "redis-outage",
             Scenario::DependencyDegraded => "dependency-degraded",
             Scenario::RegistryOutage => "registry-outage",
+            Scenario::RegistryFlaky => "registry-flaky",
             Scenario::HttpAbuse => "http-abuse",
             Scenario::BrokerRestart => "broker-restart",
             Scenario::BrokerDown => "broker-down",
@@ -255,7 +264,17 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
             (None, Some(mock), broker)
         }
     };
-    let mut stack = Stack::start(parts, name, &broker, mock.as_ref()).await?;
+    let mut stack = Stack::start(
+        parts,
+        name,
+        &broker,
+        mock.as_ref(),
+        scenario == Scenario::RegistryFlaky,
+    )
+    .await?;
+    if scenario == Scenario::RollingDeploy {
+        stack.spawn("relay-2")?;
+    }
     if scenario == Scenario::TwoOfEach {
         stack.spawn("relay-2")?;
         for g in GROUPS.iter() {
@@ -269,6 +288,9 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
     };
     let (counts, load) = start_load(&stack, rate, seconds);
     let mut poisoned = 0;
+    // Orders the rolling-deploy scenario's older builds wrote: v1, JSON only.
+    let mut older = [0, 0];
+    let mut registry_faults = (0, 0);
     for round in 0..args.rounds {
         let round_start = Instant::now();
         match scenario {
@@ -297,9 +319,42 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
                     stack.spawn(&instance)?;
                 }
             }
+            Scenario::RollingDeploy => {
+                // Older builds write beside this one while its instances replace each other
+                // one by one: the relays first, then the groups and the order service.
+                let per_round = 20;
+                let from = older[0] + older[1];
+                let half = deploy::place_and_settle(&stack, per_round / 2, from).await?;
+                for instance in ["relay", "relay-2"] {
+                    tokio::time::sleep(moment(0.2, period / 10.0)).await;
+                    if let Err(e) = stack.terminate(instance) {
+                        problems.push(format!("SIGTERM of {instance}: {e}"));
+                    }
+                    stack.spawn(instance)?;
+                }
+                let rest =
+                    deploy::place_and_settle(&stack, per_round / 2, from + per_round / 2).await?;
+                for instance in GROUPS.iter().copied().chain(["order-service"]) {
+                    tokio::time::sleep(moment(0.2, period / 10.0)).await;
+                    if let Err(e) = stack.terminate(instance) {
+                        problems.push(format!("SIGTERM of {instance}: {e}"));
+                    }
+                    stack.spawn(instance)?;
+                }
+                for (total, (a, b)) in older.iter_mut().zip(half.into_iter().zip(rest)) {
+                    *total += a + b;
+                }
+            }
             Scenario::Poison => {
                 tokio::time::sleep(moment(0.5, period - 1.0)).await;
                 inject_poison(&stack, &mut poisoned).await?;
+            }
+            Scenario::RedriveAfterPay => {
+                tokio::time::sleep(moment(0.5, period / 3.0)).await;
+                match redrive::round(&stack, round).await {
+                    Ok(note) => notes.push(note),
+                    Err(e) => problems.push(format!("redrive after pay, round {round}: {e:#}")),
+                }
             }
             Scenario::PostgresOutage => {
                 let away = cut(
@@ -363,6 +418,42 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
                 stack
                     .wait_ready("registry", Duration::from_secs(30))
                     .await?;
+            }
+            Scenario::RegistryFlaky => {
+                // The groups and the relay restarted while the registry is flaky must fetch
+                // their schemas through it (a running process has them cached).
+                let proxy = stack
+                    .flaky_registry
+                    .as_ref()
+                    .context("registry-flaky runs behind the flaky proxy")?;
+                tokio::time::sleep(moment(0.5, 2.0)).await;
+                let since = Instant::now();
+                proxy.set_flaky(true);
+                let round = round as usize;
+                let restarted = [
+                    "relay",
+                    GROUPS[round % GROUPS.len()],
+                    GROUPS[(round + 2) % GROUPS.len()],
+                ];
+                for instance in restarted {
+                    if let Err(e) = stack.terminate(instance) {
+                        problems.push(format!("SIGTERM of {instance}: {e}"));
+                    }
+                    stack.spawn(instance)?;
+                }
+                tokio::time::sleep(
+                    Duration::from_secs(args.outage).saturating_sub(since.elapsed()),
+                )
+                .await;
+                if let Some(proxy) = &stack.flaky_registry {
+                    proxy.set_flaky(false);
+                    registry_faults = proxy.faults();
+                }
+                notes.push(format!(
+                    "registry flaky for {:.0} s while {} restarted",
+                    since.elapsed().as_secs_f64(),
+                    restarted.join(", ")
+                ));
             }
             Scenario::HttpAbuse => {
                 tokio::time::sleep(moment(0.5, 2.0)).await;
@@ -446,7 +537,27 @@ async fn run_scenario(args: &Args, parts: &Parts, scenario: Scenario) -> anyhow:
             }
         }
     }
-    if scenario == Scenario::DependencyDegraded {
+    if scenario == Scenario::RollingDeploy {
+        notes.push(format!(
+            "{} orders written by a v1 build, {} by a build before Avro outbox rows",
+            older[0], older[1]
+        ));
+    }
+    if scenario == Scenario::RegistryFlaky {
+        let (not_found, failed) = registry_faults;
+        notes.push(format!(
+            "the registry answered {not_found} × 404 (a lagging replica) and {failed} × 500"
+        ));
+        if not_found == 0 || failed == 0 {
+            problems.push(format!(
+                "the fault never bit: {not_found} × 404 and {failed} × 500 answered"
+            ));
+        }
+    }
+    if matches!(
+        scenario,
+        Scenario::DependencyDegraded | Scenario::RegistryFlaky | Scenario::RollingDeploy
+    ) {
         // Outages are waited out: not one record may have been dead-lettered for them.
         for g in GROUPS.iter() {
             let dead = report["groups"][g]["dead_lettered"].as_u64().unwrap_or(0);

@@ -72,6 +72,8 @@ pub struct Stack {
     pub started: chrono::DateTime<chrono::Utc>,
     /// For the admin endpoints: short timeouts, a stuck service must not stall the scenario.
     http: reqwest::Client,
+    /// Between the services and the registry, for the registry-flaky scenario.
+    pub flaky_registry: Option<crate::flaky::FlakyRegistry>,
 }
 
 impl Stack {
@@ -83,6 +85,7 @@ impl Stack {
         name: &str,
         brokers: &str,
         mock: Option<&keel_core::testkit::cluster::Mock>,
+        flaky_registry: bool,
     ) -> anyhow::Result<Self> {
         let brokers = brokers.to_owned();
         let db_name = format!("keel_chaos_{}_{}", parts.run, name.replace('-', "_"));
@@ -136,6 +139,15 @@ impl Stack {
             .collect();
         let mail_dir = parts.logs.join(format!("{prefix}-mail"));
         let api_port = free_port()?;
+        let registry_port = free_port()?;
+        let flaky_registry = if flaky_registry {
+            Some(
+                crate::flaky::FlakyRegistry::start(&format!("http://127.0.0.1:{registry_port}"))
+                    .await?,
+            )
+        } else {
+            None
+        };
         let mut stack = Self {
             parts: parts.clone(),
             name: name.to_owned(),
@@ -150,7 +162,7 @@ impl Stack {
             partitions,
             api: format!("http://127.0.0.1:{api_port}"),
             api_port,
-            registry_port: free_port()?,
+            registry_port,
             mail_dir,
             procs: BTreeMap::new(),
             admin: BTreeMap::new(),
@@ -159,6 +171,7 @@ impl Stack {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
                 .build()?,
+            flaky_registry,
         };
         let status = stack
             .command("migrate", &["migrate"], |_| {})?
@@ -209,7 +222,10 @@ impl Stack {
             )
         };
         s.kafka.brokers = self.brokers.clone();
-        s.schema_registry_url = format!("http://127.0.0.1:{}", self.registry_port);
+        s.schema_registry_url = match &self.flaky_registry {
+            Some(proxy) if instance != "registry" => proxy.url.clone(),
+            _ => format!("http://127.0.0.1:{}", self.registry_port),
+        };
         s.registry_addr = local(self.registry_port);
         s.order_service_addr = local(self.api_port);
         s.topics.orders = self.orders_topic.clone();
@@ -381,30 +397,42 @@ impl Stack {
         self.duplicates.values().sum::<f64>() as u64
     }
 
+    /// Runs an operator's `keel` command (`args`) on this stack, on the database and Redis
+    /// directly, logging as `instance`; its output.
+    pub async fn cli(&self, instance: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let mut cmd = self.command(instance, args, |s| {
+            s.database_url = self.db_url.clone();
+            s.cache.redis_url = Some(format!("redis://{}", self.parts.redis));
+        })?;
+        cmd.stdout(Stdio::piped());
+        let what = format!("keel {}", args.join(" "));
+        tokio::task::spawn_blocking(move || cmd.output())
+            .await?
+            .context(what)
+    }
+
+    /// How many records `group` has dead-lettered (that decode), as the audit counts them.
+    pub async fn dead_letters(&self, group: &str) -> anyhow::Result<u64> {
+        Ok(self.audit().await?["groups"][group]["dead_lettered"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+
     /// `keel audit --output json` on this stack (direct database URL); `Ok(report)` whatever its
     /// verdict.
     pub async fn audit(&self) -> anyhow::Result<Value> {
         let since = self.started.to_rfc3339();
-        let mut cmd = self.command(
+        let opening = OPENING_STOCK.to_string();
+        let args = [
             "audit",
-            &[
-                "audit",
-                "--output",
-                "json",
-                "--opening-stock",
-                &OPENING_STOCK.to_string(),
-                "--since",
-                &since,
-            ],
-            |s| {
-                s.database_url = self.db_url.clone();
-                s.cache.redis_url = Some(format!("redis://{}", self.parts.redis));
-            },
-        )?;
-        cmd.stdout(Stdio::piped());
-        let out = tokio::task::spawn_blocking(move || cmd.output())
-            .await?
-            .context("keel audit")?;
+            "--output",
+            "json",
+            "--opening-stock",
+            &opening,
+            "--since",
+            &since,
+        ];
+        let out = self.cli("audit", &args).await?;
         let code = out.status.code();
         anyhow::ensure!(
             matches!(code, Some(0 | 4)),
