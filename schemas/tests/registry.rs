@@ -158,10 +158,13 @@ async fn incompatible_schemas_are_refused_with_409_and_the_reason() {
         .post("/subjects/s/versions", json!({"schema": breaking}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(body["error_code"], 409);
+    assert_eq!(body["error_code"], 40901);
     let message = body["message"].as_str().unwrap();
+    // Confluent's form: the rule, the path in the new schema, the old version and the level.
     assert!(
-        message.contains("qty") && message.contains("default"),
+        message.starts_with(
+            "Schema being registered is incompatible with an earlier schema for subject \"s\", details: [{errorType:'READER_FIELD_MISSING_DEFAULT_VALUE', description:'The field 'qty' at path '/fields/1' in the new schema has no default value and is missing in the old schema', additionalInfo:'qty'}, {oldSchemaVersion: 1}, {oldSchema: '"
+        ) && message.ends_with("{validateFields: 'false', compatibility: 'BACKWARD'}]"),
         "{message}"
     );
     assert_eq!(
@@ -516,4 +519,226 @@ async fn a_restarted_registry_keeps_every_id() {
         .unwrap();
     assert_eq!(versions, json!([1, 2]));
     second.cancel();
+}
+
+#[tokio::test]
+async fn a_compatibility_check_without_a_version_checks_what_registering_would() {
+    let r = Registry::start().await;
+    let v1 = record(json!([{"name": "a", "type": "int"}]));
+    let v2 = record(json!([{"name": "b", "type": "int", "default": 0}]));
+    // Reads v2's data, but not v1's (`a` was an int).
+    let v3 = record(json!([
+        {"name": "a", "type": "string", "default": ""},
+        {"name": "b", "type": "int", "default": 0}
+    ]));
+    for v in [&v1, &v2] {
+        let (status, body) = r.post("/subjects/s/versions", json!({"schema": v})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // BACKWARD compares with the latest version only, as registering does.
+    let (_, verdict) = r
+        .post(
+            "/compatibility/subjects/s/versions?verbose=true",
+            json!({"schema": v3}),
+        )
+        .await;
+    assert_eq!(verdict, json!({"is_compatible": true, "messages": []}));
+    // The _TRANSITIVE level compares with every version.
+    r.call(
+        reqwest::Method::PUT,
+        "/config/s",
+        Some(json!({"compatibility": "BACKWARD_TRANSITIVE"})),
+    )
+    .await;
+    let (_, verdict) = r
+        .post(
+            "/compatibility/subjects/s/versions?verbose=true",
+            json!({"schema": v3}),
+        )
+        .await;
+    assert_eq!(verdict["is_compatible"], false, "{verdict}");
+    let messages: Vec<&str> = verdict["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        messages[0].starts_with("{errorType:'TYPE_MISMATCH', description:'The type (path '/fields/0/type') of a field in the new schema does not match with the old schema'"),
+        "{messages:?}"
+    );
+    assert_eq!(messages[1], "{oldSchemaVersion: 1}");
+    assert_eq!(
+        messages[3],
+        "{validateFields: 'false', compatibility: 'BACKWARD_TRANSITIVE'}"
+    );
+    // Without verbose, the verdict alone.
+    let (_, verdict) = r
+        .post("/compatibility/subjects/s/versions", json!({"schema": v3}))
+        .await;
+    assert_eq!(verdict, json!({"is_compatible": false}));
+}
+
+#[tokio::test]
+async fn a_subject_with_a_control_character_is_refused_with_42208() {
+    let r = Registry::start().await;
+    let schema = record(json!([{"name": "a", "type": "string"}]));
+    for path in [
+        "/subjects/bad%0Asubject/versions",
+        "/subjects/bad%07subject",
+    ] {
+        let (status, body) = r.post(path, json!({"schema": schema})).await;
+        assert_eq!(
+            (status.as_u16(), body["error_code"].as_i64()),
+            (422, Some(42208)),
+            "{path}: {body}"
+        );
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("The specified subject 'bad"),
+            "{body}"
+        );
+    }
+    assert_eq!(r.get("/subjects").await.1, json!([]), "nothing registered");
+}
+
+#[tokio::test]
+async fn a_client_that_accepts_plain_json_is_answered_in_plain_json() {
+    let r = Registry::start().await;
+    let content_type = |accept: Option<&'static str>| {
+        let http = r.http.clone();
+        let url = format!("{}/subjects", r.url);
+        async move {
+            let mut req = http.get(url);
+            if let Some(a) = accept {
+                req = req.header("accept", a);
+            }
+            let resp = req.send().await.unwrap();
+            resp.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        }
+    };
+    assert_eq!(
+        content_type(Some("application/json")).await.as_deref(),
+        Some("application/json")
+    );
+    for accept in [
+        None,
+        Some("*/*"),
+        Some("application/vnd.schemaregistry.v1+json, application/json"),
+    ] {
+        assert_eq!(
+            content_type(accept).await.as_deref(),
+            Some("application/vnd.schemaregistry.v1+json"),
+            "{accept:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_with_confluents_error_body() {
+    let r = Registry::start().await;
+    assert_eq!(
+        r.get("/no/such/route").await,
+        (
+            StatusCode::NOT_FOUND,
+            json!({"error_code": 404, "message": "HTTP 404 Not Found"})
+        )
+    );
+    assert_eq!(
+        r.call(reqwest::Method::DELETE, "/schemas/types", None)
+            .await,
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error_code": 405, "message": "HTTP 405 Method Not Allowed"})
+        )
+    );
+}
+
+#[tokio::test]
+async fn the_listing_mode_and_metadata_routes_answer_as_confluents_do() {
+    let r = Registry::start().await;
+    let schema = record(json!([{"name": "a", "type": "string"}]));
+    let v2 = record(
+        json!([{"name": "a", "type": "string"}, {"name": "b", "type": "int", "default": 0}]),
+    );
+    let id = r
+        .post("/subjects/a-value/versions", json!({"schema": schema}))
+        .await
+        .1["id"]
+        .as_i64()
+        .unwrap();
+    r.post("/subjects/b-value/versions", json!({"schema": schema}))
+        .await;
+    let id2 = r
+        .post("/subjects/b-value/versions", json!({"schema": v2}))
+        .await
+        .1["id"]
+        .as_i64()
+        .unwrap();
+
+    assert_eq!(
+        r.get(&format!("/schemas/ids/{id}/subjects")).await,
+        (StatusCode::OK, json!(["a-value", "b-value"]))
+    );
+    let (status, body) = r.get("/schemas/ids/424242/subjects").await;
+    assert_eq!(
+        (status, body["error_code"].as_i64()),
+        (StatusCode::NOT_FOUND, Some(40403))
+    );
+
+    let (_, all) = r.get("/schemas").await;
+    let listed: Vec<(String, i64, i64)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["subject"].as_str().unwrap().to_owned(),
+                v["version"].as_i64().unwrap(),
+                v["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("a-value".to_owned(), 1, id),
+            ("b-value".to_owned(), 1, id),
+            ("b-value".to_owned(), 2, id2)
+        ]
+    );
+    let (_, latest) = r.get("/schemas?subjectPrefix=b-&latestOnly=true").await;
+    assert_eq!(latest.as_array().unwrap().len(), 1, "{latest}");
+    assert_eq!(latest[0]["version"], 2);
+    assert_eq!(latest[0]["schema"].as_str(), Some(v2.as_str()));
+
+    assert_eq!(
+        r.get("/subjects/b-value/versions/1/referencedby").await,
+        (StatusCode::OK, json!([]))
+    );
+    let (status, body) = r.get("/subjects/b-value/versions/9/referencedby").await;
+    assert_eq!(
+        (status, body["error_code"].as_i64()),
+        (StatusCode::NOT_FOUND, Some(40402))
+    );
+
+    assert_eq!(r.get("/mode").await.1, json!({"mode": "READWRITE"}));
+    let (status, body) = r.get("/mode/a-value").await;
+    assert_eq!(
+        (status, body["error_code"].as_i64()),
+        (StatusCode::NOT_FOUND, Some(40409))
+    );
+    assert_eq!(
+        r.get("/mode/a-value?defaultToGlobal=true").await.1,
+        json!({"mode": "READWRITE"})
+    );
+    assert_eq!(r.get("/contexts").await.1, json!(["."]));
+    let (status, metadata) = r.get("/v1/metadata/id").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(metadata["scope"]["clusters"].is_object(), "{metadata}");
 }

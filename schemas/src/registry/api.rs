@@ -39,7 +39,7 @@ pub enum Error {
     VersionNotSoftDeleted(i32),
     #[error("Subject '{0}' does not have subject-level compatibility configured")]
     SubjectLevelNotConfigured(String),
-    #[error("Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]", messages.join("; "))]
+    #[error("Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]", messages.join(", "))]
     Incompatible {
         subject: String,
         messages: Vec<String>,
@@ -54,6 +54,14 @@ pub enum Error {
     InvalidLevel(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("The specified subject '{0}' is not valid.")]
+    InvalidSubject(String),
+    #[error("Subject '{0}' does not have subject-level mode configured")]
+    SubjectModeNotConfigured(String),
+    #[error("HTTP 404 Not Found")]
+    NoRoute,
+    #[error("HTTP 405 Method Not Allowed")]
+    MethodNotAllowed,
     #[error("Error in the backend datastore: database unreachable")]
     Unavailable,
     #[error("Error in the backend datastore: {0}")]
@@ -70,11 +78,15 @@ impl Error {
             Error::SubjectNotSoftDeleted(_) => (StatusCode::NOT_FOUND, 40405),
             Error::VersionNotSoftDeleted(_) => (StatusCode::NOT_FOUND, 40407),
             Error::SubjectLevelNotConfigured(_) => (StatusCode::NOT_FOUND, 40408),
-            Error::Incompatible { .. } => (StatusCode::CONFLICT, 409),
+            Error::Incompatible { .. } => (StatusCode::CONFLICT, 40901),
             Error::InvalidSchema(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42201),
             Error::InvalidVersion(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42202),
             Error::InvalidLevel(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42203),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, 400),
+            Error::InvalidSubject(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42208),
+            Error::SubjectModeNotConfigured(_) => (StatusCode::NOT_FOUND, 40409),
+            Error::NoRoute => (StatusCode::NOT_FOUND, 404),
+            Error::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405),
             // 503, not 500, for every store error: clients (schema_registry_converter among
             // them) retry a 503 and cache anything else as a verdict on the schema, which a
             // store error never is.
@@ -117,6 +129,40 @@ fn ok(body: Value) -> Result<Response, Error> {
 }
 
 type Flags = Query<HashMap<String, String>>;
+
+/// Refuses a subject Confluent's registry refuses: empty, or with a control character.
+fn valid_subject(subject: &str) -> Result<(), Error> {
+    if subject.is_empty() || subject.chars().any(char::is_control) {
+        return Err(Error::InvalidSubject(subject.to_owned()));
+    }
+    Ok(())
+}
+
+/// Answers `Content-Type: application/json` to a client that accepts that and not Confluent's
+/// own type (as Confluent's registry negotiates); Confluent's type otherwise.
+async fn negotiate(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let plain_json = request
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .any(|accept| {
+            accept.contains("application/json")
+                && !accept.contains("application/vnd.schemaregistry")
+        });
+    let mut response = next.run(request).await;
+    if plain_json
+        && response.headers().get(header::CONTENT_TYPE)
+            == Some(&HeaderValue::from_static(CONTENT_TYPE))
+    {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    response
+}
 
 fn flag(q: &Flags, name: &str) -> bool {
     q.get(name).is_some_and(|v| v.eq_ignore_ascii_case("true"))
@@ -241,7 +287,9 @@ fn routes(pool: PgPool) -> Router {
         .route("/health", get(|| async { ok(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/schemas/types", get(|| async { ok(json!(["AVRO"])) }))
+        .route("/schemas", get(all_schemas))
         .route("/schemas/ids/{id}", get(schema_by_id))
+        .route("/schemas/ids/{id}/subjects", get(subjects_of_id))
         .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
         .route("/schemas/ids/{id}/versions", get(versions_of_id))
         .route("/subjects", get(subjects))
@@ -254,6 +302,10 @@ fn routes(pool: PgPool) -> Router {
         .route(
             "/subjects/{subject}/versions/{version}/schema",
             get(raw_version),
+        )
+        .route(
+            "/subjects/{subject}/versions/{version}/referencedby",
+            get(referenced_by),
         )
         .route(
             "/compatibility/subjects/{subject}/versions",
@@ -270,6 +322,18 @@ fn routes(pool: PgPool) -> Router {
                 .put(set_subject_config)
                 .delete(delete_subject_config),
         )
+        .route("/mode", get(|| async { ok(json!({"mode": "READWRITE"})) }))
+        .route("/mode/{subject}", get(subject_mode))
+        .route("/contexts", get(|| async { ok(json!(["."])) }))
+        .route(
+            "/v1/metadata/id",
+            get(|| async {
+                ok(json!({"scope": {"path": [], "clusters": {"schema-registry-cluster": "keel"}}}))
+            }),
+        )
+        .fallback(|| async { Error::NoRoute })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(negotiate))
         .with_state(Store::new(pool))
 }
 
@@ -319,6 +383,43 @@ async fn schema_by_id(State(store): State<Store>, Path(id): Path<i32>) -> Result
     ok(body)
 }
 
+async fn subjects_of_id(
+    State(store): State<Store>,
+    Path(id): Path<i32>,
+    q: Flags,
+) -> Result<Response, Error> {
+    ok(json!(store.subjects_of_id(id, flag(&q, "deleted")).await?))
+}
+
+/// `GET /schemas`: every version's schema, with `subjectPrefix`, `deleted` and `latestOnly`.
+async fn all_schemas(State(store): State<Store>, q: Flags) -> Result<Response, Error> {
+    let prefix = q.get("subjectPrefix").map_or("", String::as_str);
+    let found = store
+        .all_versions(prefix, flag(&q, "deleted"), flag(&q, "latestOnly"))
+        .await?;
+    ok(json!(found.iter().map(version_body).collect::<Vec<_>>()))
+}
+
+/// No schema references another here (references are refused at registration): the version
+/// must exist, and nothing refers to it.
+async fn referenced_by(
+    State(store): State<Store>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    store
+        .version(&subject, VersionRef::parse(&version)?, false)
+        .await?;
+    ok(json!([]))
+}
+
+/// Every subject is `READWRITE`, the global mode; none has a mode of its own.
+async fn subject_mode(Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
+    if flag(&q, "defaultToGlobal") {
+        return ok(json!({"mode": "READWRITE"}));
+    }
+    Err(Error::SubjectModeNotConfigured(subject))
+}
+
 async fn raw_schema_by_id(
     State(store): State<Store>,
     Path(id): Path<i32>,
@@ -357,6 +458,7 @@ async fn register(
     Path(subject): Path<String>,
     body: Bytes,
 ) -> Result<Response, Error> {
+    valid_subject(&subject)?;
     let (schema, schema_type) = SchemaRequest::parse(&body)?;
     let id = store
         .register(&subject, &schema, schema_type.as_deref())
@@ -370,6 +472,7 @@ async fn lookup(
     q: Flags,
     body: Bytes,
 ) -> Result<Response, Error> {
+    valid_subject(&subject)?;
     let (schema, _) = SchemaRequest::parse(&body)?;
     ok(version_body(
         &store.lookup(&subject, &schema, flag(&q, "deleted")).await?,
@@ -496,9 +599,7 @@ async fn set_subject_config(
     body: Bytes,
 ) -> Result<Response, Error> {
     let level = parse_level(&body)?;
-    if subject.is_empty() {
-        return Err(Error::BadRequest("subject must not be empty".into()));
-    }
+    valid_subject(&subject)?;
     store.set_level(&subject, level).await?;
     ok(json!({ "compatibility": level.as_str() }))
 }

@@ -158,7 +158,7 @@ impl Store {
         if !violations.is_empty() {
             return Err(Error::Incompatible {
                 subject: subject.to_owned(),
-                messages: violations,
+                messages: compat::messages(&violations),
             });
         }
         let id: i32 = sqlx::query_scalar(
@@ -229,6 +229,42 @@ impl Store {
             .collect())
     }
 
+    /// The subjects with a version that uses schema `id` (soft-deleted ones with `deleted`).
+    pub async fn subjects_of_id(&self, id: i32, deleted: bool) -> Result<Vec<String>, Error> {
+        self.schema_by_id(id).await?;
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT subject FROM registry.subject_versions
+              WHERE schema_id = $1 AND ($2 OR NOT deleted) ORDER BY subject",
+        )
+        .bind(id)
+        .bind(deleted)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every version of the subjects starting with `prefix`, by subject and version; with
+    /// `latest_only`, each subject's latest.
+    pub async fn all_versions(
+        &self,
+        prefix: &str,
+        deleted: bool,
+        latest_only: bool,
+    ) -> Result<Vec<Registered>, Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+              WHERE starts_with(v.subject, $1) AND ($2 OR NOT v.deleted)
+                AND (NOT $3 OR v.version = (SELECT max(l.version) FROM registry.subject_versions l
+                                             WHERE l.subject = v.subject AND ($2 OR NOT l.deleted)))
+              ORDER BY v.subject, v.version"
+        ))
+        .bind(prefix)
+        .bind(deleted)
+        .bind(latest_only)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(registered).collect())
+    }
+
     pub async fn subjects(&self, deleted: bool) -> Result<Vec<String>, Error> {
         Ok(sqlx::query_scalar(
             "SELECT subject FROM registry.subject_versions GROUP BY subject HAVING $1 OR bool_or(NOT deleted) ORDER BY subject",
@@ -295,7 +331,8 @@ impl Store {
     }
 
     /// Violations of the subject's level if `text` were registered, checked against `version`
-    /// (or, with `None`, against every live version).
+    /// (or, with `None`, as registering checks: the latest live version, or every one for the
+    /// `_TRANSITIVE` levels).
     pub async fn check(
         &self,
         subject: &str,
@@ -306,14 +343,9 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let level = level_for(&mut conn, subject).await?;
         let existing = match version {
-            None => {
-                let all = live_versions(&mut conn, subject).await?;
-                // Checking "against all versions" means each of them, whatever the level says.
-                return Ok(all
-                    .iter()
-                    .flat_map(|one| compat::check(level, &parsed.schema, std::slice::from_ref(one)))
-                    .collect());
-            }
+            // The check registering would make: the latest version, or every one for the
+            // `_TRANSITIVE` levels (Confluent's `/compatibility/subjects/{s}/versions`).
+            None => live_versions(&mut conn, subject).await?,
             Some(v) => {
                 let found = self.version(subject, v, false).await?;
                 let schema =
@@ -321,7 +353,11 @@ impl Store {
                 vec![(found.version, schema)]
             }
         };
-        Ok(compat::check(level, &parsed.schema, &existing))
+        Ok(compat::messages(&compat::check(
+            level,
+            &parsed.schema,
+            &existing,
+        )))
     }
 
     pub async fn global_level(&self) -> Result<Level, Error> {
