@@ -43,7 +43,8 @@ pub async fn place(stack: &Stack, older: Older, i: usize) -> anyhow::Result<Uuid
             quantity: 1,
             unit_price_minor: 500,
         }],
-        // Neither build knows channels: the column's default.
+        // No channel: "web", the column's default, which is what a build without channels
+        // stores.
         channel: None,
     };
     let valid = keel_producers::domain::validate(&order)

@@ -45,6 +45,7 @@ impl FlakyRegistry {
         let shared = Arc::new(Shared {
             target: target.trim_end_matches('/').to_owned(),
             client: reqwest::Client::builder()
+                .no_proxy()
                 .timeout(std::time::Duration::from_secs(10))
                 .build()?,
             flaky: AtomicBool::new(false),

@@ -15,6 +15,9 @@ use crate::stack::{OPENING_STOCK, Stack};
 /// The refusal: reservations of `sku` fail in inventory's transaction.
 async fn refuse(stack: &Stack, sku: &str) -> anyhow::Result<()> {
     let mut tx = stack.pool.begin().await?;
+    sqlx::query("DROP TRIGGER IF EXISTS chaos_refuse ON inventory.reservation_lines")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "CREATE OR REPLACE FUNCTION public.chaos_refuse_line() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -53,8 +56,18 @@ async fn reservation(stack: &Stack, order: &str) -> anyhow::Result<Option<String
 }
 
 /// One round: refuse, order, wait for the dead letter, pay, lift, redrive; checks the stock.
-/// Returns what happened, or the problem.
+/// Returns what happened, or the problem. The refusal is lifted whatever happens.
 pub async fn round(stack: &Stack, round: u32) -> anyhow::Result<String> {
+    let result = refused_round(stack, round).await;
+    let lifted = sqlx::query("DROP TRIGGER IF EXISTS chaos_refuse ON inventory.reservation_lines")
+        .execute(&stack.pool)
+        .await;
+    let note = result?;
+    lifted?;
+    Ok(note)
+}
+
+async fn refused_round(stack: &Stack, round: u32) -> anyhow::Result<String> {
     let sku = format!("SKU-REDRIVE-{round}");
     let quantity = 2;
     refuse(stack, &sku).await?;

@@ -657,6 +657,44 @@ async fn unknown_routes_and_methods_answer_with_confluents_error_body() {
             json!({"error_code": 405, "message": "HTTP 405 Method Not Allowed"})
         )
     );
+    // What is not supported yet answers with Confluent's errors too.
+    let (status, body) = r
+        .call(
+            reqwest::Method::PUT,
+            "/mode",
+            Some(json!({"mode": "IMPORT"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error_code"].as_i64()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some(405))
+    );
+    let schema = record(json!([{"name": "a", "type": "string"}]));
+    let references = json!([{"name": "x", "subject": "y", "version": 1}]);
+    let (status, body) = r
+        .post(
+            "/subjects/s/versions",
+            json!({"schema": schema, "references": references}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error_code"].as_i64()),
+        (422, Some(42201)),
+        "{body}"
+    );
+    for schema_type in ["PROTOBUF", "JSON"] {
+        let (status, body) = r
+            .post(
+                "/subjects/s/versions",
+                json!({"schema": schema, "schemaType": schema_type}),
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), body["error_code"].as_i64()),
+            (422, Some(42201)),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -135,7 +135,8 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
     .await
     .unwrap();
     // Stock held for a paid order: its reservation left `reserved` (the payment never took the
-    // stock out), the SKU's reserved count agreeing with it.
+    // stock out), the SKU's reserved and on-hand counts agreeing with it, so that only the
+    // reservation's state shows it.
     let held = &ids[3];
     sqlx::query("UPDATE inventory.reservations SET status = 'reserved' WHERE order_id = $1::uuid")
         .bind(held)
@@ -143,7 +144,7 @@ async fn the_audit_passes_on_a_drained_backbone_and_names_each_kind_of_damage() 
         .await
         .unwrap();
     sqlx::query(
-        "UPDATE inventory.stock s SET reserved = s.reserved + l.quantity
+        "UPDATE inventory.stock s SET reserved = s.reserved + l.quantity, on_hand = s.on_hand + l.quantity
            FROM inventory.reservation_lines l WHERE l.order_id = $1::uuid AND l.sku = s.sku",
     )
     .bind(held)

@@ -123,8 +123,8 @@ pub struct Consumer<H: Handler> {
     poll_budget: std::time::Duration,
 }
 
-/// The most a wait goes without polling the consumer: a rebalance waits for this member's
-/// poll, at most this long.
+/// The most a wait goes without pausing to poll the consumer (an apply that takes longer is
+/// not a wait, and is not bounded by it).
 const MAX_POLL_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl<H: Handler> Consumer<H> {

@@ -111,7 +111,6 @@ impl<H: Handler> Consumer<H> {
     /// record of a partition assigned meanwhile is put back: its partition is rewound to it and
     /// paused too. Everything paused is resumed when `work` is done.
     ///
-    ///
     /// A short wait is not paused for (most retries, a dead-letter write the cluster takes):
     /// while the consumer was polled less than [`Consumer::poll_budget`] ago, `work` is simply
     /// awaited. A pause throws away what librdkafka fetched ahead of the record, which must then
