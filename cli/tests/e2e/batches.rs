@@ -104,6 +104,43 @@ async fn logged(stack: &Stack) -> Vec<Uuid> {
         .unwrap()
 }
 
+/// A `Log` group on the stack's orders topic, running until `stop`.
+async fn run_log(
+    stack: &Stack,
+    group: &str,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let handler = Log {
+        group: group.to_owned(),
+        topic: stack.orders.name.clone(),
+        fail_on: None,
+    };
+    tokio::spawn(
+        stack
+            .consumer(handler.subscription(), handler)
+            .await
+            .run(stop.clone()),
+    )
+}
+
+/// Sends `values` to partition 0 of the orders topic, enqueued together so that they leave in
+/// one batch (with `linger.ms`); their offsets.
+async fn send_in_one_batch(producer: &FutureProducer, topic: &str, values: &[Vec<u8>]) -> Vec<i64> {
+    let mut deliveries = Vec::new();
+    for value in values {
+        let record = FutureRecord::to(topic)
+            .partition(0)
+            .key("one-batch")
+            .payload(value);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    let mut offsets = Vec::new();
+    for d in deliveries {
+        offsets.push(d.await.unwrap().map_err(|(e, _)| e).unwrap().offset);
+    }
+    offsets
+}
+
 #[tokio::test]
 async fn a_batch_commits_all_or_nothing_and_applies_each_event_once_in_order() {
     let stack = Stack::start().await;
@@ -224,17 +261,7 @@ async fn a_backlog_goes_in_batches_and_a_poison_record_among_it_is_dead_lettered
     )
     .await;
 
-    let handler = Log {
-        group: group.clone(),
-        topic: stack.orders.name.clone(),
-        fail_on: None,
-    };
-    let consumer = tokio::spawn(
-        stack
-            .consumer(handler.subscription(), handler)
-            .await
-            .run(stop.clone()),
-    );
+    let consumer = run_log(&stack, &group, &stop).await;
     eventually(
         "every event of the backlog to be applied",
         Duration::from_secs(120),
@@ -279,21 +306,11 @@ async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
         .create()
         .unwrap();
     let events: Vec<Event> = (0..10).map(event).collect();
-    let mut deliveries = Vec::new();
+    let mut values = Vec::new();
     for e in &events {
-        let value = encoder.encode(&stack.orders.name, e).await.unwrap();
-        let record = FutureRecord::to(&stack.orders.name)
-            .partition(0)
-            .key("one-batch")
-            .payload(&value);
-        // Enqueued together, so that they leave in one batch.
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        values.push(encoder.encode(&stack.orders.name, e).await.unwrap());
     }
-    let mut offsets = Vec::new();
-    for d in deliveries {
-        let delivery = d.await.unwrap().map_err(|(e, _)| e).unwrap();
-        offsets.push(delivery.offset);
-    }
+    let offsets = send_in_one_batch(&producer, &stack.orders.name, &values).await;
     assert_eq!(offsets.len(), 10);
     // Traffic goes on: a later batch.
     let later = event(10);
@@ -319,17 +336,7 @@ async fn a_group_resuming_in_the_middle_of_a_produced_batch_loses_nothing() {
     .unwrap();
 
     let stop = CancellationToken::new();
-    let handler = Log {
-        group: group.clone(),
-        topic: stack.orders.name.clone(),
-        fail_on: None,
-    };
-    let consumer = tokio::spawn(
-        stack
-            .consumer(handler.subscription(), handler)
-            .await
-            .run(stop.clone()),
-    );
+    let consumer = run_log(&stack, &group, &stop).await;
     eventually(
         "the records from the committed offset on to be applied",
         Duration::from_secs(60),
@@ -366,32 +373,12 @@ async fn the_records_fetched_behind_a_dead_letter_are_all_applied() {
     for e in &events {
         values.push(encoder.encode(&stack.orders.name, e).await.unwrap());
     }
-    // Enqueued together, so that they leave in one batch, the poison first.
-    let mut deliveries = Vec::new();
-    for value in &values {
-        let record = FutureRecord::to(&stack.orders.name)
-            .partition(0)
-            .key("one-batch")
-            .payload(value);
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    for d in deliveries {
-        d.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+    // In one batch, the poison first.
+    send_in_one_batch(&producer, &stack.orders.name, &values).await;
 
     let group = unique("batch");
     let stop = CancellationToken::new();
-    let handler = Log {
-        group: group.clone(),
-        topic: stack.orders.name.clone(),
-        fail_on: None,
-    };
-    let consumer = tokio::spawn(
-        stack
-            .consumer(handler.subscription(), handler)
-            .await
-            .run(stop.clone()),
-    );
+    let consumer = run_log(&stack, &group, &stop).await;
     let dlq = dlq_topic(&stack.orders.name, &group);
     let dead = read_topic(&dlq, Duration::from_secs(60), |m| !m.is_empty()).await;
     assert_eq!(dead.len(), 1, "the poison, alone");

@@ -195,6 +195,22 @@ async fn published(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// An `OrderCancelled` of a new order, enqueued in `tx` as the order service writes it.
+async fn enqueue_cancellation(tx: &mut sqlx::PgConnection, stack: &Stack, customer: &str) {
+    let event = keel_schemas::Event::OrderCancelled(keel_schemas::OrderCancelled {
+        event_id: uuid::Uuid::new_v4(),
+        occurred_at: 1_764_000_000_000,
+        order_id: uuid::Uuid::new_v4(),
+        order_version: 2,
+        customer_id: customer.to_owned(),
+        reason: None,
+        lines: vec![],
+    });
+    keel_outbox::enqueue(tx, &stack.orders.name, &event, &Default::default())
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn killing_the_relay_process_mid_stream_loses_no_event() {
     let stack = Stack::start().await;
@@ -203,18 +219,7 @@ async fn killing_the_relay_process_mid_stream_loses_no_event() {
     for chunk in 0..30 {
         let mut tx = stack.pool.begin().await.unwrap();
         for i in 0..100 {
-            let event = keel_schemas::Event::OrderCancelled(keel_schemas::OrderCancelled {
-                event_id: uuid::Uuid::new_v4(),
-                occurred_at: 1_764_000_000_000,
-                order_id: uuid::Uuid::new_v4(),
-                order_version: 2,
-                customer_id: format!("c-{chunk}-{i}"),
-                reason: None,
-                lines: vec![],
-            });
-            keel_outbox::enqueue(&mut tx, &stack.orders.name, &event, &Default::default())
-                .await
-                .unwrap();
+            enqueue_cancellation(&mut tx, &stack, &format!("c-{chunk}-{i}")).await;
         }
         tx.commit().await.unwrap();
     }
@@ -395,18 +400,7 @@ async fn a_relay_started_while_the_registry_is_in_trouble_waits_for_it_then_publ
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut tx = stack.pool.begin().await.unwrap();
-    let event = keel_schemas::Event::OrderCancelled(keel_schemas::OrderCancelled {
-        event_id: uuid::Uuid::new_v4(),
-        occurred_at: 1_764_000_000_000,
-        order_id: uuid::Uuid::new_v4(),
-        order_version: 2,
-        customer_id: "c-door".into(),
-        reason: None,
-        lines: vec![],
-    });
-    keel_outbox::enqueue(&mut tx, &stack.orders.name, &event, &Default::default())
-        .await
-        .unwrap();
+    enqueue_cancellation(&mut tx, &stack, "c-door").await;
     tx.commit().await.unwrap();
 
     let relay = keel(
