@@ -150,10 +150,10 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
             (s.topics.orders.as_str(), "keel.orders"),
             (s.topics.inventory.as_str(), "keel.inventory"),
         ];
-        // A registry in trouble (down or not answering, its store failing, a proxy's 5xx, 429,
-        // credentials refused while they rotate) is waited for, as every group waits for it,
-        // each retry logged with the registry's answer; a verdict on a contract (incompatible,
-        // invalid) stops the relay with the reason.
+        // A registry in trouble (down or not answering, its store failing, a proxy's 5xx, 429)
+        // is waited for, as every group waits for it, each retry logged with the registry's
+        // answer. Refused credentials (a configuration mistake) and a verdict on a contract
+        // (incompatible, invalid) stop the relay at start-up with the reason.
         let mut backoff = keel_core::backoff::Backoff::new(
             std::time::Duration::from_millis(200),
             std::time::Duration::from_secs(10),
@@ -161,7 +161,7 @@ pub async fn relay(s: &Settings) -> anyhow::Result<()> {
         loop {
             match relay.prepare(&topics).await {
                 Ok(()) => break,
-                Err(e) if e.transient => {
+                Err(e) if e.transient && !e.credentials_refused => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
                         "The registry cannot take keel's contracts yet; retrying");

@@ -525,6 +525,7 @@ impl Relay {
             message,
             transient,
             unreachable: false,
+            credentials_refused: false,
         };
         let found: Option<(String, String)> =
             sqlx::query_as("SELECT record, schema FROM outbox.schemas WHERE fingerprint = $1")

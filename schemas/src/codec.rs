@@ -31,6 +31,9 @@ pub struct EncodeError {
     /// The registry could not be reached at all (or answered 502/503): every other record would
     /// fail the same way now. A subject's own trouble (a 403 for it, a 500) is `transient` only.
     pub unreachable: bool,
+    /// The registry refused the credentials (401, 403): a setting to fix, which a process
+    /// starting fails on, naming it.
+    pub credentials_refused: bool,
 }
 
 impl EncodeError {
@@ -41,6 +44,7 @@ impl EncodeError {
             message: describe(e),
             transient: transient(e),
             unreachable: e.retriable,
+            credentials_refused: refused_credentials(e),
         }
     }
 }
