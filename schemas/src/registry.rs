@@ -49,6 +49,9 @@ pub async fn spawn_with_auth(
 )> {
     keel_core::db::migrate(database_url, DB_SCHEMA, &MIGRATOR).await?;
     let pool = keel_core::db::pool(database_url, 10).await?;
+    store::rewrite_identities(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("rewriting the registry's schema identities: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("KEEL_REGISTRY_ADDR: cannot listen on {addr}: {e}"))?;

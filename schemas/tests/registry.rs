@@ -64,6 +64,14 @@ impl Registry {
     async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
+
+    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
 }
 
 impl Drop for Registry {
@@ -657,18 +665,13 @@ async fn unknown_routes_and_methods_answer_with_confluents_error_body() {
             json!({"error_code": 405, "message": "HTTP 405 Method Not Allowed"})
         )
     );
-    // What is not supported yet answers with Confluent's errors too.
-    let (status, body) = r
-        .call(
-            reqwest::Method::PUT,
-            "/mode",
-            Some(json!({"mode": "IMPORT"})),
-        )
-        .await;
+    // The global mode cannot be deleted, only set.
+    let (status, body) = r.call(reqwest::Method::DELETE, "/mode", None).await;
     assert_eq!(
         (status, body["error_code"].as_i64()),
         (StatusCode::METHOD_NOT_ALLOWED, Some(405))
     );
+    // What is not supported answers with Confluent's errors too.
     let schema = record(json!([{"name": "a", "type": "string"}]));
     let references = json!([{"name": "x", "subject": "y", "version": 1}]);
     let (status, body) = r
@@ -779,4 +782,444 @@ async fn the_listing_mode_and_metadata_routes_answer_as_confluents_do() {
     let (status, metadata) = r.get("/v1/metadata/id").await;
     assert_eq!(status, StatusCode::OK);
     assert!(metadata["scope"]["clusters"].is_object(), "{metadata}");
+}
+
+/// The status and Confluent `error_code` of an answer.
+fn status_code(answer: &(StatusCode, Value)) -> (u16, Option<i64>) {
+    (answer.0.as_u16(), answer.1["error_code"].as_i64())
+}
+
+#[tokio::test]
+async fn two_spellings_of_one_schema_are_one_schema_with_one_id() {
+    let r = Registry::start().await;
+    let (_, first) = r
+        .post(
+            "/subjects/s/versions",
+            json!({"schema": r#"{"type":"string"}"#}),
+        )
+        .await;
+    let id = first["id"].as_i64().expect("an id");
+    let (_, again) = r
+        .post("/subjects/s/versions", json!({"schema": r#""string""#}))
+        .await;
+    assert_eq!(again["id"].as_i64(), Some(id));
+    assert_eq!(r.get("/subjects/s/versions").await.1, json!([1]));
+    let (status, found) = r
+        .post("/subjects/s", json!({"schema": r#""string""#}))
+        .await;
+    assert_eq!(
+        (status, found["version"].as_i64()),
+        (StatusCode::OK, Some(1))
+    );
+
+    // A full name, or a name and a namespace: one schema, found by either spelling.
+    let full = r#"{"type":"record","name":"ns.R","fields":[{"name":"a","type":"int"}]}"#;
+    let split =
+        r#"{"type":"record","name":"R","namespace":"ns","fields":[{"name":"a","type":"int"}]}"#;
+    let (_, by_full) = r
+        .post("/subjects/r/versions", json!({"schema": full}))
+        .await;
+    let (status, found) = r.post("/subjects/r", json!({"schema": split})).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    assert_eq!(found["id"], by_full["id"]);
+    assert_eq!(
+        r.post("/subjects/other/versions", json!({"schema": split}))
+            .await
+            .1["id"],
+        by_full["id"]
+    );
+    // What does change the schema still changes the id.
+    let (_, with_doc) = r
+        .post(
+            "/subjects/r2/versions",
+            json!({"schema": r#"{"type":"record","name":"ns.R","doc":"d","fields":[{"name":"a","type":"int"}]}"#}),
+        )
+        .await;
+    assert_ne!(with_doc["id"], by_full["id"]);
+
+    // normalize=true stores the normalised form: what GET /schemas/ids answers.
+    let spaced = "{ \"type\": \"record\", \"name\": \"N\", \"fields\": [ {\"type\": \"long\", \"name\": \"n\"} ] }";
+    let (status, body) = r
+        .post(
+            "/subjects/n/versions?normalize=true",
+            json!({"schema": spaced}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, stored) = r.get(&format!("/schemas/ids/{}", body["id"])).await;
+    assert_eq!(
+        stored["schema"],
+        r#"{"fields":[{"name":"n","type":"long"}],"name":"N","type":"record"}"#
+    );
+    let (status, found) = r
+        .post("/subjects/n?normalize=true", json!({"schema": spaced}))
+        .await;
+    assert_eq!(
+        (status, found["id"].clone()),
+        (StatusCode::OK, body["id"].clone())
+    );
+}
+
+#[tokio::test]
+async fn ids_stored_under_the_first_identity_rule_are_found_by_the_parsed_schema() {
+    let db = TestDb::new().await;
+    let start = |shutdown: CancellationToken| {
+        let url = db.url.clone();
+        async move {
+            let (addr, task) =
+                keel_schemas::registry::spawn(&url, "127.0.0.1:0".parse().unwrap(), shutdown)
+                    .await
+                    .expect("registry starts");
+            (format!("http://{addr}"), task)
+        }
+    };
+    let http = reqwest::Client::new();
+    let post = |url: String, body: Value| {
+        let http = http.clone();
+        async move {
+            let resp = http
+                .post(url)
+                .header("content-type", "application/vnd.schemaregistry.v1+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("registry answers");
+            (
+                resp.status(),
+                resp.json::<Value>().await.expect("JSON body"),
+            )
+        }
+    };
+    let first = CancellationToken::new();
+    let (url, task) = start(first.clone()).await;
+    let braced = r#"{"type":"string"}"#;
+    let id = post(
+        format!("{url}/subjects/s/versions"),
+        json!({"schema": braced}),
+    )
+    .await
+    .1["id"]
+        .as_i64()
+        .expect("an id");
+    let other = post(
+        format!("{url}/subjects/t/versions"),
+        json!({"schema": r#""string""#}),
+    )
+    .await
+    .1["id"]
+        .as_i64()
+        .expect("an id");
+    assert_eq!(other, id);
+    first.cancel();
+    task.await.unwrap().unwrap();
+
+    // Put the registry back as the first rule left it: two rows for one schema, each with the
+    // raw JSON of its spelling as identity.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "UPDATE registry.schemas SET normalized = $1, fingerprint = sha256(convert_to($1, 'UTF8')), identity_form = 1 WHERE id = $2",
+    )
+    .bind(r#"{"type":"string"}"#)
+    .bind(id as i32)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let legacy: i32 = sqlx::query_scalar(
+        "INSERT INTO registry.schemas (schema, normalized, fingerprint) VALUES ('\"string\"', '\"string\"', sha256(convert_to('\"string\"', 'UTF8'))) RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE registry.subject_versions SET schema_id = $1 WHERE subject = 't'")
+        .bind(legacy)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let second = CancellationToken::new();
+    let (url, _task) = start(second.clone()).await;
+    let forms: Vec<i16> =
+        sqlx::query_scalar("SELECT identity_form FROM registry.schemas ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(forms, [2, 2], "every row rewritten at start-up");
+    // Both ids stay, each found under its subject by either spelling; new registrations get
+    // one of them.
+    for (subject, held) in [("s", id), ("t", legacy as i64)] {
+        for spelling in [braced, r#""string""#] {
+            let (status, found) = post(
+                format!("{url}/subjects/{subject}"),
+                json!({"schema": spelling}),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{subject} {spelling}: {found}");
+            assert_eq!(found["id"].as_i64(), Some(held), "{subject} {spelling}");
+        }
+    }
+    let fresh = post(
+        format!("{url}/subjects/u/versions"),
+        json!({"schema": r#""string""#}),
+    )
+    .await
+    .1["id"]
+        .as_i64();
+    assert!(
+        fresh == Some(id) || fresh == Some(legacy as i64),
+        "{fresh:?}"
+    );
+    second.cancel();
+}
+
+#[tokio::test]
+async fn record_aliases_and_enum_defaults_read_what_the_specification_says_they_read() {
+    let r = Registry::start().await;
+    let old = json!({"type": "record", "name": "Old", "namespace": "test",
+        "fields": [{"name": "a", "type": "string"}]})
+    .to_string();
+    r.post("/subjects/renamed/versions", json!({"schema": old}))
+        .await;
+    // A reader whose alias names the writer's record reads it (Avro's resolution rules).
+    let aliased = json!({"type": "record", "name": "New", "namespace": "test", "aliases": ["Old"],
+        "fields": [{"name": "b", "type": "string", "aliases": ["a"]}]})
+    .to_string();
+    let (status, body) = r
+        .post("/subjects/renamed/versions", json!({"schema": aliased}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Without the alias the name has changed.
+    let renamed = json!({"type": "record", "name": "Other", "namespace": "test",
+        "fields": [{"name": "b", "type": "string", "aliases": ["a"]}]})
+    .to_string();
+    let (status, body) = r
+        .post(
+            "/compatibility/subjects/renamed/versions/1?verbose=true",
+            json!({"schema": renamed}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["is_compatible"], false);
+    assert!(
+        body["messages"][0]
+            .as_str()
+            .is_some_and(|m| m.contains("NAME_MISMATCH")),
+        "{body}"
+    );
+
+    let colours = |symbols: Value, default: Option<&str>| {
+        let mut e = json!({"type": "enum", "name": "Colour", "symbols": symbols});
+        if let Some(d) = default {
+            e["default"] = json!(d);
+        }
+        json!({"type": "record", "name": "Paint", "fields": [{"name": "c", "type": e}]}).to_string()
+    };
+    r.post(
+        "/subjects/paint/versions",
+        json!({"schema": colours(json!(["RED", "GREEN", "BLUE"]), None)}),
+    )
+    .await;
+    // A reader without BLUE but with a default reads BLUE as the default.
+    let (status, body) = r
+        .post(
+            "/compatibility/subjects/paint/versions/latest?verbose=true",
+            json!({"schema": colours(json!(["RED", "GREEN"]), Some("RED"))}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["is_compatible"].clone()),
+        (StatusCode::OK, json!(true)),
+        "{body}"
+    );
+    let (_, body) = r
+        .post(
+            "/compatibility/subjects/paint/versions/latest?verbose=true",
+            json!({"schema": colours(json!(["RED", "GREEN"]), None)}),
+        )
+        .await;
+    assert_eq!(body["is_compatible"], false);
+    assert!(
+        body["messages"][0]
+            .as_str()
+            .is_some_and(|m| m.contains("MISSING_ENUM_SYMBOLS")
+                && m.contains("[BLUE]")
+                && m.contains("/fields/0/type/symbols")),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn soft_deleted_versions_answer_as_confluents_do() {
+    let r = Registry::start().await;
+    let schema = record(json!([{"name": "a", "type": "string"}]));
+    let id = r
+        .post("/subjects/s/versions", json!({"schema": schema}))
+        .await
+        .1["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        r.delete("/subjects/s/versions/1").await,
+        (StatusCode::OK, json!(1))
+    );
+    // Twice is 40406, naming the version.
+    let twice = r.delete("/subjects/s/versions/1").await;
+    assert_eq!(status_code(&twice), (404, Some(40406)), "{}", twice.1);
+    assert!(
+        twice.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Version 1")),
+        "{}",
+        twice.1
+    );
+    // Asked for, the deleted version shows as deleted; not asked for, it is gone.
+    let (status, shown) = r.get("/subjects/s/versions/1?deleted=true").await;
+    assert_eq!(
+        (status, shown["deleted"].clone()),
+        (StatusCode::OK, json!(true)),
+        "{shown}"
+    );
+    assert_eq!(
+        status_code(&r.get("/subjects/s/versions/1").await).1,
+        Some(40401)
+    );
+
+    // Registered again, the schema is version 2; a lookup with deleted=true finds the newest.
+    assert_eq!(
+        r.post("/subjects/s/versions", json!({"schema": schema}))
+            .await
+            .1["id"]
+            .as_i64(),
+        Some(id)
+    );
+    let (_, found) = r
+        .post("/subjects/s?deleted=true", json!({"schema": schema}))
+        .await;
+    assert_eq!(found["version"], 2, "{found}");
+    assert!(found.get("deleted").is_none(), "{found}");
+    assert_eq!(
+        r.get(&format!("/schemas/ids/{id}/versions?deleted=true"))
+            .await
+            .1,
+        json!([{"subject": "s", "version": 1}, {"subject": "s", "version": 2}])
+    );
+    assert_eq!(
+        r.get(&format!("/schemas/ids/{id}/versions")).await.1,
+        json!([{"subject": "s", "version": 2}])
+    );
+
+    // A soft-deleted subject is listed only with deleted=true.
+    r.post("/subjects/gone/versions", json!({"schema": schema}))
+        .await;
+    r.delete("/subjects/gone").await;
+    assert_eq!(r.get("/subjects").await.1, json!(["s"]));
+    assert_eq!(
+        r.get("/subjects?deleted=true").await.1,
+        json!(["gone", "s"])
+    );
+}
+
+#[tokio::test]
+async fn modes_refuse_writes_in_read_only_and_import_keeps_the_given_ids() {
+    let r = Registry::start().await;
+    let v1 = record(json!([{"name": "a", "type": "string"}]));
+    let v2 = record(json!([{"name": "a", "type": "string"}, {"name": "b", "type": "int"}]));
+    r.post("/subjects/s/versions", json!({"schema": v1})).await;
+
+    assert_eq!(
+        status_code(&r.put("/mode", json!({"mode": "SIDEWAYS"})).await),
+        (422, Some(42204))
+    );
+    assert_eq!(
+        r.put("/mode/s", json!({"mode": "READONLY"})).await,
+        (StatusCode::OK, json!({"mode": "READONLY"}))
+    );
+    assert_eq!(r.get("/mode/s").await.1, json!({"mode": "READONLY"}));
+    let refused = r.post("/subjects/s/versions", json!({"schema": v2})).await;
+    assert_eq!(status_code(&refused), (422, Some(42205)), "{}", refused.1);
+    assert_eq!(
+        status_code(&r.delete("/subjects/s/versions/1").await),
+        (422, Some(42205))
+    );
+    assert_eq!(
+        status_code(&r.delete("/subjects/s").await),
+        (422, Some(42205))
+    );
+    assert_eq!(
+        r.delete("/mode/s").await,
+        (StatusCode::OK, json!({"mode": "READONLY"}))
+    );
+    assert_eq!(status_code(&r.get("/mode/s").await), (404, Some(40409)));
+
+    // An id or a version is the registry's to give outside IMPORT.
+    let given = r
+        .post(
+            "/subjects/t/versions",
+            json!({"schema": v1, "id": 100, "version": 5}),
+        )
+        .await;
+    assert_eq!(status_code(&given), (422, Some(42205)), "{}", given.1);
+    // IMPORT needs an empty registry unless forced.
+    assert_eq!(
+        status_code(&r.put("/mode", json!({"mode": "IMPORT"})).await),
+        (422, Some(42205))
+    );
+    assert_eq!(
+        r.put("/mode?force=true", json!({"mode": "IMPORT"})).await,
+        (StatusCode::OK, json!({"mode": "IMPORT"}))
+    );
+    let imported = r
+        .post(
+            "/subjects/t/versions",
+            json!({"schema": v2, "id": 100, "version": 5}),
+        )
+        .await;
+    assert_eq!(imported, (StatusCode::OK, json!({"id": 100})));
+    let (_, v5) = r.get("/subjects/t/versions/5").await;
+    assert_eq!(
+        (v5["id"].as_i64(), v5["version"].as_i64()),
+        (Some(100), Some(5)),
+        "{v5}"
+    );
+    assert_eq!(
+        r.get("/schemas/ids/100").await.1["schema"].as_str(),
+        Some(v2.as_str())
+    );
+    // No compatibility check: v1 after v2 (dropping a field without a default) is imported.
+    let back = r
+        .post(
+            "/subjects/t/versions",
+            json!({"schema": v1, "id": 1, "version": 6}),
+        )
+        .await;
+    assert_eq!(back, (StatusCode::OK, json!({"id": 1})));
+    // An id holds one schema, and a schema one id.
+    let overwrite = r
+        .post(
+            "/subjects/t/versions",
+            json!({"schema": record(json!([{"name": "z", "type": "int"}])), "id": 100, "version": 7}),
+        )
+        .await;
+    assert_eq!(
+        status_code(&overwrite),
+        (422, Some(42205)),
+        "{}",
+        overwrite.1
+    );
+    let other_id = r
+        .post(
+            "/subjects/t/versions",
+            json!({"schema": v2, "id": 101, "version": 7}),
+        )
+        .await;
+    assert_eq!(status_code(&other_id), (422, Some(42207)), "{}", other_id.1);
+
+    // Back in READWRITE, the registry's own ids start past the imported ones.
+    r.put("/mode", json!({"mode": "READWRITE"})).await;
+    let (_, fresh) = r
+        .post(
+            "/subjects/u/versions",
+            json!({"schema": record(json!([{"name": "y", "type": "int"}]))}),
+        )
+        .await;
+    assert!(fresh["id"].as_i64().is_some_and(|id| id > 100), "{fresh}");
 }

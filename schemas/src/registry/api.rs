@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use keel_core::settings::BasicAuth;
 
 use super::compat::Level;
-use super::store::{Store, VersionRef};
+use super::store::{Mode, Registering, Store, VersionRef};
 
 /// Confluent's content type; every response carries it.
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -56,6 +56,16 @@ pub enum Error {
     BadRequest(String),
     #[error("The specified subject '{0}' is not valid.")]
     InvalidSubject(String),
+    #[error(
+        "Subject '{subject}' Version {version} was soft deleted. Set permanent=true to delete permanently"
+    )]
+    VersionSoftDeleted { subject: String, version: i32 },
+    #[error("{0}")]
+    InvalidMode(String),
+    #[error("{0}")]
+    NotPermitted(String),
+    #[error("Schema already registered with id {held} instead of input id {wanted}")]
+    IdDoesNotMatch { held: i32, wanted: i32 },
     #[error("Subject '{0}' does not have subject-level mode configured")]
     SubjectModeNotConfigured(String),
     #[error("HTTP 404 Not Found")]
@@ -85,6 +95,10 @@ impl Error {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, 400),
             Error::InvalidSubject(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42208),
             Error::SubjectModeNotConfigured(_) => (StatusCode::NOT_FOUND, 40409),
+            Error::VersionSoftDeleted { .. } => (StatusCode::NOT_FOUND, 40406),
+            Error::InvalidMode(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42204),
+            Error::NotPermitted(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42205),
+            Error::IdDoesNotMatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, 42207),
             Error::NoRoute => (StatusCode::NOT_FOUND, 404),
             Error::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405),
             // 503, not 500, for every store error: clients (schema_registry_converter among
@@ -176,11 +190,20 @@ struct SchemaRequest {
     schema_type: Option<String>,
     #[serde(default)]
     references: Vec<Value>,
+    /// Given by a migration tool in `IMPORT` mode.
+    id: Option<i32>,
+    version: Option<i32>,
 }
 
 impl SchemaRequest {
     /// Accepts any content type, as Confluent's registry does.
     fn parse(body: &Bytes) -> Result<(String, Option<String>), Error> {
+        let req = Self::read(body)?;
+        Ok((req.schema, req.schema_type))
+    }
+
+    /// The whole request: the schema, its type, and the id and version an import gives.
+    fn read(body: &Bytes) -> Result<Checked, Error> {
         let req: SchemaRequest = serde_json::from_slice(body)
             .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
         if !req.references.is_empty() {
@@ -192,8 +215,35 @@ impl SchemaRequest {
         let schema = req.schema.ok_or_else(|| {
             Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
         })?;
-        Ok((schema, req.schema_type))
+        Ok(Checked {
+            schema,
+            schema_type: req.schema_type,
+            id: req.id,
+            version: req.version,
+        })
     }
+}
+
+/// A [`SchemaRequest`] that names a schema keel can register.
+struct Checked {
+    schema: String,
+    schema_type: Option<String>,
+    id: Option<i32>,
+    version: Option<i32>,
+}
+
+#[derive(Deserialize)]
+struct ModeRequest {
+    mode: Option<String>,
+}
+
+fn parse_mode(body: &Bytes) -> Result<Mode, Error> {
+    let req: ModeRequest = serde_json::from_slice(body)
+        .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let mode = req
+        .mode
+        .ok_or_else(|| Error::InvalidMode("the request has no \"mode\" field".into()))?;
+    mode.parse().map_err(Error::InvalidMode)
 }
 
 #[derive(Deserialize)]
@@ -206,6 +256,10 @@ fn version_body(r: &super::store::Registered) -> Value {
         json!({ "subject": r.subject, "version": r.version, "id": r.id, "schema": r.schema });
     if r.schema_type != "AVRO" {
         body["schemaType"] = json!(r.schema_type);
+    }
+    // Only soft-deleted versions say so (they are only found with `deleted=true`).
+    if r.deleted {
+        body["deleted"] = json!(true);
     }
     body
 }
@@ -322,8 +376,13 @@ fn routes(pool: PgPool) -> Router {
                 .put(set_subject_config)
                 .delete(delete_subject_config),
         )
-        .route("/mode", get(|| async { ok(json!({"mode": "READWRITE"})) }))
-        .route("/mode/{subject}", get(subject_mode))
+        .route("/mode", get(global_mode).put(set_global_mode))
+        .route(
+            "/mode/{subject}",
+            get(subject_mode)
+                .put(set_subject_mode)
+                .delete(delete_subject_mode),
+        )
         .route("/contexts", get(|| async { ok(json!(["."])) }))
         .route(
             "/v1/metadata/id",
@@ -412,12 +471,50 @@ async fn referenced_by(
     ok(json!([]))
 }
 
-/// Every subject is `READWRITE`, the global mode; none has a mode of its own.
-async fn subject_mode(Path(subject): Path<String>, q: Flags) -> Result<Response, Error> {
-    if flag(&q, "defaultToGlobal") {
-        return ok(json!({"mode": "READWRITE"}));
+async fn global_mode(State(store): State<Store>) -> Result<Response, Error> {
+    ok(json!({ "mode": store.global_mode().await?.as_str() }))
+}
+
+async fn set_global_mode(
+    State(store): State<Store>,
+    q: Flags,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let mode = parse_mode(&body)?;
+    store.set_mode("", mode, flag(&q, "force")).await?;
+    ok(json!({ "mode": mode.as_str() }))
+}
+
+async fn subject_mode(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+) -> Result<Response, Error> {
+    match store.subject_mode(&subject).await? {
+        Some(mode) => ok(json!({ "mode": mode.as_str() })),
+        None if flag(&q, "defaultToGlobal") => global_mode(State(store)).await,
+        None => Err(Error::SubjectModeNotConfigured(subject)),
     }
-    Err(Error::SubjectModeNotConfigured(subject))
+}
+
+async fn set_subject_mode(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+    q: Flags,
+    body: Bytes,
+) -> Result<Response, Error> {
+    let mode = parse_mode(&body)?;
+    valid_subject(&subject)?;
+    store.set_mode(&subject, mode, flag(&q, "force")).await?;
+    ok(json!({ "mode": mode.as_str() }))
+}
+
+async fn delete_subject_mode(
+    State(store): State<Store>,
+    Path(subject): Path<String>,
+) -> Result<Response, Error> {
+    let old = store.delete_subject_mode(&subject).await?;
+    ok(json!({ "mode": old.as_str() }))
 }
 
 async fn raw_schema_by_id(
@@ -431,8 +528,9 @@ async fn raw_schema_by_id(
 async fn versions_of_id(
     State(store): State<Store>,
     Path(id): Path<i32>,
+    q: Flags,
 ) -> Result<Response, Error> {
-    let pairs = store.versions_of_id(id).await?;
+    let pairs = store.versions_of_id(id, flag(&q, "deleted")).await?;
     ok(json!(
         pairs
             .iter()
@@ -456,12 +554,18 @@ async fn versions(
 async fn register(
     State(store): State<Store>,
     Path(subject): Path<String>,
+    q: Flags,
     body: Bytes,
 ) -> Result<Response, Error> {
     valid_subject(&subject)?;
-    let (schema, schema_type) = SchemaRequest::parse(&body)?;
+    let req = SchemaRequest::read(&body)?;
+    let how = Registering {
+        normalize: flag(&q, "normalize"),
+        id: req.id,
+        version: req.version,
+    };
     let id = store
-        .register(&subject, &schema, schema_type.as_deref())
+        .register(&subject, &req.schema, req.schema_type.as_deref(), how)
         .await?;
     ok(json!({ "id": id }))
 }

@@ -8,8 +8,11 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::borrow::Cow;
+use std::collections::HashSet;
+
 use apache_avro::Schema;
-use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
+use apache_avro::schema::{Alias, Name, NamesRef, ResolvedSchema};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -121,161 +124,256 @@ const OLD_READS: Sides = Sides {
     writer: "new",
 };
 
-/// Whether `reader` can read everything `writer` wrote; what breaks when it cannot.
-fn can_read(writer: &Schema, reader: &Schema, sides: Sides) -> Result<(), Incompatibility> {
-    match SchemaCompatibility::can_read(writer, reader) {
-        Ok(Compatibility::Full) => Ok(()),
-        // Resolution may fail for some data (an enum symbol or union branch the reader lacks):
-        // Confluent's registry rejects that, and so do we.
-        Ok(_) => Err(partial(writer, reader, sides)),
-        Err(e) => Err(explain(&e, Some(reader), String::new(), sides)),
+/// Whether `reader` can read everything `writer` wrote; every rule broken when it cannot.
+///
+/// This is keel's own reading of the specification's schema-resolution rules, as Avro's Java
+/// `SchemaCompatibility` (which Confluent's registry runs) applies them, rather than
+/// apache-avro's checker, which disagrees with the specification in places: it ignores record
+/// aliases and refuses an enum whose default reads the symbols it lacks. Logical types are
+/// checked as their underlying types, as Java's checker does.
+fn can_read(writer: &Schema, reader: &Schema, sides: Sides) -> Result<(), Vec<Incompatibility>> {
+    let writer_names = names_of(writer);
+    let reader_names = names_of(reader);
+    let mut checker = Checker {
+        writer_names: &writer_names,
+        reader_names: &reader_names,
+        sides,
+        in_progress: HashSet::new(),
+        found: Vec::new(),
+    };
+    checker.check(writer, reader, "");
+    if checker.found.is_empty() {
+        Ok(())
+    } else {
+        Err(checker.found)
     }
+}
+
+/// The named types a schema defines, to follow its references by name.
+fn names_of(schema: &Schema) -> NamesRef<'_> {
+    ResolvedSchema::try_from(schema)
+        .map(|resolved| resolved.get_names().clone())
+        .unwrap_or_default()
 }
 
 fn at(path: &str) -> &str {
     if path.is_empty() { "/" } else { path }
 }
 
-/// The field named `name` of `reader` (a record): its index and schema.
-fn field_of<'a>(reader: Option<&'a Schema>, name: &str) -> (String, Option<&'a Schema>) {
-    match reader {
-        Some(Schema::Record(record)) => record
-            .fields
-            .iter()
-            .enumerate()
-            .find(|(_, f)| f.name == name)
-            .map_or((name.to_owned(), None), |(i, f)| {
-                (i.to_string(), Some(&f.schema))
-            }),
-        _ => (name.to_owned(), None),
-    }
+/// The schema a logical type annotates: compatibility reads through logical types.
+fn underlying(schema: &Schema) -> Cow<'_, Schema> {
+    use apache_avro::schema::{InnerDecimalSchema, UuidSchema};
+    Cow::Owned(match schema {
+        Schema::Date | Schema::TimeMillis => Schema::Int,
+        Schema::TimeMicros
+        | Schema::TimestampMillis
+        | Schema::TimestampMicros
+        | Schema::TimestampNanos
+        | Schema::LocalTimestampMillis
+        | Schema::LocalTimestampMicros
+        | Schema::LocalTimestampNanos => Schema::Long,
+        Schema::Uuid(UuidSchema::String) => Schema::String,
+        Schema::Uuid(UuidSchema::Bytes) | Schema::BigDecimal => Schema::Bytes,
+        Schema::Uuid(UuidSchema::Fixed(fixed)) | Schema::Duration(fixed) => {
+            Schema::Fixed(fixed.clone())
+        }
+        Schema::Decimal(decimal) => match &decimal.inner {
+            InnerDecimalSchema::Bytes => Schema::Bytes,
+            InnerDecimalSchema::Fixed(fixed) => Schema::Fixed(fixed.clone()),
+        },
+        _ => return Cow::Borrowed(schema),
+    })
 }
 
-/// apache-avro's verdict in Confluent's terms, with the path walked through the reader's
-/// fields.
-fn explain(
-    e: &apache_avro::error::CompatibilityError,
-    reader: Option<&Schema>,
-    path: String,
+/// The type's name in Confluent's messages (`STRING`, `RECORD`, …).
+fn type_name(schema: &Schema) -> String {
+    let kind: apache_avro::schema::SchemaKind = schema.into();
+    format!("{kind:?}").to_ascii_uppercase()
+}
+
+struct Checker<'a> {
+    writer_names: &'a NamesRef<'a>,
+    reader_names: &'a NamesRef<'a>,
     sides: Sides,
-) -> Incompatibility {
-    use apache_avro::error::CompatibilityError as E;
-    let Sides {
-        reader: r,
-        writer: w,
-    } = sides;
-    match e {
-        E::FieldTypeMismatch(field, inner) => {
-            let (index, next) = field_of(reader, field);
-            explain(inner, next, format!("{path}/fields/{index}/type"), sides)
-        }
-        E::MissingDefaultValue(field) => {
-            let (index, _) = field_of(reader, field);
-            Incompatibility {
-                error_type: "READER_FIELD_MISSING_DEFAULT_VALUE",
-                description: format!(
-                    "The field '{field}' at path '{path}/fields/{index}' in the {r} schema has no default value and is missing in the {w} schema"
-                ),
-                additional_info: field.clone(),
-            }
-        }
-        E::NameMismatch {
-            writer_name,
-            reader_name,
-        } => Incompatibility {
-            error_type: "NAME_MISMATCH",
-            description: format!("The name of the schema has changed (path '{}')", at(&path)),
-            additional_info: format!("expected: {writer_name}, found: {reader_name}"),
-        },
-        E::FixedMismatch => Incompatibility {
-            error_type: "FIXED_SIZE_MISMATCH",
-            description: format!(
-                "The size of FIXED type field at path '{}' in the {r} schema does not match with the {w} schema",
-                at(&path)
-            ),
-            additional_info: String::new(),
-        },
-        E::MissingSymbols => Incompatibility {
-            error_type: "MISSING_ENUM_SYMBOLS",
-            description: format!(
-                "The {r} schema is missing enum symbols at path '{}' in the {w} schema",
-                at(&path)
-            ),
-            additional_info: String::new(),
-        },
-        E::MissingUnionElements | E::SchemaMismatchAllUnionElements => Incompatibility {
-            error_type: "MISSING_UNION_BRANCH",
-            description: format!(
-                "The {r} schema is missing a type inside a union field at path '{}' in the {w} schema",
-                at(&path)
-            ),
-            additional_info: e.to_string(),
-        },
-        other => Incompatibility {
-            error_type: "TYPE_MISMATCH",
-            description: format!(
-                "The type (path '{}') of a field in the {r} schema does not match with the {w} schema",
-                at(&path)
-            ),
-            additional_info: other.to_string(),
-        },
-    }
+    /// Named writer/reader pairs being checked further up: a recursive type meets itself
+    /// and is assumed compatible there, as Java's checker does.
+    in_progress: HashSet<(String, String)>,
+    found: Vec<Incompatibility>,
 }
 
-/// What makes resolution fail for some data: the first enum whose writer symbols the reader
-/// lacks (without a default to fall back on), else a union branch.
-fn partial(writer: &Schema, reader: &Schema, sides: Sides) -> Incompatibility {
-    fn missing_symbols(
-        writer: &Schema,
-        reader: &Schema,
+impl Checker<'_> {
+    fn broken(&mut self, error_type: &'static str, description: String, additional_info: String) {
+        self.found.push(Incompatibility {
+            error_type,
+            description,
+            additional_info,
+        });
+    }
+
+    /// Whether `reader` reads `writer`, recording nothing.
+    fn reads(&mut self, writer: &Schema, reader: &Schema, path: &str) -> bool {
+        let mark = self.found.len();
+        self.check(writer, reader, path);
+        let reads = self.found.len() == mark;
+        self.found.truncate(mark);
+        reads
+    }
+
+    /// The unqualified names are equal, or one of the reader's aliases is the writer's full
+    /// name (the specification's rule, and Java's).
+    fn names_match(
+        &mut self,
+        writer: &Name,
+        reader: &Name,
+        aliases: Option<&Vec<Alias>>,
         path: &str,
-    ) -> Option<(String, Vec<String>)> {
-        match (writer, reader) {
-            (Schema::Enum(w), Schema::Enum(r)) if r.default.is_none() => {
-                let missing: Vec<String> = w
+    ) -> bool {
+        let writer_full = writer.fullname(None);
+        let matches = writer.name() == reader.name()
+            || aliases
+                .into_iter()
+                .flatten()
+                .any(|alias| alias.fullname(reader.namespace()) == writer_full);
+        if !matches {
+            self.broken(
+                "NAME_MISMATCH",
+                format!("The name of the schema has changed (path '{}/name')", path),
+                format!("expected: {writer_full}, found: {}", reader.fullname(None)),
+            );
+        }
+        matches
+    }
+
+    fn check(&mut self, writer: &Schema, reader: &Schema, path: &str) {
+        let writer = match writer {
+            Schema::Ref { name } => self.writer_names.get(name).copied().unwrap_or(writer),
+            _ => writer,
+        };
+        let reader = match reader {
+            Schema::Ref { name } => self.reader_names.get(name).copied().unwrap_or(reader),
+            _ => reader,
+        };
+        let (writer, reader) = (underlying(writer), underlying(reader));
+        let Sides {
+            reader: r,
+            writer: w,
+        } = self.sides;
+        match (writer.as_ref(), reader.as_ref()) {
+            (Schema::Union(writer), _) => {
+                for (i, branch) in writer.variants().iter().enumerate() {
+                    self.check(branch, reader.as_ref(), &format!("{path}/{i}"));
+                }
+            }
+            (_, Schema::Union(branches)) => {
+                let read = branches
+                    .variants()
+                    .iter()
+                    .any(|branch| self.reads(writer.as_ref(), branch, path));
+                if !read {
+                    self.broken(
+                        "MISSING_UNION_BRANCH",
+                        format!(
+                            "The {r} schema is missing a type inside a union field at path '{}' in the {w} schema",
+                            at(path)
+                        ),
+                        format!("reader union lacking writer type: {}", type_name(&writer)),
+                    );
+                }
+            }
+            (Schema::Null, Schema::Null)
+            | (Schema::Boolean, Schema::Boolean)
+            | (Schema::Int, Schema::Int | Schema::Long | Schema::Float | Schema::Double)
+            | (Schema::Long, Schema::Long | Schema::Float | Schema::Double)
+            | (Schema::Float, Schema::Float | Schema::Double)
+            | (Schema::Double, Schema::Double)
+            | (Schema::Bytes | Schema::String, Schema::Bytes | Schema::String) => {}
+            (Schema::Record(writer), Schema::Record(reader)) => {
+                if !self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path) {
+                    return;
+                }
+                let pair = (writer.name.fullname(None), reader.name.fullname(None));
+                if !self.in_progress.insert(pair.clone()) {
+                    return;
+                }
+                for (i, field) in reader.fields.iter().enumerate() {
+                    let written = writer.fields.iter().find(|wf| wf.name == field.name).or_else(|| {
+                        writer
+                            .fields
+                            .iter()
+                            .find(|wf| field.aliases.contains(&wf.name))
+                    });
+                    match written {
+                        Some(wf) => {
+                            self.check(&wf.schema, &field.schema, &format!("{path}/fields/{i}/type"))
+                        }
+                        None if field.default.is_none() => self.broken(
+                            "READER_FIELD_MISSING_DEFAULT_VALUE",
+                            format!(
+                                "The field '{}' at path '{path}/fields/{i}' in the {r} schema has no default value and is missing in the {w} schema",
+                                field.name
+                            ),
+                            field.name.clone(),
+                        ),
+                        None => {}
+                    }
+                }
+                self.in_progress.remove(&pair);
+            }
+            (Schema::Enum(writer), Schema::Enum(reader)) => {
+                if !self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path) {
+                    return;
+                }
+                let missing: Vec<&str> = writer
                     .symbols
                     .iter()
-                    .filter(|s| !r.symbols.contains(s))
-                    .cloned()
+                    .filter(|s| !reader.symbols.contains(s))
+                    .map(String::as_str)
                     .collect();
-                (!missing.is_empty()).then(|| (path.to_owned(), missing))
+                // A reader's default stands in for every symbol it does not know.
+                if !missing.is_empty() && reader.default.is_none() {
+                    self.broken(
+                        "MISSING_ENUM_SYMBOLS",
+                        format!(
+                            "The {r} schema is missing enum symbols '[{}]' at path '{path}/symbols' in the {w} schema",
+                            missing.join(", ")
+                        ),
+                        format!("[{}]", missing.join(", ")),
+                    );
+                }
             }
-            (Schema::Record(w), Schema::Record(r)) => {
-                r.fields.iter().enumerate().find_map(|(i, rf)| {
-                    let wf = w.fields.iter().find(|wf| wf.name == rf.name)?;
-                    missing_symbols(&wf.schema, &rf.schema, &format!("{path}/fields/{i}/type"))
-                })
+            (Schema::Fixed(writer), Schema::Fixed(reader)) => {
+                if !self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path) {
+                    return;
+                }
+                if writer.size != reader.size {
+                    self.broken(
+                        "FIXED_SIZE_MISMATCH",
+                        format!(
+                            "The size of FIXED type field at path '{path}/size' in the {r} schema does not match with the {w} schema"
+                        ),
+                        format!("expected: {}, found: {}", writer.size, reader.size),
+                    );
+                }
             }
-            (Schema::Array(w), Schema::Array(r)) => {
-                missing_symbols(&w.items, &r.items, &format!("{path}/items"))
+            (Schema::Array(writer), Schema::Array(reader)) => {
+                self.check(&writer.items, &reader.items, &format!("{path}/items"));
             }
-            (Schema::Map(w), Schema::Map(r)) => {
-                missing_symbols(&w.types, &r.types, &format!("{path}/values"))
+            (Schema::Map(writer), Schema::Map(reader)) => {
+                self.check(&writer.types, &reader.types, &format!("{path}/values"));
             }
-            _ => None,
+            (writer, reader) => self.broken(
+                "TYPE_MISMATCH",
+                format!(
+                    "The type (path '{}') of a field in the {r} schema does not match with the {w} schema",
+                    at(path)
+                ),
+                format!(
+                    "reader type: {} not compatible with writer type: {}",
+                    type_name(reader),
+                    type_name(writer)
+                ),
+            ),
         }
-    }
-    let Sides {
-        reader: r,
-        writer: w,
-    } = sides;
-    match missing_symbols(writer, reader, "") {
-        Some((path, symbols)) => Incompatibility {
-            error_type: "MISSING_ENUM_SYMBOLS",
-            description: format!(
-                "The {r} schema is missing enum symbols '[{}]' at path '{}' in the {w} schema",
-                symbols.join(", "),
-                at(&path)
-            ),
-            additional_info: format!("[{}]", symbols.join(", ")),
-        },
-        None => Incompatibility {
-            error_type: "MISSING_UNION_BRANCH",
-            description: format!(
-                "The {r} schema is missing a type inside a union field in the {w} schema"
-            ),
-            additional_info: String::new(),
-        },
     }
 }
 
@@ -284,7 +382,7 @@ fn partial(writer: &Schema, reader: &Schema, sides: Sides) -> Incompatibility {
 pub struct Violation {
     pub version: i32,
     level: Level,
-    /// The earlier version's schema, in canonical form.
+    /// The earlier version's schema, written back as registered (its identity).
     old_schema: String,
     broken: Vec<Incompatibility>,
 }
@@ -339,18 +437,18 @@ pub fn check(level: Level, new: &Schema, existing: &[(i32, Schema)]) -> Vec<Viol
         if level.backward()
             && let Err(why) = can_read(old, new, NEW_READS)
         {
-            broken.push(why);
+            broken.extend(why);
         }
         if level.forward()
             && let Err(why) = can_read(new, old, OLD_READS)
         {
-            broken.push(why);
+            broken.extend(why);
         }
         if !broken.is_empty() {
             violations.push(Violation {
                 version: *version,
                 level,
-                old_schema: old.canonical_form(),
+                old_schema: super::store::identity(old).unwrap_or_else(|_| old.canonical_form()),
                 broken,
             });
         }
@@ -414,6 +512,106 @@ mod tests {
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors[0].contains("TYPE_MISMATCH"), "{errors:?}");
         assert_eq!(errors[1], "{oldSchemaVersion: 1}");
+    }
+
+    fn broken(writer: &str, reader: &str) -> Vec<String> {
+        let (writer, reader) = (
+            Schema::parse_str(writer).unwrap(),
+            Schema::parse_str(reader).unwrap(),
+        );
+        can_read(&writer, &reader, NEW_READS)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn unions_arrays_and_maps_are_walked_and_their_paths_named() {
+        // A writer union's branches are read one by one; the one the reader cannot read is named.
+        let errors = broken(
+            r#"{"type":"record","name":"R","fields":[{"name":"a","type":["null","string","long"]}]}"#,
+            r#"{"type":"record","name":"R","fields":[{"name":"a","type":["null","string"]}]}"#,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("MISSING_UNION_BRANCH") && errors[0].contains("'/fields/0/type/2'"),
+            "{errors:?}"
+        );
+        // Promotion reads int as long through a union; a field inside an array of records is
+        // found by its path.
+        assert!(broken(r#"["null","int"]"#, r#"["null","long"]"#).is_empty());
+        let errors = broken(
+            r#"{"type":"array","items":{"type":"record","name":"I","fields":[{"name":"x","type":"int"}]}}"#,
+            r#"{"type":"array","items":{"type":"record","name":"I","fields":[{"name":"x","type":"int"},{"name":"y","type":"int"}]}}"#,
+        );
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("READER_FIELD_MISSING_DEFAULT_VALUE")
+                && errors[0].contains("'/items/fields/1'"),
+            "{errors:?}"
+        );
+        let errors = broken(
+            r#"{"type":"map","values":"string"}"#,
+            r#"{"type":"map","values":"int"}"#,
+        );
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("TYPE_MISMATCH")
+                && errors[0].contains("'/values'"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn recursive_types_and_logical_types_resolve() {
+        let list = |extra: &str| {
+            format!(
+                r#"{{"type":"record","name":"Node","fields":[{{"name":"v","type":"long"}},{{"name":"next","type":["null","Node"],"default":null}}{extra}]}}"#
+            )
+        };
+        assert!(
+            broken(
+                &list(""),
+                &list(r#",{"name":"w","type":"int","default":0}"#)
+            )
+            .is_empty()
+        );
+        let errors = broken(&list(""), &list(r#",{"name":"w","type":"int"}"#));
+        assert!(
+            !errors.is_empty() && errors[0].contains("READER_FIELD_MISSING_DEFAULT_VALUE"),
+            "{errors:?}"
+        );
+        // A logical type reads as its underlying type.
+        assert!(broken(r#"{"type":"int","logicalType":"date"}"#, r#""int""#).is_empty());
+        assert!(
+            broken(
+                r#"{"type":"long","logicalType":"timestamp-millis"}"#,
+                r#"{"type":"long","logicalType":"timestamp-micros"}"#
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn record_and_field_aliases_match_the_writers_names() {
+        let writer = r#"{"type":"record","name":"Old","namespace":"n","fields":[{"name":"a","type":"int"}]}"#;
+        let reader = r#"{"type":"record","name":"New","namespace":"n","aliases":["Old"],"fields":[{"name":"b","type":"int","aliases":["a"]}]}"#;
+        assert!(broken(writer, reader).is_empty());
+        // The unqualified name is what must match: a namespace change alone is not a rename.
+        let moved = r#"{"type":"record","name":"Old","namespace":"elsewhere","fields":[{"name":"a","type":"int"}]}"#;
+        assert!(broken(writer, moved).is_empty());
+        let errors = broken(
+            writer,
+            r#"{"type":"record","name":"New","namespace":"n","fields":[{"name":"a","type":"int"}]}"#,
+        );
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("NAME_MISMATCH")
+                && errors[0].contains("expected: n.Old"),
+            "{errors:?}"
+        );
     }
 
     #[test]
