@@ -836,6 +836,23 @@ async fn two_spellings_of_one_schema_are_one_schema_with_one_id() {
         )
         .await;
     assert_ne!(with_doc["id"], by_full["id"]);
+    // Custom properties (Kafka Connect's among them) are part of the schema; a field's default
+    // sort order is not.
+    let int16 = r#"{"type":"int","connect.type":"int16"}"#;
+    let (_, plain) = r
+        .post("/subjects/i/versions", json!({"schema": r#""int""#}))
+        .await;
+    let (_, connect) = r
+        .post("/subjects/i16/versions", json!({"schema": int16}))
+        .await;
+    assert_ne!(plain["id"], connect["id"]);
+    let (_, stored) = r.get(&format!("/schemas/ids/{}", connect["id"])).await;
+    assert_eq!(stored["schema"].as_str(), Some(int16));
+    let ordered = r#"{"type":"record","name":"ns.R","fields":[{"name":"a","type":"int","order":"ascending"}]}"#;
+    assert_eq!(
+        r.post("/subjects/r", json!({"schema": ordered})).await.1["id"],
+        by_full["id"]
+    );
 
     // normalize=true stores the normalised form: what GET /schemas/ids answers.
     let spaced = "{ \"type\": \"record\", \"name\": \"N\", \"fields\": [ {\"type\": \"long\", \"name\": \"n\"} ] }";
@@ -1083,6 +1100,17 @@ async fn soft_deleted_versions_answer_as_confluents_do() {
         Some(40401)
     );
 
+    assert_eq!(
+        r.get(&format!("/schemas/ids/{id}/versions?deleted=true"))
+            .await
+            .1,
+        json!([{"subject": "s", "version": 1}])
+    );
+    assert_eq!(
+        r.get(&format!("/schemas/ids/{id}/versions")).await.1,
+        json!([])
+    );
+
     // Registered again, the schema is version 2; a lookup with deleted=true finds the newest.
     assert_eq!(
         r.post("/subjects/s/versions", json!({"schema": schema}))
@@ -1096,12 +1124,6 @@ async fn soft_deleted_versions_answer_as_confluents_do() {
         .await;
     assert_eq!(found["version"], 2, "{found}");
     assert!(found.get("deleted").is_none(), "{found}");
-    assert_eq!(
-        r.get(&format!("/schemas/ids/{id}/versions?deleted=true"))
-            .await
-            .1,
-        json!([{"subject": "s", "version": 1}, {"subject": "s", "version": 2}])
-    );
     assert_eq!(
         r.get(&format!("/schemas/ids/{id}/versions")).await.1,
         json!([{"subject": "s", "version": 2}])
@@ -1150,7 +1172,7 @@ async fn modes_refuse_writes_in_read_only_and_import_keeps_the_given_ids() {
     );
     assert_eq!(status_code(&r.get("/mode/s").await), (404, Some(40409)));
 
-    // An id or a version is the registry's to give outside IMPORT.
+    // An id is the registry's to give outside IMPORT, and a version only the next one.
     let given = r
         .post(
             "/subjects/t/versions",
@@ -1158,6 +1180,16 @@ async fn modes_refuse_writes_in_read_only_and_import_keeps_the_given_ids() {
         )
         .await;
     assert_eq!(status_code(&given), (422, Some(42205)), "{}", given.1);
+    let skipped = r
+        .post("/subjects/t/versions", json!({"schema": v1, "version": 2}))
+        .await;
+    assert_eq!(status_code(&skipped), (422, Some(42201)), "{}", skipped.1);
+    let next = r
+        .post("/subjects/t/versions", json!({"schema": v1, "version": 1}))
+        .await;
+    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+    r.delete("/subjects/t").await;
+    r.delete("/subjects/t?permanent=true").await;
     // IMPORT needs an empty registry unless forced.
     assert_eq!(
         status_code(&r.put("/mode", json!({"mode": "IMPORT"})).await),
@@ -1174,6 +1206,18 @@ async fn modes_refuse_writes_in_read_only_and_import_keeps_the_given_ids() {
         )
         .await;
     assert_eq!(imported, (StatusCode::OK, json!({"id": 100})));
+    // A retry without the version finds what the first attempt imported.
+    assert_eq!(
+        r.post("/subjects/t/versions", json!({"schema": v2, "id": 100}))
+            .await,
+        (StatusCode::OK, json!({"id": 100}))
+    );
+    assert_eq!(r.get("/subjects/t/versions").await.1, json!([5]));
+    // An import gives the id.
+    let no_id = r
+        .post("/subjects/t/versions", json!({"schema": v1, "version": 9}))
+        .await;
+    assert_eq!(status_code(&no_id), (422, Some(42205)), "{}", no_id.1);
     let (_, v5) = r.get("/subjects/t/versions/5").await;
     assert_eq!(
         (v5["id"].as_i64(), v5["version"].as_i64()),
@@ -1184,14 +1228,16 @@ async fn modes_refuse_writes_in_read_only_and_import_keeps_the_given_ids() {
         r.get("/schemas/ids/100").await.1["schema"].as_str(),
         Some(v2.as_str())
     );
-    // No compatibility check: v1 after v2 (dropping a field without a default) is imported.
+    // No compatibility check: a string field turned int is imported, under an id below the
+    // last one imported.
+    let retyped = record(json!([{"name": "a", "type": "int"}, {"name": "b", "type": "int"}]));
     let back = r
         .post(
             "/subjects/t/versions",
-            json!({"schema": v1, "id": 1, "version": 6}),
+            json!({"schema": retyped, "id": 50, "version": 6}),
         )
         .await;
-    assert_eq!(back, (StatusCode::OK, json!({"id": 1})));
+    assert_eq!(back, (StatusCode::OK, json!({"id": 50})));
     // An id holds one schema, and a schema one id.
     let overwrite = r
         .post(

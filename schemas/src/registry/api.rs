@@ -215,11 +215,12 @@ impl SchemaRequest {
         let schema = req.schema.ok_or_else(|| {
             Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
         })?;
+        // Confluent's clients send -1 and 0 for "not given".
         Ok(Checked {
             schema,
             schema_type: req.schema_type,
-            id: req.id,
-            version: req.version,
+            id: req.id.filter(|id| *id >= 0),
+            version: req.version.filter(|v| *v > 0),
         })
     }
 }

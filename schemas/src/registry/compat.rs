@@ -9,7 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use apache_avro::Schema;
 use apache_avro::schema::{Alias, Name, NamesRef, ResolvedSchema};
@@ -139,6 +139,7 @@ fn can_read(writer: &Schema, reader: &Schema, sides: Sides) -> Result<(), Vec<In
         reader_names: &reader_names,
         sides,
         in_progress: HashSet::new(),
+        checked: HashMap::new(),
         found: Vec::new(),
     };
     checker.check(writer, reader, "");
@@ -198,6 +199,9 @@ struct Checker<'a> {
     /// Named writer/reader pairs being checked further up: a recursive type meets itself
     /// and is assumed compatible there, as Java's checker does.
     in_progress: HashSet<(String, String)>,
+    /// Named pairs already checked at some path, with what they broke: a type used in many
+    /// places is checked once (without this, nesting makes the check exponential).
+    checked: HashMap<(String, String), Vec<Incompatibility>>,
     found: Vec<Incompatibility>,
 }
 
@@ -227,7 +231,7 @@ impl Checker<'_> {
         reader: &Name,
         aliases: Option<&Vec<Alias>>,
         path: &str,
-    ) -> bool {
+    ) {
         let writer_full = writer.fullname(None);
         let matches = writer.name() == reader.name()
             || aliases
@@ -238,10 +242,9 @@ impl Checker<'_> {
             self.broken(
                 "NAME_MISMATCH",
                 format!("The name of the schema has changed (path '{}/name')", path),
-                format!("expected: {writer_full}, found: {}", reader.fullname(None)),
+                format!("expected: {writer_full}"),
             );
         }
-        matches
     }
 
     fn check(&mut self, writer: &Schema, reader: &Schema, path: &str) {
@@ -288,13 +291,17 @@ impl Checker<'_> {
             | (Schema::Double, Schema::Double)
             | (Schema::Bytes | Schema::String, Schema::Bytes | Schema::String) => {}
             (Schema::Record(writer), Schema::Record(reader)) => {
-                if !self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path) {
+                let pair = (writer.name.fullname(None), reader.name.fullname(None));
+                if let Some(broken) = self.checked.get(&pair) {
+                    self.found.extend(broken.iter().cloned());
                     return;
                 }
-                let pair = (writer.name.fullname(None), reader.name.fullname(None));
                 if !self.in_progress.insert(pair.clone()) {
                     return;
                 }
+                let mark = self.found.len();
+                // Java's checker goes on after a name mismatch; so do we.
+                self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path);
                 for (i, field) in reader.fields.iter().enumerate() {
                     let written = writer.fields.iter().find(|wf| wf.name == field.name).or_else(|| {
                         writer
@@ -318,17 +325,18 @@ impl Checker<'_> {
                     }
                 }
                 self.in_progress.remove(&pair);
+                let broken = self.found[mark..].to_vec();
+                self.checked.insert(pair, broken);
             }
             (Schema::Enum(writer), Schema::Enum(reader)) => {
-                if !self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path) {
-                    return;
-                }
-                let missing: Vec<&str> = writer
+                self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path);
+                let mut missing: Vec<&str> = writer
                     .symbols
                     .iter()
                     .filter(|s| !reader.symbols.contains(s))
                     .map(String::as_str)
                     .collect();
+                missing.sort_unstable();
                 // A reader's default stands in for every symbol it does not know.
                 if !missing.is_empty() && reader.default.is_none() {
                     self.broken(
@@ -342,9 +350,7 @@ impl Checker<'_> {
                 }
             }
             (Schema::Fixed(writer), Schema::Fixed(reader)) => {
-                if !self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path) {
-                    return;
-                }
+                self.names_match(&writer.name, &reader.name, reader.aliases.as_ref(), path);
                 if writer.size != reader.size {
                     self.broken(
                         "FIXED_SIZE_MISMATCH",
@@ -382,7 +388,7 @@ impl Checker<'_> {
 pub struct Violation {
     pub version: i32,
     level: Level,
-    /// The earlier version's schema, written back as registered (its identity).
+    /// The earlier version's schema, parsed and written back.
     old_schema: String,
     broken: Vec<Incompatibility>,
 }
@@ -448,7 +454,8 @@ pub fn check(level: Level, new: &Schema, existing: &[(i32, Schema)]) -> Vec<Viol
             violations.push(Violation {
                 version: *version,
                 level,
-                old_schema: super::store::identity(old).unwrap_or_else(|_| old.canonical_form()),
+                old_schema: super::store::written_back(old)
+                    .unwrap_or_else(|_| old.canonical_form()),
                 broken,
             });
         }
@@ -550,6 +557,16 @@ mod tests {
             errors.len() == 1
                 && errors[0].contains("READER_FIELD_MISSING_DEFAULT_VALUE")
                 && errors[0].contains("'/items/fields/1'"),
+            "{errors:?}"
+        );
+        let errors = broken(
+            r#"{"type":"fixed","name":"F","size":16}"#,
+            r#"{"type":"fixed","name":"F","size":8}"#,
+        );
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("FIXED_SIZE_MISMATCH")
+                && errors[0].contains("'/size'"),
             "{errors:?}"
         );
         let errors = broken(

@@ -4,8 +4,8 @@
 //! registrations to one subject are serialised (one version each, no gaps) and concurrent
 //! registrations of one schema get one id (the `fingerprint` unique index decides).
 //!
-//! A schema's identity is the parsed schema written back as JSON with sorted keys
-//! ([`identity`]), so that `"string"` and `{"type":"string"}`, or `"name":"ns.R"` and
+//! A schema's identity is its JSON with names resolved to full names and keys sorted
+//! (`identity_json`), so that `"string"` and `{"type":"string"}`, or `"name":"ns.R"` and
 //! `"name":"R","namespace":"ns"`, are one schema with one id, as in Confluent's registry.
 
 use apache_avro::Schema;
@@ -65,7 +65,7 @@ impl std::str::FromStr for Mode {
 
 /// How a registration asks to be made: `normalize` stores the schema in its normalised form
 /// (Confluent's `normalize=true`); `id` and `version` are given by a migration tool in
-/// `IMPORT` mode.
+/// `IMPORT` mode (which needs the id). Outside it a version may be given only as the next one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Registering {
     pub normalize: bool,
@@ -115,16 +115,122 @@ pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
         .map_err(|e| Error::InvalidSchema(format!("Invalid schema: not JSON: {e}")))?;
     let schema =
         Schema::parse(&json).map_err(|e| Error::InvalidSchema(format!("Invalid schema: {e}")))?;
-    let normalized =
-        identity(&schema).map_err(|e| Error::InvalidSchema(format!("Invalid schema: {e}")))?;
+    let mut normalized = String::with_capacity(text.len());
+    write_sorted(&identity_json(&json, ""), &mut normalized);
     Ok(Parsed { schema, normalized })
 }
 
-/// The identity of a parsed schema: the schema written back as JSON (names split into name and
-/// namespace, primitives as bare strings, references by full name) with object keys sorted.
-/// Whitespace, key order and the spelling of names do not change it; field order, defaults,
-/// docs, aliases and custom properties do. This is also the form `normalize=true` stores.
-pub fn identity(schema: &Schema) -> Result<String, serde_json::Error> {
+/// The identity of a schema, from its (valid) JSON: named types under their full names (and
+/// `"namespace": ""` where a type leaves an enclosing namespace), references by full name,
+/// `{"type": P}` alone as `P`, a field's default `"order": "ascending"` left out; every other
+/// key kept (docs, defaults, aliases, logical types, custom properties such as Kafka
+/// Connect's). Written with sorted keys it does not depend on whitespace, key order or the
+/// spelling of names; this is also the text `normalize=true` stores.
+fn identity_json(v: &Value, namespace: &str) -> Value {
+    const PRIMITIVES: [&str; 8] = [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ];
+    let qualify = |name: &str, namespace: &str| -> String {
+        if PRIMITIVES.contains(&name) || name.contains('.') || namespace.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{namespace}.{name}")
+        }
+    };
+    let map = match v {
+        Value::String(name) => return Value::String(qualify(name, namespace)),
+        Value::Array(branches) => {
+            return Value::Array(
+                branches
+                    .iter()
+                    .map(|b| identity_json(b, namespace))
+                    .collect(),
+            );
+        }
+        Value::Object(map) => map,
+        other => return other.clone(),
+    };
+    let kind = map.get("type").and_then(Value::as_str);
+    if map.len() == 1
+        && let Some(kind) = kind
+        && !matches!(
+            kind,
+            "record" | "error" | "enum" | "fixed" | "array" | "map"
+        )
+    {
+        return Value::String(qualify(kind, namespace));
+    }
+    let mut out = serde_json::Map::new();
+    match kind {
+        Some("record" | "error" | "enum" | "fixed") => {
+            let name = map.get("name").and_then(Value::as_str).unwrap_or_default();
+            let full = if name.contains('.') {
+                name.to_owned()
+            } else {
+                let own = map.get("namespace").and_then(Value::as_str);
+                qualify(name, own.unwrap_or(namespace))
+            };
+            let inner = full.rsplit_once('.').map_or("", |(ns, _)| ns);
+            for (key, value) in map {
+                let value = match (key.as_str(), value) {
+                    ("namespace", _) => continue,
+                    ("name", _) => Value::String(full.clone()),
+                    ("aliases", Value::Array(aliases)) => Value::Array(
+                        aliases
+                            .iter()
+                            .map(|a| match a {
+                                Value::String(a) => Value::String(qualify(a, inner)),
+                                other => other.clone(),
+                            })
+                            .collect(),
+                    ),
+                    ("fields", Value::Array(fields)) => {
+                        Value::Array(fields.iter().map(|f| identity_field(f, inner)).collect())
+                    }
+                    _ => value.clone(),
+                };
+                out.insert(key.clone(), value);
+            }
+            if inner.is_empty() && !namespace.is_empty() {
+                out.insert("namespace".into(), Value::String(String::new()));
+            }
+        }
+        _ => {
+            for (key, value) in map {
+                let value = match key.as_str() {
+                    "items" | "values" => identity_json(value, namespace),
+                    "type" if !value.is_string() => identity_json(value, namespace),
+                    _ => value.clone(),
+                };
+                out.insert(key.clone(), value);
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+fn identity_field(field: &Value, namespace: &str) -> Value {
+    let Value::Object(map) = field else {
+        return field.clone();
+    };
+    let mut out = serde_json::Map::new();
+    for (key, value) in map {
+        match key.as_str() {
+            "type" => {
+                out.insert(key.clone(), identity_json(value, namespace));
+            }
+            "order" if value == "ascending" => {}
+            _ => {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// A parsed schema written back as JSON with sorted keys: how the messages of a refused
+/// compatibility check show an earlier version (`oldSchema`).
+pub fn written_back(schema: &Schema) -> Result<String, serde_json::Error> {
     let json = serde_json::to_value(schema)?;
     let mut out = String::new();
     write_sorted(&json, &mut out);
@@ -224,9 +330,9 @@ impl Store {
             tracing::info!(subject, id, "Imported schema");
             return Ok(id);
         }
-        if how.id.is_some() || how.version.is_some() {
+        if how.id.is_some() {
             return Err(Error::NotPermitted(format!(
-                "Subject {subject} is not in import mode: the registry gives ids and versions"
+                "Subject {subject} is not in import mode: the registry gives ids"
             )));
         }
         let existing: Option<i32> = sqlx::query_scalar(
@@ -240,6 +346,20 @@ impl Store {
         if let Some(id) = existing {
             tx.commit().await?;
             return Ok(id);
+        }
+        if let Some(wanted) = how.version {
+            let next: i32 = sqlx::query_scalar(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM registry.subject_versions WHERE subject = $1",
+            )
+            .bind(subject)
+            .fetch_one(&mut *tx)
+            .await?;
+            if wanted != next {
+                return Err(Error::InvalidSchema(format!(
+                    "Version {wanted} is not one more than previous version {}",
+                    next - 1
+                )));
+            }
         }
         let level = level_for(&mut tx, subject).await?;
         let previous = live_versions(&mut tx, subject).await?;
@@ -611,7 +731,18 @@ impl Store {
     /// by an import must not meet ids this registry gave.
     pub async fn set_mode(&self, subject: &str, mode: Mode, force: bool) -> Result<(), Error> {
         let mut tx = self.pool.begin().await?;
-        if mode == Mode::Import && !force {
+        // Registrations check the mode under this lock: none runs under the old mode after.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.' || $1))")
+            .bind(subject)
+            .execute(&mut *tx)
+            .await?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT mode FROM registry.modes WHERE subject = $1")
+                .bind(subject)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let already_importing = current.as_deref() == Some(Mode::Import.as_str());
+        if mode == Mode::Import && !force && !already_importing {
             let used: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM registry.subject_versions WHERE $1 = '' OR subject = $1)",
             )
@@ -666,12 +797,17 @@ async fn import(
     .bind(normalized)
     .fetch_optional(&mut *tx)
     .await?;
-    let id = match (how.id, holder) {
-        (Some(wanted), Some(held)) if wanted != held => {
+    let Some(wanted) = how.id else {
+        return Err(Error::NotPermitted(format!(
+            "Subject {subject} is in import mode: a registration must give the schema's id"
+        )));
+    };
+    let id = match holder {
+        Some(held) if held != wanted => {
             return Err(Error::IdDoesNotMatch { held, wanted });
         }
-        (_, Some(held)) => held,
-        (Some(wanted), None) => {
+        Some(held) => held,
+        None => {
             let taken: Option<String> =
                 sqlx::query_scalar("SELECT normalized FROM registry.schemas WHERE id = $1")
                     .bind(wanted)
@@ -682,6 +818,11 @@ async fn import(
                     "Overwrite new schema with id {wanted} is not permitted."
                 )));
             }
+            // One explicit-id insert at a time across subjects, so that the sequence below
+            // only ever moves forward.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.ids'))")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(
                 "INSERT INTO registry.schemas (id, schema, normalized, fingerprint, identity_form)
                  VALUES ($1, $2, $3, sha256(convert_to($3, 'UTF8')), 2)",
@@ -693,27 +834,29 @@ async fn import(
             .await?;
             // Ids the registry gives later must not meet the imported ones.
             sqlx::query(
-                "SELECT setval(pg_get_serial_sequence('registry.schemas', 'id'), (SELECT max(id) FROM registry.schemas))",
+                "SELECT setval(pg_get_serial_sequence('registry.schemas', 'id'),
+                               GREATEST($1::bigint, (SELECT last_value FROM registry.schemas_id_seq)))",
             )
+            .bind(i64::from(wanted))
             .execute(&mut *tx)
             .await?;
             wanted
         }
-        (None, None) => {
-            sqlx::query_scalar(
-                "INSERT INTO registry.schemas (schema, normalized, fingerprint, identity_form)
-                 VALUES ($1, $2, sha256(convert_to($2, 'UTF8')), 2) RETURNING id",
-            )
-            .bind(stored)
-            .bind(normalized)
-            .fetch_one(&mut *tx)
-            .await?
-        }
     };
     let version: i32 = match how.version {
-        Some(v) if v > 0 => v,
-        Some(v) => return Err(Error::InvalidVersion(v.to_string())),
+        Some(v) => v,
         None => {
+            // A retried import finds what the first attempt registered.
+            let held: Option<i32> = sqlx::query_scalar(
+                "SELECT version FROM registry.subject_versions WHERE subject = $1 AND schema_id = $2 AND NOT deleted ORDER BY version DESC LIMIT 1",
+            )
+            .bind(subject)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if held.is_some() {
+                return Ok(id);
+            }
             sqlx::query_scalar(
                 "SELECT COALESCE(MAX(version), 0) + 1 FROM registry.subject_versions WHERE subject = $1",
             )
@@ -748,11 +891,12 @@ async fn import(
     }
 }
 
-/// Rewrites the identity of schemas stored under the first rule (raw JSON with sorted keys) as
-/// the parsed schema's ([`identity`]); run at start-up, before serving. Where two stored
-/// schemas turn out to be one, the first keeps the fingerprint (new registrations get its id)
-/// and the other keeps its id, still found by lookups of its subjects. Returns how many rows
-/// it rewrote.
+/// Rewrites the identity of schemas stored under the first rule (raw JSON with sorted keys)
+/// under the current one; run at start-up, before serving. Where two stored schemas turn out to
+/// be one, one of them keeps the fingerprint (new registrations get its id) and the other keeps
+/// its id, still found by lookups of its subjects. Rows a registry of the first rule writes
+/// later are rewritten at the next start: run one release of the registry at a time. Returns how
+/// many rows it rewrote.
 pub async fn rewrite_identities(pool: &PgPool) -> Result<u64, Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.identity'))")
