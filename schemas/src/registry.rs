@@ -9,9 +9,11 @@
 //! - [`api`]: the HTTP routes and Confluent's error bodies.
 //! - [`store`]: registration, lookup and deletion in PostgreSQL.
 //! - [`compat`]: compatibility levels over Avro's schema-resolution rules.
+//! - [`references`]: schemas that use types registered under other subjects.
 
 pub mod api;
 pub mod compat;
+pub mod references;
 pub mod store;
 
 pub use api::{router, router_with_auth, serve, serve_with_auth};

@@ -671,7 +671,8 @@ async fn unknown_routes_and_methods_answer_with_confluents_error_body() {
         (status, body["error_code"].as_i64()),
         (StatusCode::METHOD_NOT_ALLOWED, Some(405))
     );
-    // What is not supported answers with Confluent's errors too.
+    // A reference to a version that does not exist is an invalid schema; what is not supported
+    // answers with Confluent's errors too.
     let schema = record(json!([{"name": "a", "type": "string"}]));
     let references = json!([{"name": "x", "subject": "y", "version": 1}]);
     let (status, body) = r
@@ -685,6 +686,14 @@ async fn unknown_routes_and_methods_answer_with_confluents_error_body() {
         (422, Some(42201)),
         "{body}"
     );
+    // Metadata and rule sets are accepted and ignored.
+    let (status, body) = r
+        .post(
+            "/subjects/s/versions",
+            json!({"schema": schema, "metadata": {"properties": {"owner": "x"}}, "ruleSet": {}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     for schema_type in ["PROTOBUF", "JSON"] {
         let (status, body) = r
             .post(
@@ -1268,4 +1277,109 @@ async fn modes_refuse_writes_in_read_only_and_import_keeps_the_given_ids() {
         )
         .await;
     assert!(fresh["id"].as_i64().is_some_and(|id| id > 100), "{fresh}");
+}
+
+#[tokio::test]
+async fn a_schema_with_references_registers_checks_and_decodes() {
+    let r = Registry::start().await;
+    // OrderCreated with its OrderLine type registered once, under a subject of its own.
+    let mut created: Value = serde_json::from_str(OrderCreated::SCHEMA).unwrap();
+    let lines = created["fields"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|f| f["name"] == "lines")
+        .unwrap();
+    let mut line = lines["type"]["items"].take();
+    lines["type"]["items"] = json!("OrderLine");
+    line["namespace"] = json!("keel.orders");
+    let (status, shared) = r
+        .post(
+            "/subjects/keel.orders.OrderLine/versions",
+            json!({"schema": line.to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shared}");
+    let references = json!([{"name": "keel.orders.OrderLine", "subject": "keel.orders.OrderLine", "version": 1}]);
+    let subject = format!("orders-{}", OrderCreated::NAME);
+    let (status, body) = r
+        .post(
+            &format!("/subjects/{subject}/versions"),
+            json!({"schema": created.to_string(), "references": references}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = body["id"].as_i64().unwrap();
+
+    // The references are served where Confluent's clients look for them.
+    let (_, by_id) = r.get(&format!("/schemas/ids/{id}")).await;
+    assert_eq!(by_id["references"], references);
+    let (_, v1) = r.get(&format!("/subjects/{subject}/versions/1")).await;
+    assert_eq!(v1["references"], references);
+    let (status, found) = r
+        .post(
+            &format!("/subjects/{subject}"),
+            json!({"schema": created.to_string(), "references": references}),
+        )
+        .await;
+    assert_eq!((status, found["id"].as_i64()), (StatusCode::OK, Some(id)));
+    assert_eq!(
+        r.get("/subjects/keel.orders.OrderLine/versions/1/referencedby")
+            .await
+            .1,
+        json!([id])
+    );
+    // What is referenced cannot be deleted.
+    for path in [
+        "/subjects/keel.orders.OrderLine/versions/1",
+        "/subjects/keel.orders.OrderLine",
+    ] {
+        let refused = r.delete(path).await;
+        assert_eq!(
+            status_code(&refused),
+            (422, Some(42206)),
+            "{path}: {}",
+            refused.1
+        );
+    }
+
+    // Compatibility reads through the references.
+    let mut breaking = created.clone();
+    breaking["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "note", "type": "string"}));
+    let (status, body) = r
+        .post(
+            &format!("/subjects/{subject}/versions"),
+            json!({"schema": breaking.to_string(), "references": references}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let mut adding = created.clone();
+    adding["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "note", "type": "string", "default": ""}));
+    let (status, body) = r
+        .post(
+            &format!("/subjects/{subject}/versions"),
+            json!({"schema": adding.to_string(), "references": references}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // keel's decoder (schema_registry_converter underneath) resolves the references: an event
+    // written under the split schema's id decodes to the event.
+    let elsewhere = Registry::start().await;
+    let event = sample();
+    let body = Encoder::new(&elsewhere.url)
+        .unwrap()
+        .encode("orders", &event)
+        .await
+        .unwrap()[5..]
+        .to_vec();
+    let framed = [&[0u8][..], &(id as u32).to_be_bytes(), &body].concat();
+    let decoder = Decoder::new(&r.url).unwrap();
+    assert_eq!(decoder.decode(Some(&framed)).await.unwrap(), event);
 }

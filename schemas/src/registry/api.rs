@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use keel_core::settings::BasicAuth;
 
 use super::compat::Level;
-use super::store::{Mode, Registering, Store, VersionRef};
+use super::store::{Mode, Reference, Registering, Store, VersionRef};
 
 /// Confluent's content type; every response carries it.
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -66,6 +66,8 @@ pub enum Error {
     NotPermitted(String),
     #[error("Schema already registered with id {held} instead of input id {wanted}")]
     IdDoesNotMatch { held: i32, wanted: i32 },
+    #[error("{0}")]
+    ReferenceExists(String),
     #[error("Subject '{0}' does not have subject-level mode configured")]
     SubjectModeNotConfigured(String),
     #[error("HTTP 404 Not Found")]
@@ -99,6 +101,7 @@ impl Error {
             Error::InvalidMode(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42204),
             Error::NotPermitted(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42205),
             Error::IdDoesNotMatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, 42207),
+            Error::ReferenceExists(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42206),
             Error::NoRoute => (StatusCode::NOT_FOUND, 404),
             Error::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, 405),
             // 503, not 500, for every store error: clients (schema_registry_converter among
@@ -189,7 +192,7 @@ struct SchemaRequest {
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
     #[serde(default)]
-    references: Vec<Value>,
+    references: Vec<Reference>,
     /// Given by a migration tool in `IMPORT` mode.
     id: Option<i32>,
     version: Option<i32>,
@@ -197,20 +200,10 @@ struct SchemaRequest {
 
 impl SchemaRequest {
     /// Accepts any content type, as Confluent's registry does.
-    fn parse(body: &Bytes) -> Result<(String, Option<String>), Error> {
-        let req = Self::read(body)?;
-        Ok((req.schema, req.schema_type))
-    }
-
     /// The whole request: the schema, its type, and the id and version an import gives.
     fn read(body: &Bytes) -> Result<Checked, Error> {
         let req: SchemaRequest = serde_json::from_slice(body)
             .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
-        if !req.references.is_empty() {
-            return Err(Error::InvalidSchema(
-                "Invalid schema: schema references are not supported by this registry".into(),
-            ));
-        }
         super::store::check_schema_type(req.schema_type.as_deref())?;
         let schema = req.schema.ok_or_else(|| {
             Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
@@ -221,6 +214,7 @@ impl SchemaRequest {
             schema_type: req.schema_type,
             id: req.id.filter(|id| *id >= 0),
             version: req.version.filter(|v| *v > 0),
+            references: req.references,
         })
     }
 }
@@ -231,6 +225,7 @@ struct Checked {
     schema_type: Option<String>,
     id: Option<i32>,
     version: Option<i32>,
+    references: Vec<Reference>,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +252,9 @@ fn version_body(r: &super::store::Registered) -> Value {
         json!({ "subject": r.subject, "version": r.version, "id": r.id, "schema": r.schema });
     if r.schema_type != "AVRO" {
         body["schemaType"] = json!(r.schema_type);
+    }
+    if !r.references.is_empty() {
+        body["references"] = json!(r.references);
     }
     // Only soft-deleted versions say so (they are only found with `deleted=true`).
     if r.deleted {
@@ -435,10 +433,13 @@ async fn ready(State(store): State<Store>) -> Response {
 }
 
 async fn schema_by_id(State(store): State<Store>, Path(id): Path<i32>) -> Result<Response, Error> {
-    let (schema, schema_type) = store.schema_by_id(id).await?;
+    let (schema, schema_type, references) = store.schema_by_id(id).await?;
     let mut body = json!({ "schema": schema });
     if schema_type != "AVRO" {
         body["schemaType"] = json!(schema_type);
+    }
+    if !references.is_empty() {
+        body["references"] = json!(references);
     }
     ok(body)
 }
@@ -460,16 +461,13 @@ async fn all_schemas(State(store): State<Store>, q: Flags) -> Result<Response, E
     ok(json!(found.iter().map(version_body).collect::<Vec<_>>()))
 }
 
-/// No schema references another here (references are refused at registration): the version
-/// must exist, and nothing refers to it.
+/// The ids of the schemas that reference the version.
 async fn referenced_by(
     State(store): State<Store>,
     Path((subject, version)): Path<(String, String)>,
 ) -> Result<Response, Error> {
-    store
-        .version(&subject, VersionRef::parse(&version)?, false)
-        .await?;
-    ok(json!([]))
+    let v = VersionRef::parse(&version)?;
+    ok(json!(store.referenced_by(&subject, v).await?))
 }
 
 async fn global_mode(State(store): State<Store>) -> Result<Response, Error> {
@@ -522,7 +520,7 @@ async fn raw_schema_by_id(
     State(store): State<Store>,
     Path(id): Path<i32>,
 ) -> Result<Response, Error> {
-    let (schema, _) = store.schema_by_id(id).await?;
+    let (schema, _, _) = store.schema_by_id(id).await?;
     ok(serde_json::from_str(&schema).map_err(|e| Error::Store(e.to_string()))?)
 }
 
@@ -566,7 +564,13 @@ async fn register(
         version: req.version,
     };
     let id = store
-        .register(&subject, &req.schema, req.schema_type.as_deref(), how)
+        .register(
+            &subject,
+            &req.schema,
+            req.schema_type.as_deref(),
+            &req.references,
+            how,
+        )
         .await?;
     ok(json!({ "id": id }))
 }
@@ -578,9 +582,11 @@ async fn lookup(
     body: Bytes,
 ) -> Result<Response, Error> {
     valid_subject(&subject)?;
-    let (schema, _) = SchemaRequest::parse(&body)?;
+    let req = SchemaRequest::read(&body)?;
     ok(version_body(
-        &store.lookup(&subject, &schema, flag(&q, "deleted")).await?,
+        &store
+            .lookup(&subject, &req.schema, &req.references, flag(&q, "deleted"))
+            .await?,
     ))
 }
 
@@ -645,8 +651,11 @@ async fn check_version(
     body: Bytes,
 ) -> Result<Response, Error> {
     let v = VersionRef::parse(&version)?;
-    let (schema, _) = SchemaRequest::parse(&body)?;
-    let messages = match store.check(&subject, Some(v), &schema).await {
+    let req = SchemaRequest::read(&body)?;
+    let messages = match store
+        .check(&subject, Some(v), &req.schema, &req.references)
+        .await
+    {
         // Anything is compatible with the latest version of a subject that has none.
         Err(Error::SubjectNotFound(_)) if matches!(v, VersionRef::Latest) => vec![],
         other => other?,
@@ -660,9 +669,11 @@ async fn check_all(
     q: Flags,
     body: Bytes,
 ) -> Result<Response, Error> {
-    let (schema, _) = SchemaRequest::parse(&body)?;
+    let req = SchemaRequest::read(&body)?;
     ok(compat_body(
-        store.check(&subject, None, &schema).await?,
+        store
+            .check(&subject, None, &req.schema, &req.references)
+            .await?,
         flag(&q, "verbose"),
     ))
 }

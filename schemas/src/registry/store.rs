@@ -14,6 +14,7 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::api::Error;
 use super::compat::{self, Level};
+pub use super::references::Reference;
 
 /// A version of a subject, as the API returns it.
 #[derive(Debug, Clone)]
@@ -25,6 +26,9 @@ pub struct Registered {
     pub schema_type: String,
     /// Soft-deleted (only found when deleted versions were asked for).
     pub deleted: bool,
+    pub references: Vec<Reference>,
+    /// Self-contained, for a schema with references.
+    pub resolved: Option<String>,
 }
 
 /// A registry's or a subject's mode, as Confluent's registry has them.
@@ -94,8 +98,15 @@ impl VersionRef {
 
 /// A parsed, validated schema and its identity.
 pub struct Parsed {
+    /// Self-contained: referenced types are defined where first used.
     pub schema: Schema,
+    /// The identity: the schema's normalised text, with its references when it has any.
     pub normalized: String,
+    /// The schema's normalised text alone (what `normalize=true` stores).
+    pub normalized_text: String,
+    /// The self-contained text, for a schema with references.
+    pub resolved: Option<String>,
+    pub references: Vec<Reference>,
 }
 
 /// Refuses every `schemaType` but Avro (absent means Avro): keel speaks Avro only.
@@ -117,7 +128,51 @@ pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
         Schema::parse(&json).map_err(|e| Error::InvalidSchema(format!("Invalid schema: {e}")))?;
     let mut normalized = String::with_capacity(text.len());
     write_sorted(&identity_json(&json, ""), &mut normalized);
-    Ok(Parsed { schema, normalized })
+    Ok(Parsed {
+        schema,
+        normalized_text: normalized.clone(),
+        normalized,
+        resolved: None,
+        references: Vec::new(),
+    })
+}
+
+/// [`parse`], for a schema that uses the named types of `references` (looked up through
+/// `conn`).
+pub async fn parse_with(
+    conn: &mut PgConnection,
+    text: &str,
+    schema_type: Option<&str>,
+    references: &[Reference],
+) -> Result<Parsed, Error> {
+    if references.is_empty() {
+        return parse(text, schema_type);
+    }
+    check_schema_type(schema_type)?;
+    let json: Value = serde_json::from_str(text)
+        .map_err(|e| Error::InvalidSchema(format!("Invalid schema: not JSON: {e}")))?;
+    let main = identity_json(&json, "");
+    let definitions = super::references::definitions(conn, references).await?;
+    let inlined = super::references::inline(&main, &definitions, &mut Default::default());
+    let schema = Schema::parse(&inlined).map_err(|e| {
+        Error::InvalidSchema(format!(
+            "Invalid schema: {e} (with its references resolved)"
+        ))
+    })?;
+    let mut normalized_text = String::with_capacity(text.len());
+    write_sorted(&main, &mut normalized_text);
+    let mut normalized = String::with_capacity(text.len());
+    write_sorted(
+        &serde_json::json!({"schema": main, "references": references}),
+        &mut normalized,
+    );
+    Ok(Parsed {
+        schema,
+        normalized,
+        normalized_text,
+        resolved: Some(inlined.to_string()),
+        references: references.to_vec(),
+    })
 }
 
 /// The identity of a schema, from its (valid) JSON: named types under their full names (and
@@ -126,7 +181,7 @@ pub fn parse(text: &str, schema_type: Option<&str>) -> Result<Parsed, Error> {
 /// key kept (docs, defaults, aliases, logical types, custom properties such as Kafka
 /// Connect's). Written with sorted keys it does not depend on whitespace, key order or the
 /// spelling of names; this is also the text `normalize=true` stores.
-fn identity_json(v: &Value, namespace: &str) -> Value {
+pub(super) fn identity_json(v: &Value, namespace: &str) -> Value {
     const PRIMITIVES: [&str; 8] = [
         "null", "boolean", "int", "long", "float", "double", "bytes", "string",
     ];
@@ -277,11 +332,14 @@ fn registered(row: &sqlx::postgres::PgRow) -> Registered {
         schema: row.get("schema"),
         schema_type: row.get("schema_type"),
         deleted: row.get("deleted"),
+        references: serde_json::from_str(row.get::<&str, _>("refs")).unwrap_or_default(),
+        resolved: row.get("resolved"),
     }
 }
 
-const VERSION_COLUMNS: &str =
-    "v.subject, v.version, v.schema_id, s.schema, s.schema_type, v.deleted";
+const VERSION_COLUMNS: &str = "v.subject, v.version, v.schema_id, s.schema, s.schema_type, v.deleted, s.resolved,
+    (SELECT COALESCE(json_agg(json_build_object('name', r.name, 'subject', r.subject, 'version', r.version) ORDER BY r.position), '[]'::json)
+       FROM registry.schema_references r WHERE r.schema_id = s.id)::text AS refs";
 
 #[derive(Clone)]
 pub struct Store {
@@ -305,19 +363,20 @@ impl Store {
         subject: &str,
         text: &str,
         schema_type: Option<&str>,
+        references: &[Reference],
         how: Registering,
     ) -> Result<i32, Error> {
-        let parsed = parse(text, schema_type)?;
-        let stored = if how.normalize {
-            parsed.normalized.as_str()
-        } else {
-            text
-        };
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.' || $1))")
             .bind(subject)
             .execute(&mut *tx)
             .await?;
+        let parsed = parse_with(&mut tx, text, schema_type, references).await?;
+        let stored = if how.normalize {
+            parsed.normalized_text.as_str()
+        } else {
+            text
+        };
         let mode = mode_for(&mut tx, subject).await?;
         if mode == Mode::ReadOnly {
             return Err(Error::NotPermitted(format!(
@@ -325,7 +384,7 @@ impl Store {
             )));
         }
         if mode == Mode::Import {
-            let id = import(&mut tx, subject, stored, &parsed.normalized, how).await?;
+            let id = import(&mut tx, subject, stored, &parsed, how).await?;
             tx.commit().await?;
             tracing::info!(subject, id, "Imported schema");
             return Ok(id);
@@ -370,16 +429,20 @@ impl Store {
                 messages: compat::messages(&violations),
             });
         }
-        let id: i32 = sqlx::query_scalar(
-            "INSERT INTO registry.schemas (schema, normalized, fingerprint, identity_form)
-             VALUES ($1, $2, sha256(convert_to($2, 'UTF8')), 2)
+        let (id, inserted): (i32, bool) = sqlx::query_as(
+            "INSERT INTO registry.schemas (schema, normalized, fingerprint, identity_form, resolved)
+             VALUES ($1, $2, sha256(convert_to($2, 'UTF8')), 2, $3)
              ON CONFLICT (fingerprint) DO UPDATE SET fingerprint = EXCLUDED.fingerprint
-             RETURNING id",
+             RETURNING id, xmax = 0",
         )
         .bind(stored)
         .bind(&parsed.normalized)
+        .bind(&parsed.resolved)
         .fetch_one(&mut *tx)
         .await?;
+        if inserted {
+            super::references::record(&mut tx, id, &parsed.references).await?;
+        }
         sqlx::query(
             "INSERT INTO registry.subject_versions (subject, version, schema_id)
              SELECT $1, COALESCE(MAX(version), 0) + 1, $2 FROM registry.subject_versions WHERE subject = $1",
@@ -399,9 +462,12 @@ impl Store {
         &self,
         subject: &str,
         text: &str,
+        references: &[Reference],
         deleted: bool,
     ) -> Result<Registered, Error> {
-        let parsed = parse(text, None)?;
+        let mut conn = self.pool.acquire().await?;
+        let parsed = parse_with(&mut conn, text, None, references).await?;
+        drop(conn);
         let row = sqlx::query(&format!(
             "SELECT {VERSION_COLUMNS} FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
              WHERE v.subject = $1 AND s.normalized = $2 AND ($3 OR NOT v.deleted) ORDER BY v.version DESC LIMIT 1"
@@ -418,13 +484,63 @@ impl Store {
         }
     }
 
-    pub async fn schema_by_id(&self, id: i32) -> Result<(String, String), Error> {
+    /// Schema `id`: its text, type and references.
+    pub async fn schema_by_id(&self, id: i32) -> Result<(String, String, Vec<Reference>), Error> {
+        let mut conn = self.pool.acquire().await?;
         let row = sqlx::query("SELECT schema, schema_type FROM registry.schemas WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?
             .ok_or(Error::SchemaNotFound)?;
-        Ok((row.get("schema"), row.get("schema_type")))
+        let references = super::references::of_schema(&mut conn, id).await?;
+        Ok((row.get("schema"), row.get("schema_type"), references))
+    }
+
+    /// The ids of the live schemas that reference `subject`'s `version`.
+    pub async fn referenced_by(
+        &self,
+        subject: &str,
+        version: VersionRef,
+    ) -> Result<Vec<i32>, Error> {
+        let found = self.version(subject, version, false).await?;
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT r.schema_id FROM registry.schema_references r
+               JOIN registry.subject_versions v ON v.schema_id = r.schema_id AND NOT v.deleted
+              WHERE r.subject = $1 AND r.version = $2 ORDER BY r.schema_id",
+        )
+        .bind(subject)
+        .bind(found.version)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Refuses to delete what a live schema references: `version` of `subject`, or with
+    /// `None` any of its versions. `permanent` counts soft-deleted referrers too.
+    async fn refuse_if_referenced(
+        &self,
+        subject: &str,
+        version: Option<i32>,
+        permanent: bool,
+    ) -> Result<(), Error> {
+        let referrer: Option<(String, i32)> = sqlx::query_as(
+            "SELECT v.subject, v.version FROM registry.schema_references r
+               JOIN registry.subject_versions v ON v.schema_id = r.schema_id AND ($3 OR NOT v.deleted)
+              WHERE r.subject = $1 AND ($2::integer IS NULL OR r.version = $2) LIMIT 1",
+        )
+        .bind(subject)
+        .bind(version)
+        .bind(permanent)
+        .fetch_optional(&self.pool)
+        .await?;
+        match referrer {
+            Some((by, by_version)) => Err(Error::ReferenceExists(format!(
+                "One or more references exist to the schema {{subject={subject}{}}}: version {by_version} of {by} references it",
+                version
+                    .map(|v| format!(", version={v}"))
+                    .unwrap_or_default()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The subject/version pairs that use schema `id` (soft-deleted ones with `deleted`).
@@ -554,9 +670,10 @@ impl Store {
         subject: &str,
         version: Option<VersionRef>,
         text: &str,
+        references: &[Reference],
     ) -> Result<Vec<String>, Error> {
-        let parsed = parse(text, None)?;
         let mut conn = self.pool.acquire().await?;
+        let parsed = parse_with(&mut conn, text, None, references).await?;
         let level = level_for(&mut conn, subject).await?;
         let existing = match version {
             // The check registering would make: the latest version, or every one for the
@@ -564,8 +681,8 @@ impl Store {
             None => live_versions(&mut conn, subject).await?,
             Some(v) => {
                 let found = self.version(subject, v, false).await?;
-                let schema =
-                    Schema::parse_str(&found.schema).map_err(|e| Error::Store(e.to_string()))?;
+                let schema = Schema::parse_str(found.resolved.as_deref().unwrap_or(&found.schema))
+                    .map_err(|e| Error::Store(e.to_string()))?;
                 vec![(found.version, schema)]
             }
         };
@@ -620,6 +737,7 @@ impl Store {
     /// was soft-deleted first (Confluent's two-step delete). Returns the versions deleted.
     pub async fn delete_subject(&self, subject: &str, permanent: bool) -> Result<Vec<i32>, Error> {
         self.refuse_in_read_only(subject).await?;
+        self.refuse_if_referenced(subject, None, permanent).await?;
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query("SELECT version, deleted FROM registry.subject_versions WHERE subject = $1 ORDER BY version FOR UPDATE")
             .bind(subject)
@@ -670,6 +788,8 @@ impl Store {
         self.refuse_in_read_only(subject).await?;
         if permanent {
             let found = self.version(subject, version, true).await?;
+            self.refuse_if_referenced(subject, Some(found.version), true)
+                .await?;
             let removed = sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1 AND version = $2 AND deleted")
                 .bind(subject)
                 .bind(found.version)
@@ -692,6 +812,8 @@ impl Store {
             }
             other => other?,
         };
+        self.refuse_if_referenced(subject, Some(found.version), false)
+            .await?;
         sqlx::query("UPDATE registry.subject_versions SET deleted = true WHERE subject = $1 AND version = $2")
             .bind(subject)
             .bind(found.version)
@@ -788,9 +910,10 @@ async fn import(
     tx: &mut PgConnection,
     subject: &str,
     stored: &str,
-    normalized: &str,
+    parsed: &Parsed,
     how: Registering,
 ) -> Result<i32, Error> {
+    let normalized = parsed.normalized.as_str();
     let holder: Option<i32> = sqlx::query_scalar(
         "SELECT id FROM registry.schemas WHERE fingerprint = sha256(convert_to($1, 'UTF8'))",
     )
@@ -824,14 +947,16 @@ async fn import(
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(
-                "INSERT INTO registry.schemas (id, schema, normalized, fingerprint, identity_form)
-                 VALUES ($1, $2, $3, sha256(convert_to($3, 'UTF8')), 2)",
+                "INSERT INTO registry.schemas (id, schema, normalized, fingerprint, identity_form, resolved)
+                 VALUES ($1, $2, $3, sha256(convert_to($3, 'UTF8')), 2, $4)",
             )
             .bind(wanted)
             .bind(stored)
             .bind(normalized)
+            .bind(&parsed.resolved)
             .execute(&mut *tx)
             .await?;
+            super::references::record(&mut *tx, wanted, &parsed.references).await?;
             // Ids the registry gives later must not meet the imported ones.
             sqlx::query(
                 "SELECT setval(pg_get_serial_sequence('registry.schemas', 'id'),
@@ -974,7 +1099,7 @@ async fn live_versions(
     subject: &str,
 ) -> Result<Vec<(i32, Schema)>, Error> {
     let rows = sqlx::query(
-        "SELECT v.version, s.schema FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
+        "SELECT v.version, COALESCE(s.resolved, s.schema) AS schema FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
          WHERE v.subject = $1 AND NOT v.deleted ORDER BY v.version",
     )
     .bind(subject)
