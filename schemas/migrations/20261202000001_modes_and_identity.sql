@@ -8,7 +8,8 @@ CREATE TABLE registry.modes (
 INSERT INTO registry.modes (subject, mode) VALUES ('', 'READWRITE');
 
 -- Which rule computed `normalized` (and so `fingerprint`): 1, the raw JSON with sorted keys; 2,
--- the parsed schema written back with sorted keys, so that spellings of one schema share an id.
+-- the JSON with names resolved to full names and primitives bare, keys sorted, so that spellings
+-- of one schema share an id.
 -- Rows of form 1 are rewritten by the registry at start-up (the Avro parser is not in SQL); the
 -- default stays 1 so that rows a registry of the first rule writes during a rolling upgrade are
 -- rewritten too.

@@ -1383,3 +1383,117 @@ async fn a_schema_with_references_registers_checks_and_decodes() {
     let decoder = Decoder::new(&r.url).unwrap();
     assert_eq!(decoder.decode(Some(&framed)).await.unwrap(), event);
 }
+
+#[tokio::test]
+async fn references_resolve_shared_and_nested_types_and_only_live_referrers_hold_a_version() {
+    let r = Registry::start().await;
+    let register = |subject: &'static str, schema: Value, references: Value| {
+        let r = &r;
+        async move {
+            r.post(
+                &format!("/subjects/{subject}/versions"),
+                json!({"schema": schema.to_string(), "references": references}),
+            )
+            .await
+        }
+    };
+    let line = json!({"type": "record", "name": "Line", "namespace": "ns",
+        "fields": [{"name": "sku", "type": "string"}]});
+    let to_line = |v: i32| json!([{"name": "ns.Line", "subject": "line", "version": v}]);
+    assert_eq!(register("line", line, json!([])).await.0, StatusCode::OK);
+    let order = json!({"type": "record", "name": "Order", "namespace": "ns",
+        "fields": [{"name": "lines", "type": {"type": "array", "items": "ns.Line"}}]});
+    let shipment = json!({"type": "record", "name": "Shipment", "namespace": "ns",
+        "fields": [{"name": "line", "type": "Line"}]});
+    assert_eq!(
+        register("order", order.clone(), to_line(1)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        register("shipment", shipment, to_line(1)).await.0,
+        StatusCode::OK
+    );
+    // Two references that share a type: it is defined once, and the schema is compatible with
+    // itself.
+    let both = json!({"type": "record", "name": "Both", "namespace": "ns", "fields": [
+        {"name": "order", "type": "ns.Order"}, {"name": "shipment", "type": "ns.Shipment"},
+        {"name": "spare", "type": "ns.Line"}]});
+    let both_refs = json!([{"name": "ns.Order", "subject": "order", "version": 1},
+        {"name": "ns.Shipment", "subject": "shipment", "version": 1}]);
+    let (status, body) = register("both", both.clone(), both_refs.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, verdict) = r
+        .post(
+            "/compatibility/subjects/both/versions/latest?verbose=true",
+            json!({"schema": both.to_string(), "references": both_refs}),
+        )
+        .await;
+    assert_eq!(verdict["is_compatible"], true, "{verdict}");
+
+    // A type nested in a referenced schema can be used by name.
+    let outer = json!({"type": "record", "name": "Outer", "namespace": "ns", "fields": [
+        {"name": "inner", "type": {"type": "record", "name": "Inner", "fields": [{"name": "x", "type": "int"}]}}]});
+    register("outer", outer, json!([])).await;
+    let user = json!({"type": "record", "name": "UsesInner", "namespace": "ns",
+        "fields": [{"name": "i", "type": "Inner"}]});
+    let (status, body) = register(
+        "user",
+        user,
+        json!([{"name": "ns.Outer", "subject": "outer", "version": 1}]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Compatibility reads through references: Order over a Line whose sku became an int breaks
+    // Order v1, and the references are part of the identity (no version holds it).
+    r.put("/config/line", json!({"compatibility": "NONE"}))
+        .await;
+    let retyped = json!({"type": "record", "name": "Line", "namespace": "ns",
+        "fields": [{"name": "sku", "type": "int"}]});
+    assert_eq!(register("line", retyped, json!([])).await.0, StatusCode::OK);
+    let (status, body) = register("order", order.clone(), to_line(2)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("TYPE_MISMATCH")),
+        "{body}"
+    );
+    let (status, body) = r
+        .post(
+            "/subjects/order",
+            json!({"schema": order.to_string(), "references": to_line(2)}),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error_code"].as_i64()),
+        (404, Some(40403)),
+        "{body}"
+    );
+    // A soft-deleted version cannot be referenced.
+    assert_eq!(
+        r.delete("/subjects/line/versions/2").await.0,
+        StatusCode::OK
+    );
+    let (status, body) = register("order", order, to_line(2)).await;
+    assert_eq!(
+        (status.as_u16(), body["error_code"].as_i64()),
+        (422, Some(42201)),
+        "{body}"
+    );
+
+    // Only live schemas hold what they reference.
+    assert_eq!(
+        status_code(&r.delete("/subjects/order/versions/1").await),
+        (422, Some(42206))
+    );
+    assert_eq!(r.delete("/subjects/both").await.0, StatusCode::OK);
+    assert_eq!(
+        r.get("/subjects/order/versions/1/referencedby").await.1,
+        json!([])
+    );
+    assert_eq!(
+        r.delete("/subjects/order/versions/1").await,
+        (StatusCode::OK, json!(1))
+    );
+}

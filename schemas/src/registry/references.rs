@@ -32,8 +32,12 @@ struct Fetched {
 }
 
 /// The named types `references` define, by full name, each self-contained (its own references
-/// inlined). A reference to a version that does not exist (or was soft-deleted) is an invalid
-/// schema, as in Confluent's registry.
+/// inlined): every named type of every referenced version, nested ones included, so that a
+/// schema may use any of them, as Confluent's registry (which parses them all into one
+/// namespace) allows. A reference to a version that does not exist (or was soft-deleted) is an
+/// invalid schema, as in Confluent's registry. The referenced versions stay locked (`FOR
+/// SHARE`) until the caller's transaction ends, so a concurrent delete cannot slip between
+/// this check and the registration.
 pub async fn definitions(
     conn: &mut PgConnection,
     references: &[Reference],
@@ -52,7 +56,8 @@ pub async fn definitions(
         }
         let row = sqlx::query(
             "SELECT s.id, s.normalized, s.schema FROM registry.subject_versions v JOIN registry.schemas s ON s.id = v.schema_id
-              WHERE v.subject = $1 AND v.version = $2 AND NOT v.deleted",
+              WHERE v.subject = $1 AND v.version = $2 AND NOT v.deleted
+                FOR SHARE OF v",
         )
         .bind(&r.subject)
         .bind(r.version)
@@ -78,23 +83,55 @@ pub async fn definitions(
             },
         );
     }
+    let mut resolved = HashMap::new();
     let mut definitions = HashMap::new();
     for r in references {
-        let value = resolve(&(r.subject.clone(), r.version), &fetched, 0)?;
-        definitions.insert(
-            defined_name(&value).unwrap_or_else(|| r.name.clone()),
-            value,
-        );
+        let value = resolve(&(r.subject.clone(), r.version), &fetched, &mut resolved, 0)?;
+        index(&value, &mut definitions);
     }
     Ok(definitions)
+}
+
+/// Adds every named type `json` defines (at its top or nested) to `definitions`.
+fn index(json: &Value, definitions: &mut HashMap<String, Value>) {
+    match json {
+        Value::Array(branches) => branches.iter().for_each(|b| index(b, definitions)),
+        Value::Object(map) => {
+            if let (Some("record" | "error" | "enum" | "fixed"), Some(name)) = (
+                map.get("type").and_then(Value::as_str),
+                map.get("name").and_then(Value::as_str),
+            ) {
+                definitions
+                    .entry(name.to_owned())
+                    .or_insert_with(|| json.clone());
+            }
+            if let Some(Value::Array(fields)) = map.get("fields") {
+                for field in fields {
+                    if let Some(t) = field.get("type") {
+                        index(t, definitions);
+                    }
+                }
+            }
+            for key in ["items", "values", "type"] {
+                if let Some(inner) = map.get(key).filter(|v| !v.is_string()) {
+                    index(inner, definitions);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The version `key` with its references inlined.
 fn resolve(
     key: &(String, i32),
     fetched: &HashMap<(String, i32), Fetched>,
+    resolved: &mut HashMap<(String, i32), Value>,
     depth: usize,
 ) -> Result<Value, Error> {
+    if let Some(done) = resolved.get(key) {
+        return Ok(done.clone());
+    }
     if depth > MAX_DEPTH {
         return Err(Error::InvalidSchema(format!(
             "Invalid schema: references nest deeper than {MAX_DEPTH} (a cycle?)"
@@ -108,23 +145,23 @@ fn resolve(
     };
     let mut definitions = HashMap::new();
     for r in &f.references {
-        let value = resolve(&(r.subject.clone(), r.version), fetched, depth + 1)?;
-        definitions.insert(
-            defined_name(&value).unwrap_or_else(|| r.name.clone()),
-            value,
-        );
+        let value = resolve(
+            &(r.subject.clone(), r.version),
+            fetched,
+            resolved,
+            depth + 1,
+        )?;
+        index(&value, &mut definitions);
     }
-    Ok(inline(&f.json, &definitions, &mut HashSet::new()))
-}
-
-/// The full name a schema's JSON (in identity form) defines at its top, if it is a named type.
-fn defined_name(json: &Value) -> Option<String> {
-    json.get("name").and_then(Value::as_str).map(str::to_owned)
+    let value = inline(&f.json, &definitions, &mut HashSet::new());
+    resolved.insert(key.clone(), value.clone());
+    Ok(value)
 }
 
 /// `json` (in identity form: every type reference a full name) with the first use of each
 /// name in `definitions` replaced by its definition; `defined` collects the names defined so
-/// far, so that later uses stay references.
+/// far, so that later uses, and later definitions of the same name (a type two references
+/// share), stay references: each name is defined once.
 pub fn inline(
     json: &Value,
     definitions: &HashMap<String, Value>,
@@ -148,8 +185,10 @@ pub fn inline(
             let mut out = map.clone();
             match map.get("type").and_then(Value::as_str) {
                 Some("record" | "error" | "enum" | "fixed") => {
-                    if let Some(name) = map.get("name").and_then(Value::as_str) {
-                        defined.insert(name.to_owned());
+                    if let Some(name) = map.get("name").and_then(Value::as_str)
+                        && !defined.insert(name.to_owned())
+                    {
+                        return Value::String(name.to_owned());
                     }
                     if let Some(Value::Array(fields)) = map.get("fields") {
                         let fields = fields

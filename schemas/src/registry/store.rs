@@ -252,9 +252,13 @@ pub(super) fn identity_json(v: &Value, namespace: &str) -> Value {
         }
         _ => {
             for (key, value) in map {
-                let value = match key.as_str() {
-                    "items" | "values" => identity_json(value, namespace),
-                    "type" if !value.is_string() => identity_json(value, namespace),
+                let value = match (key.as_str(), value) {
+                    ("items" | "values", _) => identity_json(value, namespace),
+                    ("type", Value::String(t)) if !matches!(t.as_str(), "array" | "map") => {
+                        Value::String(qualify(t, namespace))
+                    }
+                    ("type", Value::String(_)) => value.clone(),
+                    ("type", _) => identity_json(value, namespace),
                     _ => value.clone(),
                 };
                 out.insert(key.clone(), value);
@@ -324,17 +328,19 @@ fn write_sorted(v: &Value, out: &mut String) {
     }
 }
 
-fn registered(row: &sqlx::postgres::PgRow) -> Registered {
-    Registered {
+fn registered(row: &sqlx::postgres::PgRow) -> Result<Registered, Error> {
+    let references = serde_json::from_str(row.get::<&str, _>("refs"))
+        .map_err(|e| Error::Store(format!("stored references do not parse: {e}")))?;
+    Ok(Registered {
         subject: row.get("subject"),
         version: row.get("version"),
         id: row.get("schema_id"),
         schema: row.get("schema"),
         schema_type: row.get("schema_type"),
         deleted: row.get("deleted"),
-        references: serde_json::from_str(row.get::<&str, _>("refs")).unwrap_or_default(),
+        references,
         resolved: row.get("resolved"),
-    }
+    })
 }
 
 const VERSION_COLUMNS: &str = "v.subject, v.version, v.schema_id, s.schema, s.schema_type, v.deleted, s.resolved,
@@ -367,6 +373,11 @@ impl Store {
         how: Registering,
     ) -> Result<i32, Error> {
         let mut tx = self.pool.begin().await?;
+        // Shared with every registration, exclusive for a change of the global mode (the key
+        // of subject "", which no registration can have).
+        sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext('keel.registry.'))")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.' || $1))")
             .bind(subject)
             .execute(&mut *tx)
@@ -429,20 +440,20 @@ impl Store {
                 messages: compat::messages(&violations),
             });
         }
-        let (id, inserted): (i32, bool) = sqlx::query_as(
+        let id: i32 = sqlx::query_scalar(
             "INSERT INTO registry.schemas (schema, normalized, fingerprint, identity_form, resolved)
              VALUES ($1, $2, sha256(convert_to($2, 'UTF8')), 2, $3)
              ON CONFLICT (fingerprint) DO UPDATE SET fingerprint = EXCLUDED.fingerprint
-             RETURNING id, xmax = 0",
+             RETURNING id",
         )
         .bind(stored)
         .bind(&parsed.normalized)
         .bind(&parsed.resolved)
         .fetch_one(&mut *tx)
         .await?;
-        if inserted {
-            super::references::record(&mut tx, id, &parsed.references).await?;
-        }
+        // References are part of the identity: a schema found by fingerprint has these ones
+        // already, and recording them again changes nothing.
+        super::references::record(&mut tx, id, &parsed.references).await?;
         sqlx::query(
             "INSERT INTO registry.subject_versions (subject, version, schema_id)
              SELECT $1, COALESCE(MAX(version), 0) + 1, $2 FROM registry.subject_versions WHERE subject = $1",
@@ -478,7 +489,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => Ok(registered(&row)),
+            Some(row) => registered(&row),
             None if self.subject_exists(subject, deleted).await? => Err(Error::SchemaNotFound),
             None => Err(Error::SubjectNotFound(subject.to_owned())),
         }
@@ -512,35 +523,6 @@ impl Store {
         .bind(found.version)
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    /// Refuses to delete what a live schema references: `version` of `subject`, or with
-    /// `None` any of its versions. `permanent` counts soft-deleted referrers too.
-    async fn refuse_if_referenced(
-        &self,
-        subject: &str,
-        version: Option<i32>,
-        permanent: bool,
-    ) -> Result<(), Error> {
-        let referrer: Option<(String, i32)> = sqlx::query_as(
-            "SELECT v.subject, v.version FROM registry.schema_references r
-               JOIN registry.subject_versions v ON v.schema_id = r.schema_id AND ($3 OR NOT v.deleted)
-              WHERE r.subject = $1 AND ($2::integer IS NULL OR r.version = $2) LIMIT 1",
-        )
-        .bind(subject)
-        .bind(version)
-        .bind(permanent)
-        .fetch_optional(&self.pool)
-        .await?;
-        match referrer {
-            Some((by, by_version)) => Err(Error::ReferenceExists(format!(
-                "One or more references exist to the schema {{subject={subject}{}}}: version {by_version} of {by} references it",
-                version
-                    .map(|v| format!(", version={v}"))
-                    .unwrap_or_default()
-            ))),
-            None => Ok(()),
-        }
     }
 
     /// The subject/version pairs that use schema `id` (soft-deleted ones with `deleted`).
@@ -594,7 +576,7 @@ impl Store {
         .bind(latest_only)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(registered).collect())
+        rows.iter().map(registered).collect()
     }
 
     pub async fn subjects(&self, deleted: bool) -> Result<Vec<String>, Error> {
@@ -656,7 +638,7 @@ impl Store {
             .await?,
         };
         match row {
-            Some(row) => Ok(registered(&row)),
+            Some(row) => registered(&row),
             None if self.subject_exists(subject, false).await? => Err(Error::VersionNotFound),
             None => Err(Error::SubjectNotFound(subject.to_owned())),
         }
@@ -737,7 +719,6 @@ impl Store {
     /// was soft-deleted first (Confluent's two-step delete). Returns the versions deleted.
     pub async fn delete_subject(&self, subject: &str, permanent: bool) -> Result<Vec<i32>, Error> {
         self.refuse_in_read_only(subject).await?;
-        self.refuse_if_referenced(subject, None, permanent).await?;
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query("SELECT version, deleted FROM registry.subject_versions WHERE subject = $1 ORDER BY version FOR UPDATE")
             .bind(subject)
@@ -746,6 +727,7 @@ impl Store {
         if rows.is_empty() {
             return Err(Error::SubjectNotFound(subject.to_owned()));
         }
+        refuse_if_referenced(&mut tx, subject, None).await?;
         let live = rows.iter().filter(|r| !r.get::<bool, _>("deleted")).count();
         let versions: Vec<i32> = rows.iter().map(|r| r.get("version")).collect();
         if permanent {
@@ -788,16 +770,19 @@ impl Store {
         self.refuse_in_read_only(subject).await?;
         if permanent {
             let found = self.version(subject, version, true).await?;
-            self.refuse_if_referenced(subject, Some(found.version), true)
-                .await?;
-            let removed = sqlx::query("DELETE FROM registry.subject_versions WHERE subject = $1 AND version = $2 AND deleted")
-                .bind(subject)
-                .bind(found.version)
-                .execute(&self.pool)
-                .await?;
-            if removed.rows_affected() == 0 {
+            let mut tx = self.pool.begin().await?;
+            if lock_version(&mut tx, subject, found.version).await? != Some(true) {
                 return Err(Error::VersionNotSoftDeleted(found.version));
             }
+            refuse_if_referenced(&mut tx, subject, Some(found.version)).await?;
+            sqlx::query(
+                "DELETE FROM registry.subject_versions WHERE subject = $1 AND version = $2",
+            )
+            .bind(subject)
+            .bind(found.version)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
             return Ok(found.version);
         }
         let found = match self.version(subject, version, false).await {
@@ -812,13 +797,25 @@ impl Store {
             }
             other => other?,
         };
-        self.refuse_if_referenced(subject, Some(found.version), false)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        match lock_version(&mut tx, subject, found.version).await? {
+            Some(false) => {}
+            // Deleted by a concurrent request since it was read.
+            Some(true) => {
+                return Err(Error::VersionSoftDeleted {
+                    subject: subject.to_owned(),
+                    version: found.version,
+                });
+            }
+            None => return Err(Error::VersionNotFound),
+        }
+        refuse_if_referenced(&mut tx, subject, Some(found.version)).await?;
         sqlx::query("UPDATE registry.subject_versions SET deleted = true WHERE subject = $1 AND version = $2")
             .bind(subject)
             .bind(found.version)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(found.version)
     }
 
@@ -914,6 +911,11 @@ async fn import(
     how: Registering,
 ) -> Result<i32, Error> {
     let normalized = parsed.normalized.as_str();
+    // One import at a time across subjects: the checks of ids below and the sequence only ever
+    // moving forward depend on it.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.ids'))")
+        .execute(&mut *tx)
+        .await?;
     let holder: Option<i32> = sqlx::query_scalar(
         "SELECT id FROM registry.schemas WHERE fingerprint = sha256(convert_to($1, 'UTF8'))",
     )
@@ -941,11 +943,6 @@ async fn import(
                     "Overwrite new schema with id {wanted} is not permitted."
                 )));
             }
-            // One explicit-id insert at a time across subjects, so that the sequence below
-            // only ever moves forward.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('keel.registry.ids'))")
-                .execute(&mut *tx)
-                .await?;
             sqlx::query(
                 "INSERT INTO registry.schemas (id, schema, normalized, fingerprint, identity_form, resolved)
                  VALUES ($1, $2, $3, sha256(convert_to($3, 'UTF8')), 2, $4)",
@@ -1069,6 +1066,50 @@ pub async fn rewrite_identities(pool: &PgPool) -> Result<u64, Error> {
         tracing::info!(rewritten, "Rewrote schema identities as parsed schemas");
     }
     Ok(rewritten)
+}
+
+/// Refuses to delete what a live schema references: `version` of `subject`, or with `None` any
+/// of its versions (Confluent's 42206; soft-deleted referrers do not count, as there). Run in
+/// the delete's transaction after its rows are locked: a registration referencing them holds
+/// them `FOR SHARE` until it commits, so the check sees it.
+async fn refuse_if_referenced(
+    conn: &mut PgConnection,
+    subject: &str,
+    version: Option<i32>,
+) -> Result<(), Error> {
+    let referrer: Option<(String, i32)> = sqlx::query_as(
+        "SELECT v.subject, v.version FROM registry.schema_references r
+           JOIN registry.subject_versions v ON v.schema_id = r.schema_id AND NOT v.deleted
+          WHERE r.subject = $1 AND ($2::integer IS NULL OR r.version = $2) LIMIT 1",
+    )
+    .bind(subject)
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match referrer {
+        Some((by, by_version)) => Err(Error::ReferenceExists(format!(
+            "One or more references exist to the schema {{subject={subject}{}}}: version {by_version} of {by} references it",
+            version
+                .map(|v| format!(", version={v}"))
+                .unwrap_or_default()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Locks version `version` of `subject`; whether it is soft-deleted (`None`: it is gone).
+async fn lock_version(
+    conn: &mut PgConnection,
+    subject: &str,
+    version: i32,
+) -> Result<Option<bool>, Error> {
+    Ok(sqlx::query_scalar(
+        "SELECT deleted FROM registry.subject_versions WHERE subject = $1 AND version = $2 FOR UPDATE",
+    )
+    .bind(subject)
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await?)
 }
 
 /// The mode in force for `subject`: its own, else the global one.
