@@ -536,3 +536,142 @@ async fn each_order_is_mailed_at_the_address_it_was_placed_with() {
         )
     );
 }
+
+/// Inventory's whole state: every reservation, line and SKU, and the outcomes published per
+/// order, with the outcomes' own ids and times left out.
+async fn inventory_state(pool: &PgPool) -> String {
+    let reservations: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT order_id, status FROM inventory.reservations ORDER BY order_id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let lines: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT order_id, sku, quantity FROM inventory.reservation_lines ORDER BY order_id, sku",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let stock: Vec<(String, i32, i32)> =
+        sqlx::query_as("SELECT sku, on_hand, reserved FROM inventory.stock ORDER BY sku")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut published: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT message_key, payload FROM outbox.events ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for (_, payload) in &mut published {
+        for event in payload
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|p| p.values_mut())
+        {
+            if let Some(fields) = event.as_object_mut() {
+                fields.remove("event_id");
+                fields.remove("occurred_at");
+            }
+        }
+    }
+    format!("{reservations:?}\n{lines:?}\n{stock:?}\n{published:?}")
+}
+
+#[tokio::test]
+async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_one_do() {
+    // Orders competing for three SKUs (some fall short), in every shape: paid, cancelled,
+    // paid or cancelled before their creation, open; two lines of one SKU in some.
+    let skus = ["SHARED-0", "SHARED-1", "SHARED-2"];
+    let mut events = Vec::new();
+    let mut tail = Vec::new();
+    for i in 0..40usize {
+        let case = Case {
+            lines: vec![(i % 3, 1 + (i % 4) as i32), ((i + 1) % 3, 1)]
+                .into_iter()
+                .chain((i % 5 == 0).then_some((i % 3, 2)))
+                .collect(),
+            stock: [0; 3],
+            end: match i % 4 {
+                0 => End::Paid,
+                1 => End::Cancelled,
+                _ => End::Open,
+            },
+            rejected: false,
+            delivery: vec![],
+            cuts: vec![],
+        };
+        let mut order = Order::new(&case);
+        // One set of SKUs for every order.
+        for event in &mut order.events {
+            if let Event::OrderCreated(e) = event {
+                for line in &mut e.lines {
+                    let index = order.skus.iter().position(|s| *s == line.sku).unwrap();
+                    line.sku = skus[index].to_owned();
+                }
+            }
+            if let Event::OrderCancelled(e) = event {
+                for line in &mut e.lines {
+                    let index = order.skus.iter().position(|s| *s == line.sku).unwrap();
+                    line.sku = skus[index].to_owned();
+                }
+            }
+        }
+        let mut order_events = order.events;
+        // Every third ending arrives before its creation.
+        if i % 3 == 0 && order_events.len() == 2 {
+            order_events.reverse();
+        }
+        // Half the endings come after every creation.
+        if i % 2 == 0 && order_events.len() == 2 {
+            tail.push(order_events.pop().unwrap());
+        }
+        events.extend(order_events);
+    }
+    events.extend(tail);
+    let records: Vec<(Event, Meta)> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (e, meta(i as i64)))
+        .collect();
+    let topics = keel_core::settings::Topics {
+        orders: "orders".into(),
+        inventory: "inventory".into(),
+    };
+    let inventory = Inventory::new(&topics);
+
+    let mut states = Vec::new();
+    for one_by_one in [true, false] {
+        let world = World::new().await;
+        for (sku, on_hand) in skus.iter().zip([30, 12, 20]) {
+            sqlx::query("INSERT INTO inventory.stock (sku, on_hand) VALUES ($1, $2)")
+                .bind(sku)
+                .bind(on_hand)
+                .execute(&world.pool)
+                .await
+                .unwrap();
+        }
+        if one_by_one {
+            for record in &records {
+                transact(
+                    &world.pool,
+                    "inventory",
+                    &inventory,
+                    std::slice::from_ref(record),
+                )
+                .await
+                .unwrap();
+            }
+        } else {
+            transact(&world.pool, "inventory", &inventory, &records)
+                .await
+                .unwrap();
+        }
+        states.push(inventory_state(&world.pool).await);
+    }
+    assert!(
+        states[0].contains("InventoryRejected"),
+        "some orders fall short: {}",
+        states[0]
+    );
+    assert!(states[0].contains("InventoryReserved"), "{}", states[0]);
+    assert_eq!(states[0], states[1]);
+}

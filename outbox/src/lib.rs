@@ -63,6 +63,73 @@ pub async fn enqueue(
     enqueue_written(conn, topic, &outgoing, trace).await
 }
 
+/// [`enqueue`] for many events, in order, in one statement: one round trip however many there
+/// are (a consumer group's batch publishes its outcomes this way), rows in the events' order.
+pub async fn enqueue_batch(
+    conn: &mut PgConnection,
+    topic: &str,
+    events: &[(&Event, &TraceHeaders)],
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let n = events.len();
+    let (mut keys, mut types, mut ids) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut payloads, mut headers, mut fingerprints, mut bodies) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut contracts: std::collections::BTreeMap<i64, (String, String)> = Default::default();
+    for (event, trace) in events {
+        let written = keel_schemas::write(event).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        keys.push(event.aggregate_id().to_string());
+        types.push(written.record.to_string());
+        ids.push(event.event_id());
+        payloads.push(serde_json::to_value(event).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        headers.push(serde_json::to_value(trace).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        fingerprints.push(written.fingerprint);
+        contracts
+            .entry(written.fingerprint)
+            .or_insert_with(|| (written.record.to_string(), written.schema.to_string()));
+        bodies.push(written.body);
+    }
+    let (contract_fps, (records, schemas)): (Vec<i64>, (Vec<String>, Vec<String>)) =
+        contracts.into_iter().unzip();
+    sqlx::query(
+        "WITH contract AS (
+             INSERT INTO outbox.schemas (fingerprint, record, schema)
+             SELECT * FROM UNNEST($7::bigint[], $8::text[], $9::text[])
+             ON CONFLICT (fingerprint) DO NOTHING
+         )
+         INSERT INTO outbox.events
+             (topic, message_key, event_type, event_id, payload, headers, schema_fingerprint, body)
+         SELECT $1, k, t, i, p, h, f, b
+           FROM UNNEST($2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::jsonb[], $10::bigint[], $11::bytea[])
+                WITH ORDINALITY AS e (k, t, i, p, h, f, b, n)
+          ORDER BY n",
+    )
+    .bind(topic)
+    .bind(&keys)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&payloads)
+    .bind(&headers)
+    .bind(&contract_fps)
+    .bind(&records)
+    .bind(&schemas)
+    .bind(&fingerprints)
+    .bind(&bodies)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// An event as its writer wrote it: what [`enqueue_written`] stores.
 pub struct Outgoing {
     /// The Kafka key: the aggregate's id.
