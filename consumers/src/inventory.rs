@@ -282,9 +282,12 @@ struct Batch {
 }
 
 impl Batch {
-    /// Locks and reads what `events` touch: their orders in order-id order, then their stock in
-    /// SKU order (the per-record path's lock order too, so the two cannot deadlock each other
-    /// on stock).
+    /// Locks and reads what `events` touch: their orders in order-id order (claiming a row for
+    /// each order that has none, as the per-record path claims its order before anything
+    /// else), then their stock in SKU order. Both paths lock an order's row before any stock,
+    /// so they cannot deadlock each other on stock. An order whose row appeared since it was
+    /// read (a redrive racing the group) fails the batch as transient; its records are then
+    /// applied one by one.
     async fn load(tx: &mut PgConnection, events: &[(&Event, &Meta)]) -> Result<Self, HandlerError> {
         let mut batch = Batch::default();
         let mut skus = std::collections::BTreeSet::new();
@@ -308,6 +311,28 @@ impl Batch {
             batch
                 .orders
                 .insert(row.get("order_id"), (Some(status.clone()), Some(status)));
+        }
+        let absent: Vec<Uuid> = batch
+            .orders
+            .iter()
+            .filter(|(_, (was, _))| was.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !absent.is_empty() {
+            // A placeholder status; `store` writes each order's final one.
+            let claimed = sqlx::query(
+                "INSERT INTO inventory.reservations (order_id, status)
+                 SELECT id, 'reserved' FROM UNNEST($1::uuid[]) AS n (id) ORDER BY id
+                 ON CONFLICT (order_id) DO NOTHING",
+            )
+            .bind(&absent)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() != absent.len() as u64 {
+                return Err(HandlerError::Transient(anyhow::anyhow!(
+                    "a reservation of this batch changed concurrently; trying again"
+                )));
+            }
         }
         let reserved: Vec<Uuid> = batch
             .orders
@@ -450,37 +475,16 @@ impl Batch {
         Ok(())
     }
 
-    /// Writes what changed: new and changed reservations, new lines, changed stock. An order
-    /// whose row appeared since it was read (a redrive racing the group) fails the batch as
-    /// transient; its records are then applied one by one.
+    /// Writes what changed: reservations (the ones claimed in [`Batch::load`] get their final
+    /// status), new lines, changed stock.
     async fn store(self, tx: &mut PgConnection) -> Result<(), HandlerError> {
-        let (mut new_ids, mut new_status, mut ids, mut status) = (vec![], vec![], vec![], vec![]);
+        let (mut ids, mut status) = (vec![], vec![]);
         for (id, (was, now)) in &self.orders {
-            match (was, now) {
-                (None, Some(now)) => {
-                    new_ids.push(*id);
-                    new_status.push(now.clone());
-                }
-                (Some(was), Some(now)) if was != now => {
-                    ids.push(*id);
-                    status.push(now.clone());
-                }
-                _ => {}
-            }
-        }
-        if !new_ids.is_empty() {
-            let inserted = sqlx::query(
-                "INSERT INTO inventory.reservations (order_id, status)
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[]) ON CONFLICT (order_id) DO NOTHING",
-            )
-            .bind(&new_ids)
-            .bind(&new_status)
-            .execute(&mut *tx)
-            .await?;
-            if inserted.rows_affected() != new_ids.len() as u64 {
-                return Err(HandlerError::Transient(anyhow::anyhow!(
-                    "a reservation of this batch changed concurrently; trying again"
-                )));
+            if let Some(now) = now
+                && was.as_ref() != Some(now)
+            {
+                ids.push(*id);
+                status.push(now.clone());
             }
         }
         if !ids.is_empty() {
@@ -516,11 +520,18 @@ impl Batch {
             .map(|(sku, (h, r, _))| (sku, h, r))
             .collect();
         if !changed.is_empty() {
-            let clamp = |q: i64| i32::try_from(q).unwrap_or(i32::MAX);
-            let (skus, (on_hand, reserved)): (Vec<String>, (Vec<i32>, Vec<i32>)) = changed
-                .into_iter()
-                .map(|(s, h, r)| (s, (clamp(h), clamp(r))))
-                .unzip();
+            let mut skus = Vec::with_capacity(changed.len());
+            let (mut on_hand, mut reserved) = (vec![], vec![]);
+            for (sku, h, r) in changed {
+                let fits = |q: i64| {
+                    i32::try_from(q).map_err(|_| {
+                        HandlerError::Permanent(format!("stock of {sku} overflows: {q}"))
+                    })
+                };
+                on_hand.push(fits(h)?);
+                reserved.push(fits(r)?);
+                skus.push(sku);
+            }
             sqlx::query(
                 "UPDATE inventory.stock s SET on_hand = w.on_hand, reserved = w.reserved
                    FROM UNNEST($1::text[], $2::int4[], $3::int4[]) AS w (sku, on_hand, reserved)
@@ -571,12 +582,13 @@ impl Handler for Inventory {
         let mut batch = Batch::load(tx, events).await?;
         let mut outcomes = Vec::new();
         for (event, meta) in events {
-            let outcome = match event {
-                Event::OrderCreated(e) => batch.reserve(e)?,
-                Event::OrderPaid(e) => batch.settle(e.order_id, true).map(|()| None)?,
-                Event::OrderCancelled(e) => batch.settle(e.order_id, false).map(|()| None)?,
-                _ => None,
-            };
+            // Each event's logs under its record's span, as on the per-record path.
+            let outcome = meta.span.in_scope(|| match event {
+                Event::OrderCreated(e) => batch.reserve(e),
+                Event::OrderPaid(e) => batch.settle(e.order_id, true).map(|()| None),
+                Event::OrderCancelled(e) => batch.settle(e.order_id, false).map(|()| None),
+                _ => Ok(None),
+            })?;
             if let Some(outcome) = outcome {
                 outcomes.push((outcome, &meta.trace));
             }

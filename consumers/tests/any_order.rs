@@ -556,12 +556,12 @@ async fn inventory_state(pool: &PgPool) -> String {
             .fetch_all(pool)
             .await
             .unwrap();
-    let mut published: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT message_key, payload FROM outbox.events ORDER BY id")
+    let mut published: Vec<(String, serde_json::Value, serde_json::Value)> =
+        sqlx::query_as("SELECT message_key, payload, headers FROM outbox.events ORDER BY id")
             .fetch_all(pool)
             .await
             .unwrap();
-    for (_, payload) in &mut published {
+    for (_, payload, _) in &mut published {
         for event in payload
             .as_object_mut()
             .into_iter()
@@ -616,21 +616,47 @@ async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_o
             }
         }
         let mut order_events = order.events;
-        // Every third ending arrives before its creation.
+        // Every third order's ending arrives before its creation.
         if i % 3 == 0 && order_events.len() == 2 {
             order_events.reverse();
         }
-        // Half the endings come after every creation.
+        // Every other order's second event comes in the second batch: an ending of an order
+        // the first batch created (or, reversed, a creation of one it paid or cancelled).
         if i % 2 == 0 && order_events.len() == 2 {
             tail.push(order_events.pop().unwrap());
         }
+        // A creation delivered again under another event id, and a line of a SKU not stocked.
+        if i == 5
+            && let Event::OrderCreated(mut again) = order_events[0].clone()
+        {
+            again.event_id = Uuid::now_v7();
+            tail.push(Event::OrderCreated(again));
+        }
+        if i == 7
+            && let Event::OrderCreated(e) = &mut order_events[0]
+        {
+            e.lines.push(OrderLine {
+                sku: "NOT-STOCKED".into(),
+                quantity: 1,
+                unit_price_minor: 100,
+            });
+        }
         events.extend(order_events);
     }
+    let first = events.len();
     events.extend(tail);
+    // Each record its own trace, which the outcomes it causes must carry.
     let records: Vec<(Event, Meta)> = events
         .into_iter()
         .enumerate()
-        .map(|(i, e)| (e, meta(i as i64)))
+        .map(|(i, e)| {
+            let mut meta = meta(i as i64);
+            meta.trace.insert(
+                "traceparent".into(),
+                format!("00-{:032x}-{:016x}-01", i + 1, i + 1),
+            );
+            (e, meta)
+        })
         .collect();
     let topics = keel_core::settings::Topics {
         orders: "orders".into(),
@@ -661,9 +687,12 @@ async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_o
                 .unwrap();
             }
         } else {
-            transact(&world.pool, "inventory", &inventory, &records)
-                .await
-                .unwrap();
+            // Two batches: the second over orders the first left rows, lines and stock for.
+            for batch in [&records[..first], &records[first..]] {
+                transact(&world.pool, "inventory", &inventory, batch)
+                    .await
+                    .unwrap();
+            }
         }
         states.push(inventory_state(&world.pool).await);
     }
@@ -673,5 +702,8 @@ async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_o
         states[0]
     );
     assert!(states[0].contains("InventoryReserved"), "{}", states[0]);
+    for settled in ["fulfilled", "released", "traceparent"] {
+        assert!(states[0].contains(settled), "{settled}: {}", states[0]);
+    }
     assert_eq!(states[0], states[1]);
 }
