@@ -66,6 +66,54 @@ fn quantities(lines: &[OrderLine]) -> BTreeMap<&str, i64> {
     q
 }
 
+fn clamp(q: i64) -> i32 {
+    i32::try_from(q).unwrap_or(i32::MAX)
+}
+
+/// The SKUs of `wanted` with less free stock than wanted (`free` of a SKU; 0 if not stocked).
+fn shortages(wanted: &BTreeMap<&str, i64>, free: impl Fn(&str) -> i64) -> Vec<Shortage> {
+    wanted
+        .iter()
+        .filter_map(|(sku, q)| {
+            let free = free(sku);
+            (free < *q).then(|| Shortage {
+                sku: (*sku).to_owned(),
+                requested: clamp(*q),
+                available: clamp(free.max(0)),
+            })
+        })
+        .collect()
+}
+
+/// The outcome published for an order whose stock is held.
+fn reserved(order: &keel_schemas::OrderCreated, wanted: &BTreeMap<&str, i64>) -> Event {
+    Event::InventoryReserved(InventoryReserved {
+        event_id: uuid::Uuid::now_v7(),
+        occurred_at: now_millis(),
+        order_id: order.order_id,
+        customer_id: order.customer.id.clone(),
+        lines: wanted
+            .iter()
+            .map(|(sku, q)| StockLine {
+                sku: (*sku).to_owned(),
+                quantity: clamp(*q),
+            })
+            .collect(),
+    })
+}
+
+/// The outcome published for an order short of stock.
+fn rejected(order: &keel_schemas::OrderCreated, shortages: Vec<Shortage>) -> Event {
+    tracing::info!(order_id = %order.order_id, "Not enough stock; order rejected by inventory");
+    Event::InventoryRejected(InventoryRejected {
+        event_id: uuid::Uuid::now_v7(),
+        occurred_at: now_millis(),
+        order_id: order.order_id,
+        customer_id: order.customer.id.clone(),
+        shortages,
+    })
+}
+
 async fn status(tx: &mut PgConnection, order_id: Uuid) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT status FROM inventory.reservations WHERE order_id = $1 FOR UPDATE")
         .bind(order_id)
@@ -163,18 +211,7 @@ impl Inventory {
             .iter()
             .map(|r| (r.get("sku"), i64::from(r.get::<i32, _>("free"))))
             .collect();
-        let clamp = |q: i64| i32::try_from(q).unwrap_or(i32::MAX);
-        let shortages: Vec<Shortage> = wanted
-            .iter()
-            .filter_map(|(sku, q)| {
-                let free = available.get(*sku).copied().unwrap_or(0);
-                (free < *q).then(|| Shortage {
-                    sku: (*sku).to_owned(),
-                    requested: clamp(*q),
-                    available: clamp(free.max(0)),
-                })
-            })
-            .collect();
+        let shortages = shortages(&wanted, |sku| available.get(sku).copied().unwrap_or(0));
         let outcome = if shortages.is_empty() {
             let mut quantities = Vec::with_capacity(wanted.len());
             for (sku, q) in &wanted {
@@ -203,29 +240,10 @@ impl Inventory {
             if paid_first {
                 self.settle(tx, order_id, true).await?;
             }
-            Event::InventoryReserved(InventoryReserved {
-                event_id: uuid::Uuid::now_v7(),
-                occurred_at: now_millis(),
-                order_id,
-                customer_id: order.customer.id.clone(),
-                lines: wanted
-                    .iter()
-                    .map(|(sku, q)| StockLine {
-                        sku: (*sku).to_owned(),
-                        quantity: clamp(*q),
-                    })
-                    .collect(),
-            })
+            reserved(order, &wanted)
         } else {
-            tracing::info!(%order_id, "Not enough stock; order rejected by inventory");
             set_status(tx, order_id, "rejected").await?;
-            Event::InventoryRejected(InventoryRejected {
-                event_id: uuid::Uuid::now_v7(),
-                occurred_at: now_millis(),
-                order_id,
-                customer_id: order.customer.id.clone(),
-                shortages,
-            })
+            rejected(order, shortages)
         };
         keel_outbox::enqueue(tx, &self.inventory_topic, &outcome, &meta.trace).await?;
         Ok(())
@@ -406,28 +424,12 @@ impl Batch {
         };
         self.set_status(order_id, "reserved");
         let wanted = quantities(&order.lines);
-        let clamp = |q: i64| i32::try_from(q).unwrap_or(i32::MAX);
-        let shortages: Vec<Shortage> = wanted
-            .iter()
-            .filter_map(|(sku, q)| {
-                let free = self.stock.get(*sku).map_or(0, |(h, r, _)| h - r);
-                (free < *q).then(|| Shortage {
-                    sku: (*sku).to_owned(),
-                    requested: clamp(*q),
-                    available: clamp(free.max(0)),
-                })
-            })
-            .collect();
+        let shortages = shortages(&wanted, |sku| {
+            self.stock.get(sku).map_or(0, |(h, r, _)| h - r)
+        });
         if !shortages.is_empty() {
-            tracing::info!(%order_id, "Not enough stock; order rejected by inventory");
             self.set_status(order_id, "rejected");
-            return Ok(Some(Event::InventoryRejected(InventoryRejected {
-                event_id: uuid::Uuid::now_v7(),
-                occurred_at: now_millis(),
-                order_id,
-                customer_id: order.customer.id.clone(),
-                shortages,
-            })));
+            return Ok(Some(rejected(order, shortages)));
         }
         let mut lines = Vec::with_capacity(wanted.len());
         for (sku, q) in &wanted {
@@ -441,19 +443,7 @@ impl Batch {
         if paid_first {
             self.settle(order_id, true)?;
         }
-        Ok(Some(Event::InventoryReserved(InventoryReserved {
-            event_id: uuid::Uuid::now_v7(),
-            occurred_at: now_millis(),
-            order_id,
-            customer_id: order.customer.id.clone(),
-            lines: wanted
-                .iter()
-                .map(|(sku, q)| StockLine {
-                    sku: (*sku).to_owned(),
-                    quantity: clamp(*q),
-                })
-                .collect(),
-        })))
+        Ok(Some(reserved(order, &wanted)))
     }
 
     /// [`Inventory::settle`], in memory.

@@ -185,6 +185,21 @@ impl Order {
     }
 }
 
+/// An outbox payload (`{"Type": {fields}}`) without what differs between any two runs: the
+/// outcome's own id and time.
+fn without_own_id_and_time(payload: &mut serde_json::Value) {
+    for event in payload
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|p| p.values_mut())
+    {
+        if let Some(fields) = event.as_object_mut() {
+            fields.remove("event_id");
+            fields.remove("occurred_at");
+        }
+    }
+}
+
 fn meta(offset: i64) -> Meta {
     Meta {
         topic: "orders".into(),
@@ -287,16 +302,7 @@ impl World {
         .unwrap();
         // What differs between any two runs: the outcome's own id and time.
         for (_, payload) in &mut outcomes {
-            for event in payload
-                .as_object_mut()
-                .into_iter()
-                .flat_map(|p| p.values_mut())
-            {
-                if let Some(fields) = event.as_object_mut() {
-                    fields.remove("event_id");
-                    fields.remove("occurred_at");
-                }
-            }
+            without_own_id_and_time(payload);
         }
         order.general(&format!(
             "status {status:?}; holds {lines:?}; stock {stock:?}; published {outcomes:?}"
@@ -562,16 +568,7 @@ async fn inventory_state(pool: &PgPool) -> String {
             .await
             .unwrap();
     for (_, payload, _) in &mut published {
-        for event in payload
-            .as_object_mut()
-            .into_iter()
-            .flat_map(|p| p.values_mut())
-        {
-            if let Some(fields) = event.as_object_mut() {
-                fields.remove("event_id");
-                fields.remove("occurred_at");
-            }
-        }
+        without_own_id_and_time(payload);
     }
     format!("{reservations:?}\n{lines:?}\n{stock:?}\n{published:?}")
 }
