@@ -361,6 +361,8 @@ struct Ledger {
     /// Streams (topic, key) whose earlier row in this step was not acknowledged.
     stopped: HashSet<(String, String)>,
     published: usize,
+    /// Rows the step claimed.
+    total: usize,
     /// A row could not be handed over because the registry is unreachable or the producer
     /// refuses: no later row of this step is tried, as each would wait out the same failure (a
     /// registry timeout is 5 s a row). They stay pending for the next step. A subject's own
@@ -378,6 +380,20 @@ impl Ledger {
     fn set_aside(&mut self, id: i64, stream: (String, String), reason: String) {
         self.set_aside.push((id, stream.0.clone(), reason));
         self.stopped.insert(stream);
+    }
+
+    /// What the step reports once its transaction has committed: the rows that were not
+    /// acknowledged make it fail, after the others were marked.
+    fn outcome(self) -> Result<Step, RelayError> {
+        match self.first_failure {
+            None => Ok(Step::Published(self.published)),
+            Some(first) => Err(RelayError::Delivery {
+                failed: self.failed,
+                total: self.total,
+                published: self.published,
+                first,
+            }),
+        }
     }
 }
 
@@ -606,17 +622,40 @@ impl Relay {
     /// (see "Order" in the module's docs). The acknowledged rows are marked and rows refused for
     /// good set aside, in the claim's transaction; if others were not acknowledged, the step
     /// commits that and then fails.
+    ///
+    /// A step that fails rolls its transaction back before it returns, so the lock is free for
+    /// the next step at once (on whichever connection it gets), not once the pool gets round to
+    /// the abandoned connection.
     pub async fn step(&self) -> Result<Step, RelayError> {
         let Some(mut tx) = self.begin_as_leader().await? else {
             return Ok(Step::NotLeader);
         };
+        match self.publish(&mut tx).await {
+            Ok(ledger) => {
+                tx.commit().await?;
+                ledger.outcome()
+            }
+            Err(error) => {
+                // If the rollback fails too the connection is broken, and PostgreSQL ends the
+                // transaction (and its lock) with the connection.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed relay step");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The body of [`Relay::step`], in the leader's transaction `tx`: claims, produces, marks
+    /// and sets aside; the caller commits.
+    async fn publish(&self, tx: &mut Transaction<'static, Postgres>) -> Result<Ledger, RelayError> {
         let mut ledger = Ledger::default();
         let mut wave = Vec::new();
         let mut in_wave = HashSet::new();
         let mut later = Vec::new();
         let mut total = 0;
         {
-            let mut stream = sqlx::query(CLAIM).bind(self.limit()).fetch(&mut *tx);
+            let mut stream = sqlx::query(CLAIM).bind(self.limit()).fetch(&mut **tx);
             while let Some(row) = stream.try_next().await? {
                 total += 1;
                 match parse(&row) {
@@ -642,7 +681,7 @@ impl Relay {
                 .observe(total as f64);
         }
         loop {
-            self.settle_wave(&mut tx, std::mem::take(&mut wave), &mut ledger)
+            self.settle_wave(tx, std::mem::take(&mut wave), &mut ledger)
                 .await?;
             let waiting = std::mem::take(&mut later);
             if waiting.is_empty() {
@@ -661,18 +700,10 @@ impl Relay {
             }
         }
         for (id, topic, reason) in &ledger.set_aside {
-            set_aside(&mut tx, *id, topic, reason).await?;
+            set_aside(tx, *id, topic, reason).await?;
         }
-        tx.commit().await?;
-        match ledger.first_failure {
-            None => Ok(Step::Published(ledger.published)),
-            Some(first) => Err(RelayError::Delivery {
-                failed: ledger.failed,
-                total,
-                published: ledger.published,
-                first,
-            }),
-        }
+        ledger.total = total;
+        Ok(ledger)
     }
 
     /// Relays until `shutdown`: drains while full batches come back, then waits for a NOTIFY or

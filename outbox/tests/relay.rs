@@ -250,6 +250,25 @@ async fn a_crash_between_produce_and_mark_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_failed_step_frees_the_lock_for_the_next_at_once() {
+    let h = Harness::start().await;
+    let topic = TestTopic::new("orders", 1).await;
+    h.enqueue_orders(&topic.name, 2, &TraceHeaders::new()).await;
+    // Each step fails; the next, on whichever pooled connection it gets, leads straight away: a
+    // failed step's transaction (and the lock it holds) is not left for the pool to roll back
+    // some time later.
+    for attempt in 0..20 {
+        let relay = keel_outbox::relay::testing::crash_before_mark(h.relay(100));
+        let step = relay.step().await;
+        assert!(
+            matches!(step, Err(RelayError::Crashed)),
+            "attempt {attempt}: {step:?}"
+        );
+    }
+    assert_eq!(h.relay(100).step().await.unwrap(), Step::Published(4));
+}
+
+#[tokio::test]
 async fn two_relays_together_deliver_every_event_in_order() {
     let h = Harness::start().await;
     let topic = TestTopic::new("orders", 6).await;
