@@ -218,5 +218,15 @@ pub enum SchemaCommand {
     Register {
         #[arg(long, default_value = "schemas")]
         dir: std::path::PathBuf,
+        /// Give each version the id and version number it has in this other registry (which
+        /// must hold them), putting each subject in IMPORT mode meanwhile: moves contracts
+        /// between registries keeping their ids. May hold credentials (https://key:secret@host).
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "KEEL_SCHEMA_IDS_FROM",
+            hide_env_values = true
+        )]
+        ids_from: Option<String>,
     },
 }

@@ -80,7 +80,9 @@ pub async fn run(command: Command, s: &Settings) -> Result<(), Failure> {
         }
         Command::Schema(SchemaCommand::Check { dir }) => schema_check(&dir)?,
         Command::Schema(SchemaCommand::Publish { dir }) => schema_publish(&dir)?,
-        Command::Schema(SchemaCommand::Register { dir }) => schema_register(s, &dir).await?,
+        Command::Schema(SchemaCommand::Register { dir, ids_from }) => {
+            schema_register(s, &dir, ids_from.as_deref()).await?
+        }
     }
     Ok(())
 }
@@ -304,15 +306,28 @@ pub fn schema_publish(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn schema_register(s: &Settings, dir: &std::path::Path) -> anyhow::Result<()> {
+pub async fn schema_register(
+    s: &Settings,
+    dir: &std::path::Path,
+    ids_from: Option<&str>,
+) -> anyhow::Result<()> {
     let repo = load_contracts(dir)?;
     for (topic, namespace) in [
         (&s.topics.orders, "keel.orders"),
         (&s.topics.inventory, "keel.inventory"),
     ] {
-        let done = keel_schemas::history::register(&repo, &s.schema_registry_url, topic, namespace)
-            .await
-            .context("KEEL_SCHEMA_REGISTRY_URL")?;
+        let done = keel_schemas::history::register(
+            &repo,
+            &s.schema_registry_url,
+            topic,
+            namespace,
+            ids_from,
+        )
+        .await
+        .context(match ids_from {
+            None => "KEEL_SCHEMA_REGISTRY_URL",
+            Some(_) => "KEEL_SCHEMA_REGISTRY_URL, KEEL_SCHEMA_IDS_FROM",
+        })?;
         for r in done {
             let ids: Vec<String> = r
                 .ids

@@ -84,9 +84,14 @@ pub struct Endpoint {
 impl Endpoint {
     /// Splits `registry_url` (`KEEL_SCHEMA_REGISTRY_URL`). The error never holds the password.
     pub fn parse(registry_url: &str) -> anyhow::Result<Self> {
+        Self::parse_setting(registry_url, "KEEL_SCHEMA_REGISTRY_URL")
+    }
+
+    /// As [`Endpoint::parse`], for a URL given as `setting`, which the error names.
+    pub fn parse_setting(registry_url: &str, setting: &str) -> anyhow::Result<Self> {
         let mut url = url::Url::parse(registry_url.trim_end_matches('/')).map_err(|e| {
             anyhow::anyhow!(
-                "KEEL_SCHEMA_REGISTRY_URL: {e} (got {:?})",
+                "{setting}: {e} (got {:?})",
                 keel_core::settings::redact(registry_url)
             )
         })?;

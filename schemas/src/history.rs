@@ -316,24 +316,128 @@ pub struct Registration {
     pub ids: Vec<(i32, i64)>,
 }
 
+/// A Confluent-compatible registry's REST API, as [`register`] calls it.
+struct Client {
+    http: reqwest::Client,
+    /// Safe to print: no credentials.
+    base: String,
+    auth: Option<(String, String)>,
+}
+
+impl Client {
+    fn new(http: &reqwest::Client, registry_url: &str, setting: &str) -> anyhow::Result<Self> {
+        // Credentials as basic auth on every request; the base URL printed in errors has none.
+        let endpoint = crate::codec::Endpoint::parse_setting(registry_url, setting)?;
+        Ok(Self {
+            http: http.clone(),
+            base: endpoint.base,
+            auth: endpoint.auth,
+        })
+    }
+
+    /// Sends `method path` with `body`; the answer's status and JSON body.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        what: &str,
+    ) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+        const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE);
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "{what}: registry at {} unreachable: {}",
+                self.base,
+                keel_core::error_chain(&e)
+            )
+        })?;
+        let status = response.status();
+        Ok((status, response.json().await.unwrap_or_default()))
+    }
+
+    /// As [`Client::send`], refusing any answer but a success.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.send(method, path, body, what).await?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{what}: the registry at {} refused ({status}, error_code {}): {}",
+                self.base,
+                body["error_code"],
+                body["message"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(body)
+    }
+
+    /// The subject's own mode (`None`: it follows the registry's).
+    async fn subject_mode(&self, subject: &str) -> anyhow::Result<Option<String>> {
+        let what = format!("reading the mode of {subject}");
+        let (status, body) = self
+            .send(
+                reqwest::Method::GET,
+                &format!("/mode/{subject}"),
+                None,
+                &what,
+            )
+            .await?;
+        match body["mode"].as_str() {
+            Some(mode) if status.is_success() => Ok(Some(mode.to_owned())),
+            // 40409: the subject has no mode of its own.
+            _ if body["error_code"] == 40409 => Ok(None),
+            _ => anyhow::bail!(
+                "{what}: the registry at {} refused ({status}, error_code {}): {}",
+                self.base,
+                body["error_code"],
+                body["message"].as_str().unwrap_or("no message")
+            ),
+        }
+    }
+}
+
+/// The setting (`keel schema register --ids-from`) naming the registry to copy ids from.
+pub const IDS_FROM: &str = "KEEL_SCHEMA_IDS_FROM";
+
 /// Registers every published version of the contracts of `namespace` under their subjects on
 /// `topic` (oldest first, so the registry holds the same history as the repository), after
 /// setting each subject's compatibility level. Works with any Confluent-compatible registry;
 /// registering what is already there returns the existing ids, so running it again is harmless.
+///
+/// With `ids_from` (another registry's URL, which has these versions already), each version is
+/// registered with the id and version number it has there: how contracts move between
+/// registries keeping their ids. Each subject is put in `IMPORT` mode for it (forced, as its
+/// versions may be there already; the registry still refuses an id or version that would
+/// overwrite another) and given back its own mode, or none, after.
 pub async fn register(
     repo: &Repository,
     registry_url: &str,
     topic: &str,
     namespace: &str,
+    ids_from: Option<&str>,
 ) -> anyhow::Result<Vec<Registration>> {
-    const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+    use reqwest::Method;
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()?;
-    // Credentials as basic auth on every request; the base URL printed in errors has none.
-    let endpoint = crate::codec::Endpoint::parse(registry_url)?;
-    let base = endpoint.base.as_str();
-    let auth = endpoint.auth.as_ref();
+    let target = Client::new(&http, registry_url, "KEEL_SCHEMA_REGISTRY_URL")?;
+    let source = ids_from
+        .map(|url| Client::new(&http, url, IDS_FROM))
+        .transpose()?;
     let mut done = Vec::new();
     let prefix = format!("{namespace}.");
     for c in repo.contracts.iter().filter(|c| {
@@ -343,39 +447,14 @@ pub async fn register(
     }) {
         let subject = crate::subject(topic, &c.name);
         let level = repo.levels.of(&c.name);
-        let call = |request: reqwest::RequestBuilder, what: String| async move {
-            let request = match auth {
-                Some((user, password)) => request.basic_auth(user, Some(password)),
-                None => request,
-            };
-            let response = request
-                .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-                .send()
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{what}: registry at {base} unreachable: {}",
-                        keel_core::error_chain(&e)
-                    )
-                })?;
-            let status = response.status();
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            if !status.is_success() {
-                anyhow::bail!(
-                    "{what}: the registry refused ({status}, error_code {}): {}",
-                    body["error_code"],
-                    body["message"].as_str().unwrap_or("no message")
-                );
-            }
-            Ok(body)
-        };
-        call(
-            http.put(format!("{base}/config/{subject}"))
-                .json(&serde_json::json!({"compatibility": level.as_str()})),
-            format!("setting {subject} to {level}"),
-        )
-        .await?;
-        let mut ids = Vec::new();
+        target
+            .call(
+                Method::PUT,
+                &format!("/config/{subject}"),
+                Some(serde_json::json!({"compatibility": level.as_str()})),
+                &format!("setting {subject} to {level}"),
+            )
+            .await?;
         let mut texts: Vec<(i32, &str)> = c
             .published
             .iter()
@@ -386,20 +465,10 @@ pub async fn register(
         {
             texts.push((texts.len() as i32 + 1, current.as_str()));
         }
-        for (version, text) in texts {
-            let body = call(
-                http.post(format!("{base}/subjects/{subject}/versions"))
-                    .json(&serde_json::json!({"schema": text})),
-                format!("registering {} v{version} as {subject}", c.name),
-            )
-            .await?;
-            let id = body["id"].as_i64().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "registering {subject}: the registry answered without an id: {body}"
-                )
-            })?;
-            ids.push((version, id));
-        }
+        let ids = match &source {
+            None => register_versions(&target, &subject, &c.name, &texts).await?,
+            Some(source) => import_versions(source, &target, &subject, &c.name, &texts).await?,
+        };
         done.push(Registration {
             subject,
             level,
@@ -407,6 +476,120 @@ pub async fn register(
         });
     }
     Ok(done)
+}
+
+/// Registers `texts` (`(version in the repository, schema)`) under `subject`, letting the
+/// registry give ids.
+async fn register_versions(
+    target: &Client,
+    subject: &str,
+    name: &str,
+    texts: &[(i32, &str)],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let mut ids = Vec::new();
+    for (version, text) in texts {
+        let body = target
+            .call(
+                reqwest::Method::POST,
+                &format!("/subjects/{subject}/versions"),
+                Some(serde_json::json!({"schema": text})),
+                &format!("registering {name} v{version} as {subject}"),
+            )
+            .await?;
+        ids.push((*version, answered_id(&body, subject)?));
+    }
+    Ok(ids)
+}
+
+/// Registers `texts` under `subject` with the ids and versions `source` has for them, the
+/// subject in `IMPORT` mode meanwhile.
+async fn import_versions(
+    source: &Client,
+    target: &Client,
+    subject: &str,
+    name: &str,
+    texts: &[(i32, &str)],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use reqwest::Method;
+    // What the source holds, before anything on the target changes.
+    let mut found = Vec::new();
+    for (version, text) in texts {
+        let body = source
+            .call(
+                Method::POST,
+                &format!("/subjects/{subject}"),
+                Some(serde_json::json!({"schema": text})),
+                &format!(
+                    "looking up {name} v{version} as {subject} in the registry to copy ids from"
+                ),
+            )
+            .await?;
+        let given = body["version"].as_i64().ok_or_else(|| {
+            anyhow::anyhow!("looking up {subject}: the registry answered without a version: {body}")
+        })?;
+        found.push((*version, *text, answered_id(&body, subject)?, given));
+    }
+    let own_mode = target.subject_mode(subject).await?;
+    target
+        .call(
+            Method::PUT,
+            &format!("/mode/{subject}?force=true"),
+            Some(serde_json::json!({"mode": "IMPORT"})),
+            &format!("putting {subject} in IMPORT mode"),
+        )
+        .await?;
+    let mut ids = Vec::new();
+    let mut outcome = Ok(());
+    for (version, text, id, given) in found {
+        let registered = target
+            .call(
+                Method::POST,
+                &format!("/subjects/{subject}/versions"),
+                Some(serde_json::json!({"schema": text, "id": id, "version": given})),
+                &format!("importing {name} v{version} as {subject} (id {id}, version {given})"),
+            )
+            .await
+            .and_then(|body| answered_id(&body, subject));
+        match registered {
+            Ok(id) => ids.push((version, id)),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    // The subject's mode is given back whether or not every version went in.
+    let restore = match own_mode {
+        Some(mode) => {
+            target
+                .call(
+                    Method::PUT,
+                    &format!("/mode/{subject}?force=true"),
+                    Some(serde_json::json!({ "mode": mode })),
+                    &format!("giving {subject} back its mode {mode}"),
+                )
+                .await
+        }
+        None => {
+            target
+                .call(
+                    Method::DELETE,
+                    &format!("/mode/{subject}"),
+                    None,
+                    &format!("giving {subject} back the registry's mode"),
+                )
+                .await
+        }
+    };
+    outcome?;
+    restore?;
+    Ok(ids)
+}
+
+fn answered_id(body: &serde_json::Value, subject: &str) -> anyhow::Result<i64> {
+    body["id"].as_i64().ok_or_else(|| {
+        anyhow::anyhow!("registering {subject}: the registry answered without an id: {body}")
+    })
 }
 
 #[cfg(test)]

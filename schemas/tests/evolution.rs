@@ -109,10 +109,10 @@ async fn readers_of_v1_and_v2_read_records_of_both_versions_from_one_topic_at_on
 
     // The registry gets the repository's history, under FULL_TRANSITIVE, as `keel schema register` does.
     let repo = Repository::load(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
-    let first = keel_schemas::history::register(&repo, &registry, &topic.name, "keel.orders")
+    let first = keel_schemas::history::register(&repo, &registry, &topic.name, "keel.orders", None)
         .await
         .unwrap();
-    let again = keel_schemas::history::register(&repo, &registry, &topic.name, "keel.orders")
+    let again = keel_schemas::history::register(&repo, &registry, &topic.name, "keel.orders", None)
         .await
         .unwrap();
     let ids = |r: &[keel_schemas::history::Registration]| -> Vec<(String, Vec<(i32, i64)>)> {

@@ -1497,3 +1497,106 @@ async fn references_resolve_shared_and_nested_types_and_only_live_referrers_hold
         (StatusCode::OK, json!(1))
     );
 }
+
+#[tokio::test]
+async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_ids() {
+    let repo =
+        keel_schemas::history::Repository::load(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+    let topic = "orders";
+    let source = Registry::start().await;
+    let target = Registry::start().await;
+    // The source gave ids after others it holds; the target, left to itself, would give 1, 2…
+    for filler in ["string", "long", "double"] {
+        let (status, _) = source
+            .post(
+                &format!("/subjects/filler-{filler}/versions"),
+                json!({ "schema": json!({"type": filler}).to_string() }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let registered =
+        keel_schemas::history::register(&repo, &source.url, topic, "keel.orders", None)
+            .await
+            .unwrap();
+    assert!(
+        registered
+            .iter()
+            .all(|r| r.ids.iter().all(|(_, id)| *id > 3))
+    );
+
+    // Missing versions in the registry named: nothing changes on the target.
+    let empty = Registry::start().await;
+    let refused =
+        keel_schemas::history::register(&repo, &target.url, topic, "keel.orders", Some(&empty.url))
+            .await
+            .unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("40401") && refused.contains("in the registry to copy ids from"),
+        "{refused}"
+    );
+    assert_eq!(target.get("/subjects").await.1, json!([]));
+
+    let ids = |done: &[keel_schemas::history::Registration]| -> Vec<(String, Vec<(i32, i64)>)> {
+        done.iter()
+            .map(|r| (r.subject.clone(), r.ids.clone()))
+            .collect()
+    };
+    let imported = keel_schemas::history::register(
+        &repo,
+        &target.url,
+        topic,
+        "keel.orders",
+        Some(&source.url),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&imported), ids(&registered), "the source's ids");
+    for r in &registered {
+        assert_eq!(
+            target
+                .get(&format!("/subjects/{}/versions", r.subject))
+                .await,
+            source
+                .get(&format!("/subjects/{}/versions", r.subject))
+                .await,
+            "the source's versions"
+        );
+        for (_, id) in &r.ids {
+            let (status, answer) = target.get(&format!("/schemas/ids/{id}")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(answer, source.get(&format!("/schemas/ids/{id}")).await.1);
+        }
+        // The subject follows the registry's mode again, and registers as before.
+        assert_eq!(
+            status_code(&target.get(&format!("/mode/{}", r.subject)).await),
+            (404, Some(40409))
+        );
+    }
+    // Running it again changes nothing, and a later registration gets an id after the copied.
+    let again = keel_schemas::history::register(
+        &repo,
+        &target.url,
+        topic,
+        "keel.orders",
+        Some(&source.url),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(&again), ids(&imported));
+    let highest = imported
+        .iter()
+        .flat_map(|r| r.ids.iter().map(|(_, id)| *id))
+        .max()
+        .unwrap();
+    let (status, answer) = target
+        .post(
+            "/subjects/other/versions",
+            json!({ "schema": "\"string\"" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(answer["id"].as_i64().unwrap() > highest, "{answer}");
+}
