@@ -636,10 +636,14 @@ impl Relay {
                 ledger.outcome()
             }
             Err(error) => {
-                // If the rollback fails too the connection is broken, and PostgreSQL ends the
-                // transaction (and its lock) with the connection.
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::warn!(error = %rollback, "rolling back a failed relay step");
+                // If the rollback fails or hangs the connection is broken: PostgreSQL ends the
+                // transaction (and its lock) with the connection, which sqlx then closes.
+                match tokio::time::timeout(Duration::from_secs(5), tx.rollback()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(rollback)) => {
+                        tracing::warn!(error = %rollback, "rolling back a failed relay step")
+                    }
+                    Err(_) => tracing::warn!("rolling back a failed relay step: no answer in 5 s"),
                 }
                 Err(error)
             }

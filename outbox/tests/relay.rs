@@ -249,21 +249,52 @@ async fn a_crash_between_produce_and_mark_loses_nothing() {
     assert_delivered_in_order(&h.registry_url, &messages, &expected).await;
 }
 
+/// Whether a session holds the relay's lock in this test's database, asked on a connection of its own from another
+/// thread while this one waits: no task of the test's runtime (the pool's among them) runs
+/// before the answer.
+fn relay_lock_held(url: &str) -> bool {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                       AND ((classid::bigint << 32) | objid::bigint) = $1)",
+                )
+                .bind(keel_outbox::relay::RELAY_LOCK)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+            })
+    })
+    .join()
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_failed_step_frees_the_lock_for_the_next_at_once() {
     let h = Harness::start().await;
     let topic = TestTopic::new("orders", 1).await;
     h.enqueue_orders(&topic.name, 2, &TraceHeaders::new()).await;
-    // Each step fails; the next, on whichever pooled connection it gets, leads straight away: a
-    // failed step's transaction (and the lock it holds) is not left for the pool to roll back
-    // some time later.
-    for attempt in 0..20 {
-        let relay = keel_outbox::relay::testing::crash_before_mark(h.relay(100));
+    // A failed step's transaction, and the lock it holds, ends before the step returns: it is
+    // not left for the pool to roll back some time later, while the next step, on another
+    // pooled connection, finds the lock taken.
+    let relay = keel_outbox::relay::testing::crash_before_mark(h.relay(100));
+    assert!(!relay_lock_held(&h.db.url));
+    for attempt in 0..5 {
         let step = relay.step().await;
         assert!(
             matches!(step, Err(RelayError::Crashed)),
             "attempt {attempt}: {step:?}"
         );
+        assert!(!relay_lock_held(&h.db.url), "attempt {attempt}: lock held");
     }
     assert_eq!(h.relay(100).step().await.unwrap(), Step::Published(4));
 }
