@@ -375,14 +375,24 @@ impl Client {
     ) -> anyhow::Result<serde_json::Value> {
         let (status, body) = self.send(method, path, body, what).await?;
         if !status.is_success() {
-            anyhow::bail!(
-                "{what}: the registry at {} refused ({status}, error_code {}): {}",
-                self.base,
-                body["error_code"],
-                body["message"].as_str().unwrap_or("no message")
-            );
+            return Err(self.refused(what, status, &body));
         }
         Ok(body)
+    }
+
+    /// The error of a refused request, with the registry's error code and message.
+    fn refused(
+        &self,
+        what: &str,
+        status: reqwest::StatusCode,
+        body: &serde_json::Value,
+    ) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{what}: the registry at {} refused ({status}, error_code {}): {}",
+            self.base,
+            body["error_code"],
+            body["message"].as_str().unwrap_or("no message")
+        )
     }
 
     /// The subject's own mode (`None`: it follows the registry's).
@@ -400,12 +410,7 @@ impl Client {
             Some(mode) if status.is_success() => Ok(Some(mode.to_owned())),
             // 40409: the subject has no mode of its own.
             _ if body["error_code"] == 40409 => Ok(None),
-            _ => anyhow::bail!(
-                "{what}: the registry at {} refused ({status}, error_code {}): {}",
-                self.base,
-                body["error_code"],
-                body["message"].as_str().unwrap_or("no message")
-            ),
+            _ => Err(self.refused(&what, status, &body)),
         }
     }
 }
@@ -447,14 +452,6 @@ pub async fn register(
     }) {
         let subject = crate::subject(topic, &c.name);
         let level = repo.levels.of(&c.name);
-        target
-            .call(
-                Method::PUT,
-                &format!("/config/{subject}"),
-                Some(serde_json::json!({"compatibility": level.as_str()})),
-                &format!("setting {subject} to {level}"),
-            )
-            .await?;
         let mut texts: Vec<(i32, &str)> = c
             .published
             .iter()
@@ -465,9 +462,22 @@ pub async fn register(
         {
             texts.push((texts.len() as i32 + 1, current.as_str()));
         }
-        let ids = match &source {
+        // What the source holds, before anything on the target changes.
+        let found = match &source {
+            Some(source) => Some(look_up(source, &subject, &c.name, &texts).await?),
+            None => None,
+        };
+        target
+            .call(
+                Method::PUT,
+                &format!("/config/{subject}"),
+                Some(serde_json::json!({"compatibility": level.as_str()})),
+                &format!("setting {subject} to {level}"),
+            )
+            .await?;
+        let ids = match found {
             None => register_versions(&target, &subject, &c.name, &texts).await?,
-            Some(source) => import_versions(source, &target, &subject, &c.name, &texts).await?,
+            Some(found) => import_versions(&target, &subject, &c.name, found).await?,
         };
         done.push(Registration {
             subject,
@@ -501,22 +511,22 @@ async fn register_versions(
     Ok(ids)
 }
 
-/// Registers `texts` under `subject` with the ids and versions `source` has for them, the
-/// subject in `IMPORT` mode meanwhile.
-async fn import_versions(
+/// A version to import: `(version in the repository, schema, id, version number)` as the
+/// source registry has them.
+type Found<'a> = (i32, &'a str, i64, i64);
+
+/// The id and version number `source` gives each of `texts` under `subject`.
+async fn look_up<'a>(
     source: &Client,
-    target: &Client,
     subject: &str,
     name: &str,
-    texts: &[(i32, &str)],
-) -> anyhow::Result<Vec<(i32, i64)>> {
-    use reqwest::Method;
-    // What the source holds, before anything on the target changes.
+    texts: &[(i32, &'a str)],
+) -> anyhow::Result<Vec<Found<'a>>> {
     let mut found = Vec::new();
     for (version, text) in texts {
         let body = source
             .call(
-                Method::POST,
+                reqwest::Method::POST,
                 &format!("/subjects/{subject}"),
                 Some(serde_json::json!({"schema": text})),
                 &format!(
@@ -529,37 +539,52 @@ async fn import_versions(
         })?;
         found.push((*version, *text, answered_id(&body, subject)?, given));
     }
+    Ok(found)
+}
+
+/// Registers `found` under `subject` with the source's ids and version numbers, the subject in
+/// `IMPORT` mode meanwhile and given back its own mode (or none) after, however the import went.
+async fn import_versions(
+    target: &Client,
+    subject: &str,
+    name: &str,
+    found: Vec<Found<'_>>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use reqwest::Method;
     let own_mode = target.subject_mode(subject).await?;
-    target
-        .call(
-            Method::PUT,
-            &format!("/mode/{subject}?force=true"),
-            Some(serde_json::json!({"mode": "IMPORT"})),
-            &format!("putting {subject} in IMPORT mode"),
-        )
-        .await?;
-    let mut ids = Vec::new();
-    let mut outcome = Ok(());
-    for (version, text, id, given) in found {
-        let registered = target
+    let imported = async {
+        target
             .call(
-                Method::POST,
-                &format!("/subjects/{subject}/versions"),
-                Some(serde_json::json!({"schema": text, "id": id, "version": given})),
-                &format!("importing {name} v{version} as {subject} (id {id}, version {given})"),
+                Method::PUT,
+                &format!("/mode/{subject}?force=true"),
+                Some(serde_json::json!({"mode": "IMPORT"})),
+                &format!("putting {subject} in IMPORT mode"),
             )
-            .await
-            .and_then(|body| answered_id(&body, subject));
-        match registered {
-            Ok(id) => ids.push((version, id)),
-            Err(e) => {
-                outcome = Err(e);
-                break;
+            .await?;
+        let mut ids = Vec::new();
+        for (version, text, id, given) in found {
+            let body = target
+                .call(
+                    Method::POST,
+                    &format!("/subjects/{subject}/versions"),
+                    Some(serde_json::json!({"schema": text, "id": id, "version": given})),
+                    &format!("importing {name} v{version} as {subject} (id {id}, version {given})"),
+                )
+                .await?;
+            let answered = answered_id(&body, subject)?;
+            // A registry that took the mode but not the id would defeat the point.
+            if answered != id {
+                anyhow::bail!(
+                    "importing {name} v{version} as {subject}: the registry gave id {answered}, not {id}"
+                );
             }
+            ids.push((version, id));
         }
+        Ok(ids)
     }
-    // The subject's mode is given back whether or not every version went in.
-    let restore = match own_mode {
+    .await;
+    // Also after a failed PUT: it may have been applied before its answer was lost.
+    let restored = match &own_mode {
         Some(mode) => {
             target
                 .call(
@@ -570,20 +595,34 @@ async fn import_versions(
                 )
                 .await
         }
+        // 40409: it has no mode of its own (the PUT did not go through).
         None => {
+            let what = format!("giving {subject} back the registry's mode");
             target
-                .call(
-                    Method::DELETE,
-                    &format!("/mode/{subject}"),
-                    None,
-                    &format!("giving {subject} back the registry's mode"),
-                )
+                .send(Method::DELETE, &format!("/mode/{subject}"), None, &what)
                 .await
+                .and_then(|(status, body)| {
+                    if status.is_success() || body["error_code"] == 40409 {
+                        Ok(body)
+                    } else {
+                        Err(target.refused(&what, status, &body))
+                    }
+                })
         }
     };
-    outcome?;
-    restore?;
-    Ok(ids)
+    match (imported, restored) {
+        (Ok(ids), Ok(_)) => Ok(ids),
+        (imported, Err(restore)) => {
+            let still = format!(
+                "{subject} is still in IMPORT mode, where registrations without an id are refused: {restore:#}"
+            );
+            match imported {
+                Ok(_) => Err(restore.context(still)),
+                Err(e) => Err(e.context(still)),
+            }
+        }
+        (Err(e), Ok(_)) => Err(e),
+    }
 }
 
 fn answered_id(body: &serde_json::Value, subject: &str) -> anyhow::Result<i64> {

@@ -1538,6 +1538,52 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
         "{refused}"
     );
     assert_eq!(target.get("/subjects").await.1, json!([]));
+    assert_eq!(
+        status_code(
+            &target
+                .get(&format!("/config/{}", registered[0].subject))
+                .await
+        ),
+        (404, Some(40408)),
+        "no level set either"
+    );
+
+    // A target whose ids are taken by other schemas refuses the import, and the subject is given
+    // back its mode all the same.
+    let crowded = Registry::start().await;
+    for filler in ["string", "long", "double", "float", "bytes", "boolean"] {
+        let (status, _) = crowded
+            .post(
+                &format!("/subjects/filler-{filler}/versions"),
+                json!({ "schema": json!({"type": filler}).to_string() }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let refused = keel_schemas::history::register(
+        &repo,
+        &crowded.url,
+        topic,
+        "keel.orders",
+        Some(&source.url),
+    )
+    .await
+    .unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("importing") && refused.contains("42205"),
+        "{refused}"
+    );
+    let first = &registered[0].subject;
+    assert_eq!(
+        status_code(&crowded.get(&format!("/mode/{first}")).await),
+        (404, Some(40409)),
+        "the mode given back"
+    );
+    assert_eq!(
+        status_code(&crowded.get(&format!("/subjects/{first}/versions")).await),
+        (404, Some(40401))
+    );
 
     let ids = |done: &[keel_schemas::history::Registration]| -> Vec<(String, Vec<(i32, i64)>)> {
         done.iter()
