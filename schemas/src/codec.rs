@@ -6,11 +6,11 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use apache_avro::types::Value;
-use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::avro::AvroEncoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
@@ -269,16 +269,68 @@ impl Encoder {
 }
 
 /// Decodes Confluent wire-format values into [`Event`]s.
+///
+/// The writer's schema is fetched by id (`GET /schemas/ids/{id}`) with the schemas it
+/// references (`GET /subjects/{s}/versions/{v}` for each reference, and theirs in turn,
+/// soft-deleted versions included), as Confluent's deserializers do, and kept once it parses
+/// and resolves. No failure is kept: the next record with that id asks the registry again.
 pub struct Decoder {
-    inner: AvroDecoder,
+    http: reqwest::Client,
+    endpoint: Endpoint,
+    writers: RwLock<HashMap<u32, Arc<Writer>>>,
 }
+
+/// A writer's schema, ready to read bodies with.
+struct Writer {
+    /// The record's full name.
+    name: String,
+    /// Over the writer's schema and the named types its references define. They are leaked to
+    /// live as long as the process, as the reader borrows them: a few per schema id the
+    /// process meets, kept for its life anyway (as schema_registry_converter did).
+    reader: apache_avro::reader::datum::GenericDatumReader<'static>,
+}
+
+/// A registry answer's `references`.
+#[derive(serde::Deserialize)]
+struct Reference {
+    name: String,
+    subject: String,
+    version: i64,
+}
+
+/// The parts of `GET /schemas/ids/{id}` and `GET /subjects/{s}/versions/{v}` the decoder reads.
+#[derive(serde::Deserialize)]
+struct Fetched {
+    schema: String,
+    #[serde(default, rename = "schemaType")]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+/// At most this many schemas behind one id: a bound on what a registry's answers can make the
+/// decoder fetch.
+const MAX_REFERENCED: usize = 1000;
 
 impl Decoder {
     /// `registry_url` may carry basic-auth credentials as userinfo (see [`Endpoint`]).
     pub fn new(registry_url: &str) -> anyhow::Result<Self> {
-        let settings = settings(registry_url)?;
+        let endpoint = Endpoint::parse(registry_url)?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "KEEL_SCHEMA_REGISTRY_URL ({}): {}",
+                    endpoint.base,
+                    keel_core::error_chain(&e)
+                )
+            })?;
         Ok(Self {
-            inner: AvroDecoder::new(settings),
+            http,
+            endpoint,
+            writers: RwLock::default(),
         })
     }
 
@@ -295,32 +347,174 @@ impl Decoder {
                 &bytes[..bytes.len().min(5)]
             )));
         }
-        let decoded = self.inner.decode(Some(bytes)).await.map_err(|e| {
-            // No failed fetch may stay cached (the crate caches every answer but 502 and 503
-            // for the life of the process): the next attempt asks the registry again.
-            self.inner.remove_errors_from_cache();
-            if transient(&e) {
-                DecodeError::Transient(describe(&e))
-            } else if status(&e) == Some(404) {
-                DecodeError::UnknownSchema(describe(&e))
-            } else {
-                DecodeError::Permanent(describe(&e))
-            }
-        })?;
-        let name = decoded
-            .name
-            .map(|n| n.fullname(None))
-            .ok_or_else(|| DecodeError::Permanent("writer schema is not a named record".into()))?;
-        // Avro schema resolution: the writer's data, read with the contract this build knows.
-        // Fields the reader lacks are dropped; fields the writer lacked take their defaults.
-        let reader = reader_schema(&name).ok_or_else(|| DecodeError::UnknownType(name.clone()))?;
-        let value = decoded.value.resolve(reader).map_err(|e| {
+        let id = schema_id(bytes);
+        let writer = self.writer(id).await?;
+        let name = &writer.name;
+        let value = writer.reader.read_value(&mut &bytes[5..]).map_err(|e| {
             DecodeError::Permanent(format!(
-                "{name}: the writer's schema (id {}) cannot be read with this build's contract: {e}",
-                schema_id(bytes)
+                "{name}: the body does not match its writer's schema (id {id}): {e}"
             ))
         })?;
-        event_from_value(&name, &value)
+        // Avro schema resolution: the writer's data, read with the contract this build knows.
+        // Fields the reader lacks are dropped; fields the writer lacked take their defaults.
+        let reader = reader_schema(name).ok_or_else(|| DecodeError::UnknownType(name.clone()))?;
+        let value = value.resolve(reader).map_err(|e| {
+            DecodeError::Permanent(format!(
+                "{name}: the writer's schema (id {id}) cannot be read with this build's contract: {e}"
+            ))
+        })?;
+        event_from_value(name, &value)
+    }
+
+    /// The writer's schema of `id`, from the cache or the registry.
+    async fn writer(&self, id: u32) -> Result<Arc<Writer>, DecodeError> {
+        if let Some(w) = self.writers.read().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(w);
+        }
+        let main: Fetched = self.fetch(&["schemas", "ids", &id.to_string()]).await?;
+        if let Some(other) = main
+            .schema_type
+            .as_deref()
+            .filter(|t| !t.eq_ignore_ascii_case("AVRO"))
+        {
+            return Err(DecodeError::Permanent(format!(
+                "schema id {id} is a {other} schema, not Avro"
+            )));
+        }
+        // Every schema behind the references, each reference name once (the first found, as
+        // Confluent's clients take it), whatever the depth, each after the ones it references
+        // (depth first, post-order): the order in which apache-avro resolves names.
+        enum Visit {
+            Fetch(Reference),
+            Done(String),
+        }
+        let mut texts = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut stack: Vec<Visit> = main
+            .references
+            .into_iter()
+            .rev()
+            .map(Visit::Fetch)
+            .collect();
+        while let Some(visit) = stack.pop() {
+            let r = match visit {
+                Visit::Done(text) => {
+                    texts.push(text);
+                    continue;
+                }
+                Visit::Fetch(r) => r,
+            };
+            if !seen.insert(r.name.clone()) {
+                continue;
+            }
+            if seen.len() > MAX_REFERENCED {
+                return Err(DecodeError::Permanent(format!(
+                    "schema id {id} references more than {MAX_REFERENCED} schemas"
+                )));
+            }
+            let version = r.version.to_string();
+            let fetched: Fetched = self
+                .fetch(&["subjects", &r.subject, "versions", &version])
+                .await?;
+            stack.push(Visit::Done(fetched.schema));
+            stack.extend(fetched.references.into_iter().rev().map(Visit::Fetch));
+        }
+        let (schema, referenced) = apache_avro::Schema::parse_str_with_list(&main.schema, &texts)
+            .map_err(|e| {
+            DecodeError::Permanent(format!(
+                "the writer's schema (id {id}) does not parse with its references: {e}"
+            ))
+        })?;
+        let name = match &schema {
+            apache_avro::Schema::Record(record) => record.name.fullname(None),
+            // A named type, but not an event: no contract of this build reads it.
+            other => {
+                return Err(match other.name() {
+                    Some(name) => DecodeError::UnknownType(name.fullname(None)),
+                    None => DecodeError::Permanent(format!(
+                        "the writer's schema (id {id}) is not a named record"
+                    )),
+                });
+            }
+        };
+        // The writer's own names after those of its references, which it uses. Checked before
+        // anything is leaked: a schema that does not resolve is not kept.
+        let unresolved = |e: apache_avro::Error| {
+            DecodeError::Permanent(format!(
+                "the writer's schema (id {id}) does not resolve with its references: {e}"
+            ))
+        };
+        apache_avro::schema::ResolvedSchema::new_with_schemata(
+            referenced.iter().chain(std::iter::once(&schema)).collect(),
+        )
+        .map_err(unresolved)?;
+        let schema: &'static apache_avro::Schema = Box::leak(Box::new(schema));
+        let referenced: &'static [apache_avro::Schema] = Vec::leak(referenced);
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .writer_schemata(referenced.iter().chain(std::iter::once(schema)).collect())
+            .and_then(|b| b.build())
+            .map_err(unresolved)?;
+        let writer = Arc::new(Writer { name, reader });
+        if let Ok(mut m) = self.writers.write() {
+            m.insert(id, writer.clone());
+        }
+        Ok(writer)
+    }
+
+    /// `GET` of the registry path made of `segments`, each percent-encoded. Unreachable, refused
+    /// credentials, 429 and 5xx are transient; 404 is [`DecodeError::UnknownSchema`]; any other
+    /// refusal, or an answer that is not what a registry answers, is permanent.
+    async fn fetch<T: serde::de::DeserializeOwned>(
+        &self,
+        segments: &[&str],
+    ) -> Result<T, DecodeError> {
+        let base = &self.endpoint.base;
+        let mut url = url::Url::parse(base)
+            .map_err(|e| DecodeError::Permanent(format!("registry URL {base}: {e}")))?;
+        url.path_segments_mut()
+            .map_err(|()| DecodeError::Permanent(format!("registry URL {base} has no path")))?
+            .pop_if_empty()
+            .extend(segments);
+        // A record written under a version soft-deleted since still decodes.
+        url.query_pairs_mut().append_pair("deleted", "true");
+        let path = format!("/{}", segments.join("/"));
+        let mut request = self.http.get(url).header(
+            reqwest::header::ACCEPT,
+            "application/vnd.schemaregistry.v1+json",
+        );
+        if let Some((user, password)) = &self.endpoint.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let unreachable = |e: reqwest::Error| {
+            DecodeError::Transient(format!(
+                "GET {path}: registry at {base} unreachable: {}",
+                keel_core::error_chain(&e)
+            ))
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(unreachable)?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|e| {
+                DecodeError::Permanent(format!(
+                    "GET {path}: registry at {base} answered what no registry answers: {e}"
+                ))
+            });
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let refusal = format!(
+            "GET {path}: registry at {base} answered {status} (error_code {}): {}",
+            answer["error_code"],
+            answer["message"].as_str().unwrap_or("no message")
+        );
+        Err(match status.as_u16() {
+            401 | 403 => DecodeError::Transient(format!(
+                "{refusal} (the registry refused the credentials: check the key:secret in KEEL_SCHEMA_REGISTRY_URL)"
+            )),
+            429 | 500..=599 => DecodeError::Transient(refusal),
+            404 => DecodeError::UnknownSchema(refusal),
+            _ => DecodeError::Permanent(refusal),
+        })
     }
 }
 

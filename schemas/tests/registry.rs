@@ -1369,7 +1369,7 @@ async fn a_schema_with_references_registers_checks_and_decodes() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    // keel's decoder (schema_registry_converter underneath) resolves the references: an event
+    // keel's decoder resolves the references: an event
     // written under the split schema's id decodes to the event.
     let elsewhere = Registry::start().await;
     let event = sample();
@@ -1645,4 +1645,105 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(answer["id"].as_i64().unwrap() > highest, "{answer}");
+}
+
+#[tokio::test]
+async fn the_decoder_reads_writers_whose_references_are_shared_nested_and_in_other_namespaces() {
+    use apache_avro::types::Value as Avro;
+    let r = Registry::start().await;
+    // com.acme.Audit, in a namespace of its own, uses com.acme.Actor (a reference of its own)
+    // twice; the writer's OrderCreated uses Audit twice by full name, and OrderLine by reference.
+    let actor = json!({"type": "record", "name": "Actor", "namespace": "com.acme",
+        "fields": [{"name": "who", "type": "string"}]});
+    let audit_fields = |actor_type: Value| {
+        json!([
+            {"name": "by", "type": actor_type},
+            {"name": "approved_by", "type": ["null", "com.acme.Actor"], "default": null},
+        ])
+    };
+    let audit = json!({"type": "record", "name": "Audit", "namespace": "com.acme",
+        "fields": audit_fields(json!("com.acme.Actor"))});
+    let mut created: Value = serde_json::from_str(OrderCreated::SCHEMA).unwrap();
+    let fields = created["fields"].as_array_mut().unwrap();
+    let lines = fields.iter_mut().find(|f| f["name"] == "lines").unwrap();
+    let mut line = lines["type"]["items"].take();
+    lines["type"]["items"] = json!("OrderLine");
+    line["namespace"] = json!("keel.orders");
+    fields.push(json!({"name": "audit", "type": "com.acme.Audit"}));
+    fields.push(
+        json!({"name": "previous_audit", "type": ["null", "com.acme.Audit"], "default": null}),
+    );
+
+    let reference = |name: &str| json!({"name": name, "subject": name, "version": 1});
+    for (subject, schema, references) in [
+        ("com.acme.Actor", &actor, json!([])),
+        (
+            "com.acme.Audit",
+            &audit,
+            json!([reference("com.acme.Actor")]),
+        ),
+        ("keel.orders.OrderLine", &line, json!([])),
+    ] {
+        let (status, body) = r
+            .post(
+                &format!("/subjects/{subject}/versions"),
+                json!({"schema": schema.to_string(), "references": references}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{subject}: {body}");
+    }
+    let (status, body) = r
+        .post(
+            &format!("/subjects/orders-{}/versions", OrderCreated::NAME),
+            json!({"schema": created.to_string(), "references": [
+                reference("keel.orders.OrderLine"), reference("com.acme.Audit"),
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = u32::try_from(body["id"].as_u64().unwrap()).unwrap();
+
+    // The body a writer of that schema sends: the same schema with every type written out.
+    let mut inline = created.clone();
+    let fields = inline["fields"].as_array_mut().unwrap();
+    fields.iter_mut().find(|f| f["name"] == "lines").unwrap()["type"]["items"] = line.clone();
+    let mut audit_inline = audit.clone();
+    let actor_inline = actor.clone();
+    audit_inline["fields"] = audit_fields(actor_inline);
+    fields.iter_mut().find(|f| f["name"] == "audit").unwrap()["type"] = audit_inline;
+    let actor = |who: &str| Avro::Record(vec![("who".into(), Avro::String(who.into()))]);
+    let an_audit = Avro::Record(vec![
+        ("by".into(), actor("ana")),
+        ("approved_by".into(), Avro::Union(1, Box::new(actor("bo")))),
+    ]);
+    let event = sample();
+    let written = keel_schemas::write_under(
+        &event,
+        &inline.to_string(),
+        vec![
+            ("audit".into(), an_audit.clone()),
+            ("previous_audit".into(), Avro::Union(1, Box::new(an_audit))),
+        ],
+    )
+    .unwrap();
+    let framed = [&[0u8][..], &id.to_be_bytes(), &written.body].concat();
+    let decoder = Decoder::new(&r.url).unwrap();
+    assert_eq!(decoder.decode(Some(&framed)).await.unwrap(), event);
+
+    // A record written under versions soft-deleted since still decodes, as with Confluent's
+    // deserializers, which fetch references with deleted=true.
+    for path in [
+        format!("/subjects/orders-{}/versions/1", OrderCreated::NAME),
+        "/subjects/com.acme.Audit/versions/1".to_owned(),
+    ] {
+        let (status, body) = r.delete(&path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    assert_eq!(
+        status_code(&r.get("/subjects/com.acme.Audit/versions/1").await),
+        (404, Some(40401)),
+        "its only version deleted, the subject is not found"
+    );
+    let fresh = Decoder::new(&r.url).unwrap();
+    assert_eq!(fresh.decode(Some(&framed)).await.unwrap(), event);
 }
