@@ -17,6 +17,7 @@
 use chrono::DateTime;
 use keel_schemas::Event;
 use sqlx::PgConnection;
+use tracing::Instrument;
 
 use crate::runtime::{Handler, HandlerError, Meta};
 use crate::{Group, ORDER_EVENTS, Subscription};
@@ -50,6 +51,10 @@ struct Statements {
     line: String,
     paid: String,
     cancelled: String,
+    /// A batch's facts, one row per order ([`Facts`]), in one statement.
+    orders: String,
+    /// A batch's lines, one row per order and line number, in one statement.
+    lines: String,
 }
 
 impl Statements {
@@ -79,6 +84,33 @@ impl Statements {
                 "INSERT INTO {schema}.orders (order_id, customer_id, cancelled_at)
                  VALUES ($1, $2, $3)
                  ON CONFLICT (order_id) DO UPDATE SET cancelled_at = EXCLUDED.cancelled_at"
+            ),
+            // What the three upserts above leave, one after another, for the order's events of
+            // the batch: a creation sets the customer and currency; otherwise the row keeps
+            // its customer, and its currency unless it has none. Each fact the batch holds
+            // replaces the row's; a merged row holds a creation exactly when created_at is set.
+            orders: format!(
+                "INSERT INTO {schema}.orders (order_id, customer_id, currency, total_minor, created_at,
+                                              paid_at, paid_amount_minor, cancelled_at)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[],
+                                      $5::timestamptz[], $6::timestamptz[], $7::bigint[],
+                                      $8::timestamptz[])
+                 ON CONFLICT (order_id) DO UPDATE SET
+                     customer_id = CASE WHEN EXCLUDED.created_at IS NOT NULL THEN EXCLUDED.customer_id
+                                        ELSE {schema}.orders.customer_id END,
+                     currency = CASE WHEN EXCLUDED.created_at IS NOT NULL THEN EXCLUDED.currency
+                                     ELSE coalesce({schema}.orders.currency, EXCLUDED.currency) END,
+                     total_minor = coalesce(EXCLUDED.total_minor, {schema}.orders.total_minor),
+                     created_at = coalesce(EXCLUDED.created_at, {schema}.orders.created_at),
+                     paid_at = coalesce(EXCLUDED.paid_at, {schema}.orders.paid_at),
+                     paid_amount_minor = coalesce(EXCLUDED.paid_amount_minor, {schema}.orders.paid_amount_minor),
+                     cancelled_at = coalesce(EXCLUDED.cancelled_at, {schema}.orders.cancelled_at)"
+            ),
+            lines: format!(
+                "INSERT INTO {schema}.order_lines (order_id, line_no, sku, quantity, unit_price_minor)
+                 SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::bigint[])
+                 ON CONFLICT (order_id, line_no) DO UPDATE SET sku = EXCLUDED.sku,
+                     quantity = EXCLUDED.quantity, unit_price_minor = EXCLUDED.unit_price_minor"
             ),
         }
     }
@@ -217,6 +249,123 @@ pub async fn swap_in_rebuild(
     Ok(())
 }
 
+/// One order's facts from a batch's events, merged in their order as the per-event upserts
+/// would leave them (see [`Statements`]'s `orders`).
+#[derive(Default)]
+struct Fact {
+    customer_id: Option<String>,
+    currency: Option<String>,
+    total_minor: Option<i64>,
+    created_at: Option<DateTime<chrono::Utc>>,
+    paid_at: Option<DateTime<chrono::Utc>>,
+    paid_amount_minor: Option<i64>,
+    cancelled_at: Option<DateTime<chrono::Utc>>,
+}
+
+/// A batch's facts and lines, each order's (and line's) once, in order id order.
+#[derive(Default)]
+struct Facts {
+    orders: std::collections::BTreeMap<uuid::Uuid, Fact>,
+    lines: std::collections::BTreeMap<(uuid::Uuid, i32), (String, i32, i64)>,
+}
+
+impl Facts {
+    fn merge(&mut self, event: &Event) -> Result<(), HandlerError> {
+        match event {
+            Event::OrderCreated(e) => {
+                let fact = self.orders.entry(e.order_id).or_default();
+                fact.customer_id = Some(e.customer.id.clone());
+                fact.currency = Some(e.currency.clone());
+                fact.total_minor = Some(e.total_minor);
+                fact.created_at = Some(at(e.occurred_at)?);
+                for (i, line) in e.lines.iter().enumerate() {
+                    self.lines.insert(
+                        (e.order_id, i as i32),
+                        (line.sku.clone(), line.quantity, line.unit_price_minor),
+                    );
+                }
+            }
+            Event::OrderPaid(e) => {
+                let fact = self.orders.entry(e.order_id).or_default();
+                // The first event of the order inserts the row with its customer; only a
+                // creation changes it. A payment's currency fills in only a missing one.
+                fact.customer_id
+                    .get_or_insert_with(|| e.customer_id.clone());
+                fact.currency.get_or_insert_with(|| e.currency.clone());
+                fact.paid_at = Some(at(e.occurred_at)?);
+                fact.paid_amount_minor = Some(e.amount_minor);
+            }
+            Event::OrderCancelled(e) => {
+                let fact = self.orders.entry(e.order_id).or_default();
+                fact.customer_id
+                    .get_or_insert_with(|| e.customer_id.clone());
+                fact.cancelled_at = Some(at(e.occurred_at)?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn store(self, tx: &mut PgConnection, sql: &Statements) -> Result<(), HandlerError> {
+        if self.orders.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(self.orders.len());
+        let mut customers = Vec::with_capacity(self.orders.len());
+        let mut currencies = Vec::with_capacity(self.orders.len());
+        let mut totals = Vec::with_capacity(self.orders.len());
+        let mut created = Vec::with_capacity(self.orders.len());
+        let mut paid = Vec::with_capacity(self.orders.len());
+        let mut amounts = Vec::with_capacity(self.orders.len());
+        let mut cancelled = Vec::with_capacity(self.orders.len());
+        for (id, f) in self.orders {
+            ids.push(id);
+            customers.push(f.customer_id);
+            currencies.push(f.currency);
+            totals.push(f.total_minor);
+            created.push(f.created_at);
+            paid.push(f.paid_at);
+            amounts.push(f.paid_amount_minor);
+            cancelled.push(f.cancelled_at);
+        }
+        sqlx::query(&sql.orders)
+            .bind(&ids)
+            .bind(&customers)
+            .bind(&currencies)
+            .bind(&totals)
+            .bind(&created)
+            .bind(&paid)
+            .bind(&amounts)
+            .bind(&cancelled)
+            .execute(&mut *tx)
+            .await?;
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        let mut orders = Vec::with_capacity(self.lines.len());
+        let mut numbers = Vec::with_capacity(self.lines.len());
+        let mut skus = Vec::with_capacity(self.lines.len());
+        let mut quantities = Vec::with_capacity(self.lines.len());
+        let mut prices = Vec::with_capacity(self.lines.len());
+        for ((order, number), (sku, quantity, price)) in self.lines {
+            orders.push(order);
+            numbers.push(number);
+            skus.push(sku);
+            quantities.push(quantity);
+            prices.push(price);
+        }
+        sqlx::query(&sql.lines)
+            .bind(&orders)
+            .bind(&numbers)
+            .bind(&skus)
+            .bind(&quantities)
+            .bind(&prices)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
 fn at(millis: i64) -> Result<DateTime<chrono::Utc>, HandlerError> {
     DateTime::from_timestamp_millis(millis)
         .ok_or_else(|| HandlerError::Permanent(format!("occurred_at {millis} is out of range")))
@@ -225,6 +374,28 @@ fn at(millis: i64) -> Result<DateTime<chrono::Utc>, HandlerError> {
 impl Handler for Analytics {
     fn wants(&self, event: &Event) -> bool {
         event.is_order_event()
+    }
+
+    /// Two statements for the whole batch: each order's events merged into one row of facts
+    /// (and its lines), upserted as [`Handler::handle`] would leave them one by one.
+    async fn handle_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[(&Event, &Meta)],
+    ) -> Result<(), HandlerError> {
+        // One record takes the statement-per-event path: the reference the batch path is
+        // tested against.
+        if let [(event, meta)] = events {
+            return self
+                .handle(tx, event, meta)
+                .instrument(meta.span.clone())
+                .await;
+        }
+        let mut facts = Facts::default();
+        for (event, _) in events {
+            facts.merge(event)?;
+        }
+        facts.store(tx, &self.sql).await
     }
 
     async fn handle(

@@ -704,3 +704,145 @@ async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_o
     }
     assert_eq!(states[0], states[1]);
 }
+
+/// Analytics' facts and lines about `ids`, each order named by its place in `ids`.
+async fn analytics_state(pool: &PgPool, ids: &[Uuid]) -> String {
+    let facts: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT t.n, to_jsonb(o) - 'order_id' FROM analytics.orders o
+           JOIN unnest($1::uuid[]) WITH ORDINALITY AS t (id, n) ON o.order_id = t.id ORDER BY t.n",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let lines: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT t.n, to_jsonb(l) - 'order_id' FROM analytics.order_lines l
+           JOIN unnest($1::uuid[]) WITH ORDINALITY AS t (id, n) ON l.order_id = t.id
+          ORDER BY t.n, l.line_no",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    format!("{facts:?}\n{lines:?}")
+}
+
+#[tokio::test]
+async fn analytics_batches_of_many_orders_end_as_their_records_one_by_one_do() {
+    // Orders in every shape, over two batches (the second over rows the first left): paid,
+    // cancelled, both, open, their ending first, only an ending, created again with other lines
+    // and currency, paid twice.
+    let mut events = Vec::new();
+    let mut tail = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..32usize {
+        let case = Case {
+            lines: vec![(i % 3, 1 + (i % 4) as i32)]
+                .into_iter()
+                .chain((i % 2 == 0).then_some(((i + 1) % 3, 2)))
+                .collect(),
+            stock: [0; 3],
+            end: match i % 4 {
+                0 | 3 => End::Paid,
+                1 => End::Cancelled,
+                _ => End::Open,
+            },
+            rejected: false,
+            delivery: vec![],
+            cuts: vec![],
+        };
+        let order = Order::new(&case);
+        ids.push(order.id);
+        let mut order_events = order.events;
+        if i % 4 == 3 {
+            let Event::OrderCreated(created) = &order_events[0] else {
+                unreachable!()
+            };
+            order_events.push(Event::OrderCancelled(OrderCancelled {
+                event_id: Uuid::now_v7(),
+                occurred_at: 1_764_000_002_000,
+                order_id: order.id,
+                order_version: 3,
+                customer_id: "someone-else".into(),
+                reason: None,
+                lines: created.lines.clone(),
+            }));
+        }
+        if i == 7
+            && let Event::OrderPaid(paid) = &order_events[1]
+        {
+            let mut again = paid.clone();
+            again.event_id = Uuid::now_v7();
+            again.currency = "USD".into();
+            again.amount_minor += 1;
+            again.occurred_at += 5_000;
+            order_events.push(Event::OrderPaid(again));
+        }
+        // A payment in the second batch, in another currency and by another customer id, of an
+        // order the first created: neither replaces the creation's.
+        if i == 4
+            && let Event::OrderPaid(paid) = &mut order_events[1]
+        {
+            paid.currency = "GBP".into();
+            paid.customer_id = "payer".into();
+        }
+        if i == 9 {
+            order_events.remove(0); // only the cancellation
+        }
+        if i % 3 == 0 {
+            order_events.reverse();
+        }
+        if i % 2 == 0 && order_events.len() >= 2 {
+            tail.push(order_events.pop().unwrap());
+        }
+        if i == 5
+            && let Event::OrderCreated(created) = &order_events[0]
+        {
+            let mut again = created.clone();
+            again.event_id = Uuid::now_v7();
+            again.currency = "USD".into();
+            again.customer.id = "returning".into();
+            again.lines.truncate(1);
+            again.lines[0].quantity += 3;
+            again.total_minor += 750;
+            tail.push(Event::OrderCreated(again));
+        }
+        events.extend(order_events);
+    }
+    let first = events.len();
+    events.extend(tail);
+    let records: Vec<(Event, Meta)> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (e, meta(i as i64)))
+        .collect();
+    let analytics = Analytics::new();
+
+    let mut states = Vec::new();
+    for one_by_one in [true, false] {
+        let world = World::new().await;
+        if one_by_one {
+            for record in &records {
+                transact(
+                    &world.pool,
+                    "analytics",
+                    &analytics,
+                    std::slice::from_ref(record),
+                )
+                .await
+                .unwrap();
+            }
+        } else {
+            for batch in [&records[..first], &records[first..]] {
+                transact(&world.pool, "analytics", &analytics, batch)
+                    .await
+                    .unwrap();
+            }
+        }
+        states.push(analytics_state(&world.pool, &ids).await);
+    }
+    for fact in ["USD", "returning", "cancelled_at", "paid_at"] {
+        assert!(states[0].contains(fact), "{fact}: {}", states[0]);
+    }
+    assert_eq!(states[0], states[1]);
+}
