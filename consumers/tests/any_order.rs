@@ -789,6 +789,27 @@ async fn analytics_batches_of_many_orders_end_as_their_records_one_by_one_do() {
         if i == 9 {
             order_events.remove(0); // only the cancellation
         }
+        // No creation: a cancellation, then a payment by another customer id, in one batch (the
+        // row takes the first event's customer and the payment's currency); and a cancellation
+        // whose row, without a currency, a payment in the second batch gives one.
+        if i == 17 || i == 21 {
+            order_events.remove(0);
+            let paid = Event::OrderPaid(OrderPaid {
+                event_id: Uuid::now_v7(),
+                occurred_at: 1_764_000_003_000,
+                order_id: order.id,
+                order_version: 3,
+                customer_id: "second-payer".into(),
+                currency: if i == 17 { "CHF" } else { "JPY" }.into(),
+                amount_minor: 999,
+                payment_reference: "pay-2".into(),
+            });
+            if i == 17 {
+                order_events.push(paid);
+            } else {
+                tail.push(paid);
+            }
+        }
         if i % 3 == 0 {
             order_events.reverse();
         }
@@ -839,10 +860,23 @@ async fn analytics_batches_of_many_orders_end_as_their_records_one_by_one_do() {
                     .unwrap();
             }
         }
+        let (paid, cancelled): (i64, i64) =
+            sqlx::query_as("SELECT count(paid_at), count(cancelled_at) FROM analytics.orders")
+                .fetch_one(&world.pool)
+                .await
+                .unwrap();
+        assert!(
+            paid > 0 && cancelled > 0,
+            "{paid} paid, {cancelled} cancelled"
+        );
         states.push(analytics_state(&world.pool, &ids).await);
     }
-    for fact in ["USD", "returning", "cancelled_at", "paid_at"] {
+    for fact in ["USD", "returning", "CHF", "JPY"] {
         assert!(states[0].contains(fact), "{fact}: {}", states[0]);
+    }
+    // Only a creation sets the customer and (over one there is) the currency.
+    for replaced in ["GBP", "String(\"payer\")", "String(\"second-payer\")"] {
+        assert!(!states[0].contains(replaced), "{replaced}: {}", states[0]);
     }
     assert_eq!(states[0], states[1]);
 }
