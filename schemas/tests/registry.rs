@@ -1747,3 +1747,51 @@ async fn the_decoder_reads_writers_whose_references_are_shared_nested_and_in_oth
     let fresh = Decoder::new(&r.url).unwrap();
     assert_eq!(fresh.decode(Some(&framed)).await.unwrap(), event);
 }
+
+#[tokio::test]
+async fn a_subject_that_held_a_schema_imports_only_when_forced_and_references_name_a_number() {
+    let r = Registry::start().await;
+    let (status, body) = r
+        .post("/subjects/held/versions", json!({"schema": "\"string\""}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Per subject as for the registry: IMPORT needs a subject that never held a schema.
+    let refused = r.put("/mode/held", json!({"mode": "IMPORT"})).await;
+    assert_eq!(status_code(&refused), (422, Some(42205)), "{}", refused.1);
+    assert_eq!(status_code(&r.get("/mode/held").await), (404, Some(40409)));
+    let (status, body) = r.put("/mode/fresh", json!({"mode": "IMPORT"})).await;
+    assert_eq!(
+        (status, &body),
+        (StatusCode::OK, &json!({"mode": "IMPORT"}))
+    );
+    let (status, body) = r
+        .put("/mode/held?force=true", json!({"mode": "IMPORT"}))
+        .await;
+    assert_eq!(
+        (status, &body),
+        (StatusCode::OK, &json!({"mode": "IMPORT"}))
+    );
+
+    // A reference names a version number: `latest` is refused, the error naming the field.
+    let line = json!({"type": "record", "name": "Line", "namespace": "ns",
+        "fields": [{"name": "sku", "type": "string"}]});
+    let (status, body) = r
+        .post(
+            "/subjects/ns.Line/versions",
+            json!({"schema": line.to_string()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let order = json!({"type": "record", "name": "Order", "namespace": "ns",
+        "fields": [{"name": "line", "type": "ns.Line"}]});
+    let latest = r
+        .post(
+            "/subjects/ns.Order/versions",
+            json!({"schema": order.to_string(),
+                   "references": [{"name": "ns.Line", "subject": "ns.Line", "version": "latest"}]}),
+        )
+        .await;
+    assert_eq!(status_code(&latest), (400, Some(400)), "{}", latest.1);
+    let message = latest.1["message"].as_str().unwrap_or_default();
+    assert!(message.contains("references[0].version"), "{message}");
+}

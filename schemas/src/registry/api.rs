@@ -202,8 +202,7 @@ impl SchemaRequest {
     /// Accepts any content type, as Confluent's registry does.
     /// The whole request: the schema, its type, and the id and version an import gives.
     fn read(body: &Bytes) -> Result<Checked, Error> {
-        let req: SchemaRequest = serde_json::from_slice(body)
-            .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+        let req: SchemaRequest = parse_body(body)?;
         super::store::check_schema_type(req.schema_type.as_deref())?;
         let schema = req.schema.ok_or_else(|| {
             Error::InvalidSchema("Invalid schema: the request has no \"schema\" field".into())
@@ -228,14 +227,26 @@ struct Checked {
     references: Vec<Reference>,
 }
 
+/// A request body as `T`; the error names the field that does not fit (`references[0].version`).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Error> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        Error::BadRequest(if field == "." {
+            format!("request body is not valid JSON: {inner}")
+        } else {
+            format!("request body is not valid JSON: {field}: {inner}")
+        })
+    })
+}
+
 #[derive(Deserialize)]
 struct ModeRequest {
     mode: Option<String>,
 }
 
 fn parse_mode(body: &Bytes) -> Result<Mode, Error> {
-    let req: ModeRequest = serde_json::from_slice(body)
-        .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let req: ModeRequest = parse_body(body)?;
     let mode = req
         .mode
         .ok_or_else(|| Error::InvalidMode("the request has no \"mode\" field".into()))?;
@@ -679,8 +690,7 @@ async fn check_all(
 }
 
 fn parse_level(body: &Bytes) -> Result<Level, Error> {
-    let req: LevelRequest = serde_json::from_slice(body)
-        .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let req: LevelRequest = parse_body(body)?;
     let level = req
         .compatibility
         .ok_or_else(|| Error::InvalidLevel("the request has no \"compatibility\" field".into()))?;
