@@ -16,7 +16,14 @@ use crate::report;
 
 /// Scenario 4: each group catches up on a backlog; baselines: a raw consumer reading the topic,
 /// and the group's dedupe-and-apply SQL run without Kafka.
-pub(crate) async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyhow::Result<()> {
+/// `write_path`: the order write path's orders per second measured in this run, if it ran:
+/// each group's catch-up rate is also reported against it (issue 23: a backlog built at full
+/// write load drains while the load goes on only if a group applies events ≥ 3× as fast).
+pub(crate) async fn catch_up(
+    bench: &Bench,
+    write_path: Option<f64>,
+    report: &mut report::Report,
+) -> anyhow::Result<()> {
     let n = bench.args.backlog;
     // Every group but notification: the catch-up targets (bench/README.md) name the other three.
     let groups: Vec<&str> = keel_consumers::names()
@@ -119,6 +126,14 @@ pub(crate) async fn catch_up(bench: &Bench, report: &mut report::Report) -> anyh
             keel / raw_consume.min(raw_sql),
             0.75,
         );
+        if let Some(orders_per_s) = write_path {
+            report.target(
+                &format!("catch-up ×write: {group}"),
+                keel / orders_per_s,
+                3.0,
+                true,
+            );
+        }
         if group == "cache-invalidation" {
             report.target(
                 "catch-up: cache-invalidation events/s",

@@ -118,15 +118,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if only("drain") {
         relay_drain(&bench, &mut report).await?;
     }
-    let mut capacity = 500.0;
-    if only("write") {
-        capacity = write_path(&bench, &mut report).await?;
-    }
+    let measured = if only("write") {
+        Some(write_path(&bench, &mut report).await?)
+    } else {
+        None
+    };
     if only("e2e") {
-        end_to_end(&bench, capacity, &mut report).await?;
+        end_to_end(&bench, measured.unwrap_or(500.0), &mut report).await?;
     }
     if only("catchup") {
-        catch_up(&bench, &mut report).await?;
+        catch_up(&bench, measured, &mut report).await?;
     }
     for (service, mib) in report.peak_memory() {
         report.target(&format!("peak RSS {service} (MiB)"), mib, 100.0, false);
