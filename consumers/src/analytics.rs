@@ -376,6 +376,11 @@ impl Handler for Analytics {
         event.is_order_event()
     }
 
+    /// Two statements a batch whatever its size (bench/README.md).
+    fn batch_size(&self) -> usize {
+        500
+    }
+
     /// Two statements for the whole batch: each order's events merged into one row of facts
     /// (and its lines), upserted as [`Handler::handle`] would leave them one by one.
     async fn handle_batch(

@@ -552,6 +552,12 @@ impl Handler for Inventory {
         event.is_order_event()
     }
 
+    /// A batch costs a handful of set-based statements whatever its size, so larger batches
+    /// share them among more records (bench/README.md, "Inventory's set-based batches").
+    fn batch_size(&self) -> usize {
+        500
+    }
+
     /// The batch's events applied in memory, in order, over its orders and stock read and
     /// locked once, then written back in a statement per table and one outbox insert: the same
     /// end state and outcomes as [`Handler::handle`] for each in turn (`tests/any_order.rs`

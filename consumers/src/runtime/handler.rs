@@ -95,8 +95,9 @@ pub const DEFAULT_BATCH_SIZE: usize = 100;
 /// trait and one line in [`crate::GROUPS`]; producers are untouched.
 pub trait Handler: Send + Sync + 'static {
     /// Most records the group applies in one transaction unless `KEEL_CONSUMER_BATCH_SIZE` says
-    /// otherwise. Larger batches share a commit among more records, and cost a group whose
-    /// records update the same rows (inventory's stock) more per record: 100 suits most.
+    /// otherwise. Larger batches share a commit among more records; a group that applies them
+    /// one statement per record gains little past 100. Set-based [`Handler::handle_batch`]es
+    /// (inventory, analytics) ask for more.
     fn batch_size(&self) -> usize {
         DEFAULT_BATCH_SIZE
     }
