@@ -573,6 +573,29 @@ async fn inventory_state(pool: &PgPool) -> String {
     format!("{reservations:?}\n{lines:?}\n{stock:?}\n{published:?}")
 }
 
+/// Applies `records` as `group`, one by one or in two batches cut at `first` (the second over
+/// the rows the first left).
+async fn apply(
+    pool: &PgPool,
+    group: &str,
+    handler: &impl Handler,
+    records: &[(Event, Meta)],
+    first: usize,
+    one_by_one: bool,
+) {
+    if one_by_one {
+        for record in records {
+            transact(pool, group, handler, std::slice::from_ref(record))
+                .await
+                .unwrap();
+        }
+    } else {
+        for batch in [&records[..first], &records[first..]] {
+            transact(pool, group, handler, batch).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_one_do() {
     // Orders competing for three SKUs (some fall short), in every shape: paid, cancelled,
@@ -672,25 +695,15 @@ async fn a_batch_of_many_orders_over_shared_stock_ends_as_their_records_one_by_o
                 .await
                 .unwrap();
         }
-        if one_by_one {
-            for record in &records {
-                transact(
-                    &world.pool,
-                    "inventory",
-                    &inventory,
-                    std::slice::from_ref(record),
-                )
-                .await
-                .unwrap();
-            }
-        } else {
-            // Two batches: the second over orders the first left rows, lines and stock for.
-            for batch in [&records[..first], &records[first..]] {
-                transact(&world.pool, "inventory", &inventory, batch)
-                    .await
-                    .unwrap();
-            }
-        }
+        apply(
+            &world.pool,
+            "inventory",
+            &inventory,
+            &records,
+            first,
+            one_by_one,
+        )
+        .await;
         states.push(inventory_state(&world.pool).await);
     }
     assert!(
@@ -842,24 +855,15 @@ async fn analytics_batches_of_many_orders_end_as_their_records_one_by_one_do() {
     let mut states = Vec::new();
     for one_by_one in [true, false] {
         let world = World::new().await;
-        if one_by_one {
-            for record in &records {
-                transact(
-                    &world.pool,
-                    "analytics",
-                    &analytics,
-                    std::slice::from_ref(record),
-                )
-                .await
-                .unwrap();
-            }
-        } else {
-            for batch in [&records[..first], &records[first..]] {
-                transact(&world.pool, "analytics", &analytics, batch)
-                    .await
-                    .unwrap();
-            }
-        }
+        apply(
+            &world.pool,
+            "analytics",
+            &analytics,
+            &records,
+            first,
+            one_by_one,
+        )
+        .await;
         let (paid, cancelled): (i64, i64) =
             sqlx::query_as("SELECT count(paid_at), count(cancelled_at) FROM analytics.orders")
                 .fetch_one(&world.pool)

@@ -1498,17 +1498,11 @@ async fn references_resolve_shared_and_nested_types_and_only_live_referrers_hold
     );
 }
 
-#[tokio::test]
-async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_ids() {
-    let repo =
-        keel_schemas::history::Repository::load(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))
-            .unwrap();
-    let topic = "orders";
-    let source = Registry::start().await;
-    let target = Registry::start().await;
-    // The source gave ids after others it holds; the target, left to itself, would give 1, 2…
-    for filler in ["string", "long", "double"] {
-        let (status, _) = source
+/// Registers a schema of each primitive type in `types` under a subject of its own: ids the
+/// registry gives, before the ones a test is about.
+async fn fillers(r: &Registry, types: &[&str]) {
+    for filler in types {
+        let (status, _) = r
             .post(
                 &format!("/subjects/filler-{filler}/versions"),
                 json!({ "schema": json!({"type": filler}).to_string() }),
@@ -1516,10 +1510,26 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
             .await;
         assert_eq!(status, StatusCode::OK);
     }
-    let registered =
-        keel_schemas::history::register(&repo, &source.url, topic, "keel.orders", None)
-            .await
+}
+
+#[tokio::test]
+async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_ids() {
+    let repo =
+        keel_schemas::history::Repository::load(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))
             .unwrap();
+    let topic = "orders";
+    let register = |to: &str, ids_from: Option<&str>| {
+        let (repo, to, ids_from) = (&repo, to.to_owned(), ids_from.map(str::to_owned));
+        async move {
+            keel_schemas::history::register(repo, &to, topic, "keel.orders", ids_from.as_deref())
+                .await
+        }
+    };
+    let source = Registry::start().await;
+    let target = Registry::start().await;
+    // The source gave ids after others it holds; the target, left to itself, would give 1, 2…
+    fillers(&source, &["string", "long", "double"]).await;
+    let registered = register(&source.url, None).await.unwrap();
     assert!(
         registered
             .iter()
@@ -1528,10 +1538,7 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
 
     // Missing versions in the registry named: nothing changes on the target.
     let empty = Registry::start().await;
-    let refused =
-        keel_schemas::history::register(&repo, &target.url, topic, "keel.orders", Some(&empty.url))
-            .await
-            .unwrap_err();
+    let refused = register(&target.url, Some(&empty.url)).await.unwrap_err();
     let refused = format!("{refused:#}");
     assert!(
         refused.contains("40401") && refused.contains("in the registry to copy ids from"),
@@ -1551,24 +1558,12 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
     // A target whose ids are taken by other schemas refuses the import, and the subject is given
     // back its mode all the same.
     let crowded = Registry::start().await;
-    for filler in ["string", "long", "double", "float", "bytes", "boolean"] {
-        let (status, _) = crowded
-            .post(
-                &format!("/subjects/filler-{filler}/versions"),
-                json!({ "schema": json!({"type": filler}).to_string() }),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK);
-    }
-    let refused = keel_schemas::history::register(
-        &repo,
-        &crowded.url,
-        topic,
-        "keel.orders",
-        Some(&source.url),
+    fillers(
+        &crowded,
+        &["string", "long", "double", "float", "bytes", "boolean"],
     )
-    .await
-    .unwrap_err();
+    .await;
+    let refused = register(&crowded.url, Some(&source.url)).await.unwrap_err();
     let refused = format!("{refused:#}");
     assert!(
         refused.contains("importing") && refused.contains("42205"),
@@ -1590,15 +1585,7 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
             .map(|r| (r.subject.clone(), r.ids.clone()))
             .collect()
     };
-    let imported = keel_schemas::history::register(
-        &repo,
-        &target.url,
-        topic,
-        "keel.orders",
-        Some(&source.url),
-    )
-    .await
-    .unwrap();
+    let imported = register(&target.url, Some(&source.url)).await.unwrap();
     assert_eq!(ids(&imported), ids(&registered), "the source's ids");
     for r in &registered {
         assert_eq!(
@@ -1622,15 +1609,7 @@ async fn keel_schema_register_moves_contracts_to_another_registry_keeping_their_
         );
     }
     // Running it again changes nothing, and a later registration gets an id after the copied.
-    let again = keel_schemas::history::register(
-        &repo,
-        &target.url,
-        topic,
-        "keel.orders",
-        Some(&source.url),
-    )
-    .await
-    .unwrap();
+    let again = register(&target.url, Some(&source.url)).await.unwrap();
     assert_eq!(ids(&again), ids(&imported));
     let highest = imported
         .iter()
