@@ -587,8 +587,8 @@ async fn while_redis_is_down_cache_invalidation_waits_and_catches_up_and_other_g
 #[tokio::test]
 async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or_gaps() {
     let stack = Stack::start().await;
-    let total = 400i64;
-    for chunk in 0..4 {
+    let total = 2000i64;
+    for chunk in 0..20 {
         let mut tx = stack.pool.begin().await.unwrap();
         for i in 0..100 {
             let event = Event::OrderCreated(keel_schemas::OrderCreated {
@@ -619,7 +619,13 @@ async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
 
-    let first = keel(&stack, &["consume", "inventory"], &[]);
+    // Record by record, so that the kill finds it mid-stream: in its batches of 500 inventory
+    // applies a backlog like this one in well under a second.
+    let first = keel(
+        &stack,
+        &["consume", "inventory"],
+        &[("KEEL_CONSUMER_BATCH_SIZE", "1")],
+    );
     eventually(
         "the consumer to apply something",
         Duration::from_secs(120),
