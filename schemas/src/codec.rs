@@ -304,8 +304,13 @@ struct Fetched {
     schema: String,
     #[serde(default, rename = "schemaType")]
     schema_type: Option<String>,
-    #[serde(default)]
+    /// Missing or `null`: none.
+    #[serde(default, deserialize_with = "null_as_empty")]
     references: Vec<Reference>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Reference>, D::Error> {
+    Ok(<Option<Vec<Reference>> as serde::Deserialize>::deserialize(d)?.unwrap_or_default())
 }
 
 /// At most this many schemas behind one id: a bound on what a registry's answers can make the

@@ -1773,4 +1773,18 @@ async fn a_subject_that_held_a_schema_imports_only_when_forced_and_references_na
     assert_eq!(status_code(&latest), (400, Some(400)), "{}", latest.1);
     let message = latest.1["message"].as_str().unwrap_or_default();
     assert!(message.contains("references[0].version"), "{message}");
+    // Anything after the body's JSON value is refused too, as a body that does not parse.
+    let trailing = r
+        .http
+        .post(format!("{}/subjects/trailing/versions", r.url))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"schema": "\"string\""} and more"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trailing.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        status_code(&r.get("/subjects/trailing/versions").await),
+        (404, Some(40401))
+    );
 }

@@ -229,15 +229,20 @@ struct Checked {
 
 /// A request body as `T`; the error names the field that does not fit (`references[0].version`).
 fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Error> {
-    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body)).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         Error::BadRequest(if field == "." {
             format!("request body is not valid JSON: {inner}")
         } else {
-            format!("request body is not valid JSON: {field}: {inner}")
+            format!("request body does not fit at {field}: {inner}")
         })
-    })
+    })?;
+    // Nothing but whitespace after the value, as serde_json::from_slice requires.
+    de.end()
+        .map_err(|e| Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    Ok(parsed)
 }
 
 #[derive(Deserialize)]
