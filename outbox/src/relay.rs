@@ -636,8 +636,10 @@ impl Relay {
                 ledger.outcome()
             }
             Err(error) => {
-                // If the rollback fails or hangs the connection is broken: PostgreSQL ends the
-                // transaction (and its lock) with the connection, which sqlx then closes.
+                // If the rollback fails or hangs, the step stops waiting for it: the connection
+                // goes back to the pool, which tries the rollback again (and closes the
+                // connection if it fails), while the loop carries on; until then the next steps
+                // may find the lock held and report NotLeader.
                 match tokio::time::timeout(Duration::from_secs(5), tx.rollback()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(rollback)) => {
