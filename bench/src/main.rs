@@ -15,6 +15,7 @@
 //! - [`end_to_end`](mod@end_to_end): scenario 3, order commit → inventory's commit at 20% and 80%
 //!   of the write path's capacity.
 //! - [`catch_up`](mod@catch_up): scenario 4, each group working through a backlog.
+//! - [`limit`]: each group's effect as hand-written set-based SQL, the catch-up's limit.
 //! - [`report`]: the table, the JSON record and the latency plot.
 //!
 //! This file: the command line, and [`run`], which builds the [`Bench`] and runs the chosen
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 mod bench;
 mod catch_up;
 mod end_to_end;
+mod limit;
 mod relay_drain;
 mod report;
 mod write_path;
