@@ -54,6 +54,10 @@ struct Args {
     /// Seconds each timed window lasts (scenarios 2 and 3).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Seconds the end-to-end run at 80% of the write path's capacity lasts (scenario 3), with
+    /// inventory, analytics and cache invalidation applying it.
+    #[arg(long, default_value_t = 60)]
+    sustain: u64,
     /// Events in the backlog each consumer group catches up on (scenario 4).
     #[arg(long, default_value_t = 100_000)]
     backlog: usize,
@@ -144,6 +148,7 @@ fn args_json(args: &Args) -> BTreeMap<&'static str, Value> {
         ("rows", json!(args.rows)),
         ("clients", json!(args.clients)),
         ("seconds", json!(args.seconds)),
+        ("sustain", json!(args.sustain)),
         ("backlog", json!(args.backlog)),
         ("groups", json!(args.groups)),
     ])
