@@ -145,7 +145,7 @@ pub(crate) async fn relay_drain(bench: &Bench, report: &mut report::Report) -> a
         "relay drain",
         json!({"rows": rows, "batch_size": batch_size, "relay_per_s": keel, "sql_loop_per_s": sql, "raw_producer_per_s": raw}),
         keel / sql.min(raw),
-        0.8,
+        0.9,
     );
     Ok(())
 }
