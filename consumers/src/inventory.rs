@@ -358,13 +358,17 @@ impl Batch {
             .filter(|(_, (was, _))| was.as_deref() == Some("reserved"))
             .map(|(id, _)| *id)
             .collect();
-        for row in sqlx::query(
-            "SELECT order_id, sku, quantity FROM inventory.reservation_lines WHERE order_id = ANY($1) ORDER BY order_id, sku",
-        )
-        .bind(&reserved)
-        .fetch_all(&mut *tx)
-        .await?
-        {
+        let lines = if reserved.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(
+                "SELECT order_id, sku, quantity FROM inventory.reservation_lines WHERE order_id = ANY($1) ORDER BY order_id, sku",
+            )
+            .bind(&reserved)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        for row in lines {
             let sku: String = row.get("sku");
             skus.insert(sku.clone());
             batch
@@ -372,6 +376,13 @@ impl Batch {
                 .entry(row.get("order_id"))
                 .or_default()
                 .push((sku, i64::from(row.get::<i32, _>("quantity"))));
+        }
+        // The claimed rows now hold the placeholder: `store` rewrites only those whose final
+        // status differs from it (most of a backlog's orders end the batch reserved).
+        for id in &absent {
+            if let Some((was, _)) = batch.orders.get_mut(id) {
+                *was = Some("reserved".to_owned());
+            }
         }
         let skus: Vec<String> = skus.into_iter().collect();
         for row in sqlx::query(
@@ -465,8 +476,8 @@ impl Batch {
         Ok(())
     }
 
-    /// Writes what changed: reservations (the ones claimed in [`Batch::load`] get their final
-    /// status), new lines, changed stock.
+    /// Writes what changed: reservations (the ones claimed in [`Batch::load`] whose final
+    /// status is not the placeholder), new lines, changed stock.
     async fn store(self, tx: &mut PgConnection) -> Result<(), HandlerError> {
         let (mut ids, mut status) = (vec![], vec![]);
         for (id, (was, now)) in &self.orders {
