@@ -378,7 +378,7 @@ impl Handler for Analytics {
 
     /// Two statements a batch whatever its size (bench/README.md).
     fn batch_size(&self) -> usize {
-        500
+        1000
     }
 
     /// Two statements for the whole batch: each order's events merged into one row of facts

@@ -566,7 +566,7 @@ impl Handler for Inventory {
     /// A batch costs a handful of set-based statements whatever its size, so larger batches
     /// share them among more records (bench/README.md, "Inventory's set-based batches").
     fn batch_size(&self) -> usize {
-        500
+        1000
     }
 
     /// The batch's events applied in memory, in order, over its orders and stock read and
