@@ -287,7 +287,8 @@ impl Inventory {
 /// a few set-based statements.
 #[derive(Default)]
 struct Batch {
-    /// Each order's status when locked (`None`: no row) and now.
+    /// Each order's status in its row (`None`: no row; a row [`Batch::load`] claimed holds the
+    /// placeholder `reserved`) and now.
     orders: BTreeMap<Uuid, (Option<String>, Option<String>)>,
     /// The stock each order holds: read for orders reserved before the batch, added for those
     /// reserved in it.
@@ -337,7 +338,8 @@ impl Batch {
             .map(|(id, _)| *id)
             .collect();
         if !absent.is_empty() {
-            // A placeholder status; `store` writes each order's final one.
+            // A placeholder status; `store` writes the final one of each order that does not
+            // end the batch reserved.
             let claimed = sqlx::query(
                 "INSERT INTO inventory.reservations (order_id, status)
                  SELECT id, 'reserved' FROM UNNEST($1::uuid[]) AS n (id) ORDER BY id

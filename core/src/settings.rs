@@ -152,7 +152,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "KEEL_CONSUMER_BATCH_SIZE",
         "",
-        "Most records a consumer applies in one PostgreSQL transaction, taken from what it has already fetched (it never waits to fill a batch); 1 applies records one by one. Empty: the group's own (1000 for cache-invalidation, 500 for inventory and analytics, 100 for the others)",
+        "Most records a consumer applies in one PostgreSQL transaction, taken from what it has already fetched (it never waits to fill a batch); 1 applies records one by one. Empty: the group's own (1000 for cache-invalidation, inventory and analytics, 100 for the others)",
     ),
     (
         "KEEL_CONSUMER_SESSION_TIMEOUT_MS",

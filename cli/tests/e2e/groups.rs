@@ -619,7 +619,7 @@ async fn a_consumer_process_killed_mid_stream_restarts_without_double_effects_or
     let stop = CancellationToken::new();
     let relay = tokio::spawn(stack.relay().run(stop.clone()));
 
-    // Record by record, so that the kill finds it mid-stream: in its batches of 500 inventory
+    // Record by record, so that the kill finds it mid-stream: in its batches of 1000 inventory
     // applies a backlog like this one in well under a second.
     let first = keel(
         &stack,
