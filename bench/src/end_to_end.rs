@@ -97,8 +97,8 @@ async fn raw_round_trips(bench: &Bench, n: usize, per_s: f64) -> anyhow::Result<
 /// bench has no mail server for it to deliver to).
 const SUSTAINED_ALSO: [&str; 2] = ["analytics", "cache-invalidation"];
 
-/// One group over the sustained run: order commit → the group's commit for every measured
-/// order, and whether it kept up: the p99 of the orders of the run's last quarter over that of
+/// One group over the sustained run: the order's time → the start of the group's transaction for
+/// every measured order, and whether it kept up: the p99 of the orders of the run's last quarter over that of
 /// its first quarter (a group that falls behind sees its latency grow for as long as the load
 /// lasts; one that keeps up sees it flat).
 struct Sustained {

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use keel_schemas::{Event, InventoryReserved, OrderCreated, StockLine};
+use keel_schemas::{Event, OrderCreated};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -316,23 +316,7 @@ impl Outcomes {
             bodies: Vec::with_capacity(orders.len()),
         };
         for o in orders {
-            let mut held: BTreeMap<&str, i32> = BTreeMap::new();
-            for line in &o.lines {
-                *held.entry(&line.sku).or_default() += line.quantity;
-            }
-            let event = Event::InventoryReserved(InventoryReserved {
-                event_id: Uuid::now_v7(),
-                occurred_at: o.occurred_at,
-                order_id: o.order_id,
-                customer_id: o.customer.id.clone(),
-                lines: held
-                    .into_iter()
-                    .map(|(sku, quantity)| StockLine {
-                        sku: sku.to_owned(),
-                        quantity,
-                    })
-                    .collect(),
-            });
+            let event = keel_consumers::inventory::reserved_outcome(o);
             let written = keel_schemas::write(&event).map_err(|e| anyhow::anyhow!(e))?;
             out.record = written.record.to_string();
             out.schema = written.schema.to_string();
